@@ -1,0 +1,1 @@
+"""Benchmark harness (installed as ``ecospa_deploy.bench``): dense vs pruned, every figure next to its floor."""

@@ -1,0 +1,111 @@
+"""`ecospa <verb>`: one dispatcher; each verb lives in ``ecospa_deploy.commands.<verb>``.
+
+A verb module has a docstring (its ``--help`` text; first line is the summary),
+``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their verb
+runs, so ``ecospa --help`` stays fast and a verb's heavy imports never slow another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+VERBS: dict[str, str] = {
+    "inspect": "ecospa_deploy.commands.inspect",
+    "prune": "ecospa_deploy.commands.prune",
+    "eval": "ecospa_deploy.commands.eval",
+    "convert": "ecospa_deploy.commands.convert",
+    "bench": "ecospa_deploy.commands.bench",
+    "serve": "ecospa_deploy.commands.serve",
+}
+
+# One-line summaries shown by `ecospa --help` without importing the verb modules.
+SUMMARIES: dict[str, str] = {
+    "inspect": "per-layer shapes, parameters, bytes and KV-cache size of a checkpoint",
+    "prune": "prune a dense or pruned model to a target size (EcoSpa, numerical, baselines)",
+    "eval": "held-out perplexity (non-overlapping windows) and a quick generation",
+    "convert": "rewrite a checkpoint: native (our format), onnx, vllm",
+    "bench": "dense vs pruned speed and memory against the physical floor",
+    "serve": "OpenAI-compatible HTTP server for a (pruned) model",
+}
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback, exit code 2."""
+
+
+def _load_verb(verb: str):
+    return importlib.import_module(VERBS[verb])
+
+
+def _verb_parser(verb: str, prog: str) -> tuple[argparse.ArgumentParser, object]:
+    module = _load_verb(verb)
+    doc = (module.__doc__ or SUMMARIES[verb]).strip()
+    summary, _, details = doc.partition("\n")
+    parser = argparse.ArgumentParser(
+        prog=prog, description=summary, epilog=details.strip() or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    return parser, module
+
+
+def run_verb(verb: str, argv: Sequence[str], prog: str | None = None) -> int:
+    parser, module = _verb_parser(verb, prog or f"ecospa {verb}")
+    args = parser.parse_args(list(argv))
+    try:
+        return int(module.run(args) or 0)
+    except CLIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # user-facing errors from the library carry their own message
+        from ecospa_deploy.errors import USER_ERRORS
+
+        if isinstance(exc, USER_ERRORS):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        lines = ["usage: ecospa <verb> [options]   (ecospa <verb> --help for details)", "",
+                 "verbs:"]
+        lines += [f"  {v:<8} {SUMMARIES[v]}" for v in VERBS]
+        print("\n".join(lines))
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from ecospa_deploy import __version__
+
+        print(__version__)
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"error: unknown verb {verb!r}; expected one of {', '.join(VERBS)}",
+              file=sys.stderr)
+        return 2
+    return run_verb(verb, rest)
+
+
+def _alias(verb: str):
+    def entry(argv: Sequence[str] | None = None) -> int:
+        return run_verb(verb, list(sys.argv[1:] if argv is None else argv), f"ecospa-{verb}")
+
+    entry.__name__ = f"{verb}_main"
+    entry.__doc__ = f"`ecospa-{verb}`: alias of `ecospa {verb}`."
+    return entry
+
+
+serve_main = _alias("serve")
+prune_main = _alias("prune")
+bench_main = _alias("bench")
+convert_main = _alias("convert")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

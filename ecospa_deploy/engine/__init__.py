@@ -1,0 +1,1 @@
+"""Fast generation: static per-layer KV cache, exact padding, fused projections, CUDA graphs."""

@@ -1,0 +1,1 @@
+"""Pruning: importance, coupled sparsification, numerical score, surgery and schedules."""
