@@ -1,0 +1,74 @@
+"""Attention pieces shared by every family: per-head RoPE gather, eager kernel, dispatch.
+
+Implementations are looked up by name in HF's ``ALL_ATTENTION_FUNCTIONS`` (sdpa, ...) with
+our eager kernel as the fallback, so ``set_attn_implementation`` reaches every layer: each
+attention module reads ``self.config._attn_implementation`` of the one shared config.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..spec import LayerSpec, rope_dim_index
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_index(layer: LayerSpec, rope_head_dim: int) -> torch.Tensor:
+    """``[num_kv_heads, qk_head_dim]`` positions of each KV head's dims in the dense cos/sin."""
+    assert layer.rope_kept is not None
+    return torch.tensor([rope_dim_index(k, rope_head_dim) for k in layer.rope_kept],
+                        dtype=torch.long)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               index: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``q [B,H,T,d]`` and ``k [B,Hkv,T,d]`` with dense ``cos/sin [B,T,D]`` gathered per head.
+
+    A pruned head stores its kept frequencies in rotate-half layout, so HF's rotation applies
+    unchanged once cos/sin are gathered at the dense positions the head kept.
+    """
+    cos_k = cos[:, :, index].transpose(1, 2)          # [B, Hkv, T, d]
+    sin_k = sin[:, :, index].transpose(1, 2)
+    if groups == 1:
+        cos_q, sin_q = cos_k, sin_k
+    else:
+        cos_q = cos_k.repeat_interleave(groups, dim=1)
+        sin_q = sin_k.repeat_interleave(groups, dim=1)
+    q = q * cos_q + rotate_half(q) * sin_q
+    k = k * cos_k + rotate_half(k) * sin_k
+    return q, k
+
+
+def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+                    dropout: float = 0.0, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference kernel: any q/k dim, any v dim, GQA by repeating K/V."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
+        else:
+            weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights
+
+
+def attention_function(implementation: str | None) -> Callable:
+    """The kernel registered under ``implementation``; our eager kernel for eager/unknown."""
+    if implementation in (None, "eager"):
+        return eager_attention
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)

@@ -1,0 +1,229 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) whose layers each have their own shape.
+
+Weight names equal HF ``LlamaForCausalLM``'s. Layer ``i`` is built from
+``config.ecospa_spec.layers[i]``: its own query/KV head counts, q/k head dim, v head dim, kept
+rotary frequencies per KV head, softmax scale and FFN width. Rotary cos/sin are computed once at
+the dense head dim (HF's rotary module, so llama3/yarn scaling apply unchanged) and each layer
+gathers the frequencies its heads kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
+
+from ..spec import LayerSpec
+from .attention import apply_rope, attention_function, rope_index
+from .configuration_ecospa import EcospaLlamaConfig
+from .remote_code import RemoteCodeSaveMixin
+
+
+class EcospaRotaryEmbedding(LlamaRotaryEmbedding):
+    """HF's rotary module at the dense head dim (the name keeps HF's buffer re-initialisation)."""
+
+    def __init__(self, config: EcospaLlamaConfig):
+        super().__init__(config.rope_config)
+
+
+class EcospaLlamaAttention(nn.Module):
+    def __init__(self, config: EcospaLlamaConfig, layer: LayerSpec, layer_idx: int,
+                 rope_head_dim: int):
+        super().__init__()
+        self.config = config            # shared: set_attn_implementation reaches every layer
+        self.layer_idx = layer_idx
+        self.num_heads = layer.num_attention_heads
+        self.num_key_value_heads = layer.num_key_value_heads
+        self.num_key_value_groups = layer.num_attention_heads // layer.num_key_value_heads
+        self.qk_head_dim = layer.qk_head_dim
+        self.v_head_dim = layer.v_head_dim
+        self.scaling = layer.softmax_scale
+        self.sliding_window = layer.sliding_window
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, layer.q_width, bias=layer.qkv_bias)
+        self.k_proj = nn.Linear(h, layer.k_width, bias=layer.qkv_bias)
+        self.v_proj = nn.Linear(h, layer.v_width, bias=layer.qkv_bias)
+        self.o_proj = nn.Linear(layer.o_width, h, bias=layer.o_bias)
+        self._layer = layer
+        self._rope_head_dim = rope_head_dim
+        self.register_buffer("rope_index", rope_index(layer, rope_head_dim), persistent=False)
+
+    def reset_rope_index(self) -> None:
+        init.copy_(self.rope_index, rope_index(self._layer, self._rope_head_dim))
+
+    def forward(self, hidden_states: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None,
+                past_key_values: Cache | None = None, **kwargs: Any
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bsz, seq = hidden_states.shape[:2]
+        q = self.q_proj(hidden_states).view(bsz, seq, self.num_heads, self.qk_head_dim)
+        k = self.k_proj(hidden_states).view(bsz, seq, self.num_key_value_heads, self.qk_head_dim)
+        v = self.v_proj(hidden_states).view(bsz, seq, self.num_key_value_heads, self.v_head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rope(q, k, cos, sin, self.rope_index, self.num_key_value_groups)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        attend = attention_function(self.config._attn_implementation)
+        out, weights = attend(self, q, k, v, attention_mask,
+                              dropout=self.attention_dropout if self.training else 0.0,
+                              scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
+        out = out.reshape(bsz, seq, self.num_heads * self.v_head_dim)
+        return self.o_proj(out), weights
+
+
+class EcospaLlamaMLP(nn.Module):
+    def __init__(self, config: EcospaLlamaConfig, layer: LayerSpec):
+        super().__init__()
+        h, n = config.hidden_size, layer.intermediate_size
+        self.gate_proj = nn.Linear(h, n, bias=layer.gate_up_bias)
+        self.up_proj = nn.Linear(h, n, bias=layer.gate_up_bias)
+        self.down_proj = nn.Linear(n, h, bias=layer.down_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class EcospaLlamaDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: EcospaLlamaConfig, layer: LayerSpec, layer_idx: int,
+                 rope_head_dim: int):
+        super().__init__()
+        self.attention_type = "sliding_attention" if layer.sliding_window else "full_attention"
+        self.self_attn = EcospaLlamaAttention(config, layer, layer_idx, rope_head_dim)
+        self.mlp = EcospaLlamaMLP(config, layer)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values: Cache | None = None,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                **kwargs: Any) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(self.input_layernorm(hidden_states),
+                                          position_embeddings=position_embeddings,
+                                          attention_mask=attention_mask,
+                                          past_key_values=past_key_values, **kwargs)
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class EcospaLlamaPreTrainedModel(PreTrainedModel):
+    config_class = EcospaLlamaConfig
+    config: EcospaLlamaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EcospaLlamaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False    # flash kernels refuse q/k dim != v dim
+    _supports_flex_attn = False
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, EcospaLlamaAttention):
+            module.reset_rope_index()
+
+
+class EcospaLlamaModel(EcospaLlamaPreTrainedModel):
+    def __init__(self, config: EcospaLlamaConfig):
+        super().__init__(config)
+        spec = config.ecospa_spec
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            EcospaLlamaDecoderLayer(config, layer, i, spec.dense.head_dim)
+            for i, layer in enumerate(spec.layers))
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = EcospaRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, input_ids: torch.LongTensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None,
+                past_key_values: Cache | None = None,
+                inputs_embeds: torch.FloatTensor | None = None,
+                use_cache: bool | None = None, **kwargs: Any) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+                            + past).unsqueeze(0)
+        if isinstance(attention_mask, dict):
+            masks = attention_mask
+        else:
+            mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds,
+                               attention_mask=attention_mask, past_key_values=past_key_values,
+                               position_ids=position_ids)
+            masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if "sliding_attention" in self.config.layer_types:
+                masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask=masks[layer.attention_type],
+                                  past_key_values=past_key_values,
+                                  position_embeddings=position_embeddings,
+                                  position_ids=position_ids, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
+                                       past_key_values=past_key_values if use_cache else None)
+
+
+class EcospaLlamaForCausalLM(RemoteCodeSaveMixin, EcospaLlamaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _modeling_file = "modeling_ecospa_llama.py"
+    _auto_map = {"AutoConfig": "configuration_ecospa.EcospaLlamaConfig",
+                 "AutoModel": "modeling_ecospa_llama.EcospaLlamaModel",
+                 "AutoModelForCausalLM": "modeling_ecospa_llama.EcospaLlamaForCausalLM"}
+
+    def __init__(self, config: EcospaLlamaConfig):
+        super().__init__(config)
+        self.model = EcospaLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids: torch.LongTensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None,
+                past_key_values: Cache | None = None,
+                inputs_embeds: torch.FloatTensor | None = None,
+                labels: torch.LongTensor | None = None, use_cache: bool | None = None,
+                logits_to_keep: int | torch.Tensor = 0, **kwargs: Any) -> CausalLMOutputWithPast:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=past_key_values,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(out.last_hidden_state[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels,
+                                      vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                      past_key_values=out.past_key_values)
+
+
+__all__ = ["EcospaLlamaForCausalLM", "EcospaLlamaModel", "EcospaLlamaPreTrainedModel"]
