@@ -73,6 +73,10 @@ class EcospaGPT2MLP(nn.Module):
 
 
 class EcospaGPT2Block(GradientCheckpointingLayer):
+    """One block; ``canonical()`` is its weight-name mapping for surgery and converters."""
+
+    norm_names = ("ln_1", "ln_2")
+
     def __init__(self, config: EcospaGPT2Config, layer: LayerSpec, layer_idx: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
@@ -85,6 +89,24 @@ class EcospaGPT2Block(GradientCheckpointingLayer):
         hidden_states = hidden_states + self.attn(self.ln_1(hidden_states), attention_mask,
                                                   past_key_values, **kwargs)
         return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+    def canonical(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """``{q,k,v,o,up,down: (weight [out, in], bias)}``: Conv1D weights transposed, c_attn split."""
+        a, m = self.attn, self.mlp
+        qw, kw, vw = a.c_attn.weight.split(a.split, dim=1)
+        qb, kb, vb = a.c_attn.bias.split(a.split, dim=0)
+        return {"q": (qw.t(), qb), "k": (kw.t(), kb), "v": (vw.t(), vb),
+                "o": (a.c_proj.weight.t(), a.c_proj.bias),
+                "up": (m.c_fc.weight.t(), m.c_fc.bias), "down": (m.c_proj.weight.t(), m.c_proj.bias)}
+
+    @torch.no_grad()
+    def load_canonical(self, tensors: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        a, m = self.attn, self.mlp
+        a.c_attn.weight.copy_(torch.cat([tensors[k][0] for k in "qkv"], dim=0).t())
+        a.c_attn.bias.copy_(torch.cat([tensors[k][1] for k in "qkv"], dim=0))
+        for key, conv in (("o", a.c_proj), ("up", m.c_fc), ("down", m.c_proj)):
+            conv.weight.copy_(tensors[key][0].t())
+            conv.bias.copy_(tensors[key][1])
 
 
 class EcospaGPT2PreTrainedModel(GPT2PreTrainedModel):
@@ -179,6 +201,14 @@ class EcospaGPT2LMHeadModel(RemoteCodeSaveMixin, EcospaGPT2PreTrainedModel, Gene
                                       vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits,
                                       past_key_values=out.past_key_values)
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.transformer.h
+
+    def build_layer(self, layer: LayerSpec, layer_idx: int) -> EcospaGPT2Block:
+        """A fresh block of shape ``layer`` (for surgery)."""
+        return EcospaGPT2Block(self.config, layer, layer_idx)
 
 
 __all__ = ["EcospaGPT2LMHeadModel", "EcospaGPT2Model", "EcospaGPT2PreTrainedModel"]

@@ -99,6 +99,10 @@ class EcospaLlamaMLP(nn.Module):
 
 
 class EcospaLlamaDecoderLayer(GradientCheckpointingLayer):
+    """One layer; ``canonical()`` is its weight-name mapping for surgery and converters."""
+
+    norm_names = ("input_layernorm", "post_attention_layernorm")
+
     def __init__(self, config: EcospaLlamaConfig, layer: LayerSpec, layer_idx: int,
                  rope_head_dim: int):
         super().__init__()
@@ -119,6 +123,23 @@ class EcospaLlamaDecoderLayer(GradientCheckpointingLayer):
                                           past_key_values=past_key_values, **kwargs)
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+    def _projections(self) -> dict[str, nn.Linear]:
+        a, m = self.self_attn, self.mlp
+        return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj,
+                "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
+
+    def canonical(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """``{q,k,v,o,gate,up,down: (weight [out, in], bias or None)}`` as views."""
+        return {k: (p.weight, p.bias) for k, p in self._projections().items()}
+
+    @torch.no_grad()
+    def load_canonical(self, tensors: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        for key, proj in self._projections().items():
+            weight, bias = tensors[key]
+            proj.weight.copy_(weight)
+            if proj.bias is not None:
+                proj.bias.copy_(bias)
 
 
 class EcospaLlamaPreTrainedModel(PreTrainedModel):
@@ -224,6 +245,15 @@ class EcospaLlamaForCausalLM(RemoteCodeSaveMixin, EcospaLlamaPreTrainedModel, Ge
                                       vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits,
                                       past_key_values=out.past_key_values)
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def build_layer(self, layer: LayerSpec, layer_idx: int) -> EcospaLlamaDecoderLayer:
+        """A fresh decoder layer of shape ``layer`` (for surgery)."""
+        return EcospaLlamaDecoderLayer(self.config, layer, layer_idx,
+                                       self.config.ecospa_spec.dense.head_dim)
 
 
 __all__ = ["EcospaLlamaForCausalLM", "EcospaLlamaModel", "EcospaLlamaPreTrainedModel"]
