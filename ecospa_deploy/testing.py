@@ -125,3 +125,21 @@ def tiny_pruned(family: str, seed: int = 0, attn: str = "eager", **overrides: An
 
 __all__ = ["FAMILIES", "tiny_hf_config", "tiny_hf", "tiny_dense", "tiny_pruned",
            "random_masks", "randomize"]
+
+
+def tiny_tokenizer(vocab_size: int = VOCAB):
+    """A byte-level BPE trained in a second on a few sentences (ids 0/1/2 = pad/bos/eos)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:60])
+    text = ["To be, or not to be, that is the question:",
+            "Whether 'tis nobler in the mind to suffer",
+            "The slings and arrows of outrageous fortune,"] * 20
+    tok.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")

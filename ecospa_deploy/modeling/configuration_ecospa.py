@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from huggingface_hub.dataclasses import strict
 from transformers import GPT2Config, LlamaConfig
 
 from ..spec import DenseShape, LayerSpec, ModelSpec, SpecError
@@ -46,6 +47,7 @@ class _EcospaConfigMixin:
         raise NotImplementedError
 
 
+@strict
 class EcospaLlamaConfig(_EcospaConfigMixin, LlamaConfig):
     """Llama-family decoder (Llama 2/3, Mistral, Qwen2) whose layers each have their own shape."""
 
@@ -86,6 +88,7 @@ class EcospaLlamaConfig(_EcospaConfigMixin, LlamaConfig):
                            rope_parameters=dict(self.rope_parameters))
 
 
+@strict
 class EcospaGPT2Config(_EcospaConfigMixin, GPT2Config):
     """GPT-2 (Conv1D, fused c_attn, learned positions) whose layers each have their own shape."""
 

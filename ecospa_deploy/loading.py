@@ -1,0 +1,376 @@
+"""Load pruned checkpoints: ours, and foreign ones whose config disagrees with their tensors.
+
+Accepted inputs:
+
+- our format (``model_type`` ``ecospa_llama``/``ecospa_gpt2``; per-layer spec in ``ecospa``);
+- a stock HF Llama/Mistral/Qwen2/GPT-2 directory whose safetensors shapes disagree with its
+  dense config.json (FLAP, Torch-Pruning, ``save_pretrained`` after surgery), single-file or
+  sharded with an index. Per-layer dims are inferred from the safetensors *headers* (no weight
+  is read for that) assuming whole heads were pruned at the config's head dim; extra
+  ``o_proj``/``down_proj`` biases (FLAP's compensation) are honoured;
+- with ``allow_pickle=True`` only, an LLM-Pruner ``torch.save({'model', 'tokenizer'})`` file.
+
+Every tensor name and shape is checked against the model the spec describes before any weight
+is loaded, so a bad checkpoint fails with the file, layer and tensor in the message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PreTrainedModel
+
+from ecospa_deploy.errors import CheckpointError
+from ecospa_deploy.modeling import config_from_dense, family_of
+from ecospa_deploy.spec import ModelSpec, SpecError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+# Buffers old checkpoints carry that no current model needs.
+IGNORED_TENSORS = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+           "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Names, dtypes and shapes of a .safetensors file from its header alone; checks truncation."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt safetensors header (declares {n} header "
+                                  f"bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    out: dict[str, TensorInfo] = {}
+    end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, stop) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor "
+                                  f"{name!r}") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if dtype in _DTYPES and stop - start != numel * _DTYPES[dtype]:
+            raise CheckpointError(f"{path}: tensor {name!r} declares shape {list(shape)} "
+                                  f"({dtype}) but spans {stop - start} bytes")
+        end = max(end, stop)
+        out[name] = TensorInfo(str(path), dtype, shape)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file: header declares "
+                              f"{8 + n + end} bytes, file has {size}")
+    return out
+
+
+def read_checkpoint_index(directory: Path) -> dict[str, TensorInfo]:
+    """All tensors of a directory's safetensors weights (single file or sharded with index)."""
+    index = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc!r})") from None
+        out: dict[str, TensorInfo] = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (directory / shard).exists():
+                raise CheckpointError(f"{index}: shard {shard} is missing from {directory}")
+            header = read_safetensors_header(directory / shard)
+            for name, shard_of in weight_map.items():
+                if shard_of == shard and name not in header:
+                    raise CheckpointError(f"{directory / shard}: tensor {name!r} listed in the "
+                                          "index is missing from the shard")
+            out.update(header)
+        return out
+    if single.exists():
+        return read_safetensors_header(single)
+    found = sorted(p.name for p in directory.iterdir())
+    raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json "
+                          f"(found {found[:10]}); .bin state dicts are not read: re-save as "
+                          "safetensors, or pass an LLM-Pruner file with allow_pickle=True")
+
+
+# -- spec inference from tensor shapes -----------------------------------------------------
+def _div(n: int, d: int, what: str, layer: int, tensor: str) -> int:
+    if n % d:
+        raise SpecError(f"layer {layer}: {tensor} has {n} {what}, not a multiple of head_dim "
+                        f"{d}; foreign checkpoints must prune whole heads (use our format for "
+                        "per-dim pruning)")
+    return n // d
+
+
+def _shape(shapes: dict[str, tuple[int, ...]], name: str, layer: int) -> tuple[int, ...]:
+    if name not in shapes:
+        raise CheckpointError(f"layer {layer}: missing tensor {name!r}")
+    return shapes[name]
+
+
+def infer_llama_spec(config: Any, shapes: dict[str, tuple[int, ...]]) -> ModelSpec:
+    """Per-layer dims of a Llama/Mistral/Qwen2 checkpoint from its tensor shapes."""
+    from ecospa_deploy.modeling import dense_llama_spec
+
+    dense = dense_llama_spec(config, config.model_type)
+    d = dense.dense.head_dim
+    layers = []
+    for i, base in enumerate(dense.layers):
+        p = f"model.layers.{i}."
+        q = _shape(shapes, p + "self_attn.q_proj.weight", i)
+        k = _shape(shapes, p + "self_attn.k_proj.weight", i)
+        v = _shape(shapes, p + "self_attn.v_proj.weight", i)
+        o = _shape(shapes, p + "self_attn.o_proj.weight", i)
+        up = _shape(shapes, p + "mlp.up_proj.weight", i)
+        n_q = _div(q[0], d, "rows", i, p + "self_attn.q_proj.weight")
+        n_kv = _div(k[0], d, "rows", i, p + "self_attn.k_proj.weight")
+        if n_kv == 0 or n_q == 0:
+            raise SpecError(f"layer {i}: {p}self_attn has no heads left (q_proj {list(q)}, "
+                            f"k_proj {list(k)}); expected at least one")
+        v_dim = _div(v[0], n_kv, "rows", i, p + "self_attn.v_proj.weight") if v[0] else 0
+        if o[1] != n_q * v_dim:
+            raise CheckpointError(f"layer {i}: {p}self_attn.o_proj.weight has {o[1]} input "
+                                  f"columns; expected {n_q} heads x {v_dim} = {n_q * v_dim}")
+        layers.append(base.replace(
+            num_attention_heads=n_q, num_key_value_heads=n_kv, v_head_dim=v_dim,
+            intermediate_size=up[0],
+            rope_kept=tuple(tuple(range(d // 2)) for _ in range(n_kv)),
+            qkv_bias=p + "self_attn.q_proj.bias" in shapes,
+            o_bias=p + "self_attn.o_proj.bias" in shapes,
+            gate_up_bias=p + "mlp.up_proj.bias" in shapes,
+            down_bias=p + "mlp.down_proj.bias" in shapes))
+    return dense.replace_layers(layers)
+
+
+def infer_gpt2_spec(config: Any, shapes: dict[str, tuple[int, ...]]) -> ModelSpec:
+    """Per-layer dims of a GPT-2 checkpoint (Conv1D ``[in, out]`` weights) from tensor shapes."""
+    from ecospa_deploy.modeling import dense_gpt2_spec
+
+    dense = dense_gpt2_spec(config)
+    d = dense.dense.head_dim
+    prefix = "transformer." if any(n.startswith("transformer.") for n in shapes) else ""
+    layers = []
+    for i, base in enumerate(dense.layers):
+        p = f"{prefix}h.{i}."
+        c_attn = _shape(shapes, p + "attn.c_attn.weight", i)
+        fc = _shape(shapes, p + "mlp.c_fc.weight", i)
+        n = _div(c_attn[1], 3 * d, "output columns (q|k|v)", i, p + "attn.c_attn.weight")
+        if n == 0:
+            raise SpecError(f"layer {i}: {p}attn has no heads left; expected at least one")
+        layers.append(base.replace(num_attention_heads=n, num_key_value_heads=n,
+                                   intermediate_size=fc[1]))
+    return dense.replace_layers(layers)
+
+
+_INFER = {"llama": infer_llama_spec, "gpt2": infer_gpt2_spec}
+
+
+# -- shape check against the model the spec describes --------------------------------------
+def expected_shapes(model_cls: type[PreTrainedModel], config: Any) -> tuple[dict[str, tuple], set]:
+    """Parameter shapes of ``model_cls(config)`` built on the meta device, and tied names."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return shapes, set(model.all_tied_weights_keys)
+
+
+def _layer_of(name: str) -> str:
+    parts = name.split(".")
+    for marker in ("layers", "h"):
+        if marker in parts:
+            i = parts.index(marker)
+            if i + 1 < len(parts) and parts[i + 1].isdigit():
+                return f"layer {parts[i + 1]}: "
+    return ""
+
+
+def check_tensors(found: dict[str, TensorInfo], expected: dict[str, tuple], tied: set,
+                  base_prefix: str = "") -> None:
+    def norm(name: str) -> str:
+        return name if name in expected or not base_prefix else base_prefix + name
+
+    names = {norm(n): info for n, info in found.items() if not n.endswith(IGNORED_TENSORS)}
+    missing = sorted(set(expected) - set(names) - tied)
+    if missing:
+        first = missing[0]
+        raise CheckpointError(f"{_layer_of(first)}missing tensor {first!r}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(set(names) - set(expected))
+    if extra:
+        info = names[extra[0]]
+        raise CheckpointError(f"{info.file}: {_layer_of(extra[0])}unexpected tensor "
+                              f"{extra[0]!r} with shape {list(info.shape)}"
+                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for name, info in names.items():
+        if tuple(info.shape) != expected[name]:
+            raise CheckpointError(f"{info.file}: {_layer_of(name)}tensor {name!r} has shape "
+                                  f"{list(info.shape)}; the config's spec expects "
+                                  f"{list(expected[name])}")
+
+
+# -- public entry points ---------------------------------------------------------------------
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{directory}: no config.json; expected a HF model directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+def resolve_config(path: str | os.PathLike) -> tuple[Any, type[PreTrainedModel], bool]:
+    """(our config, our model class, is_foreign) for a checkpoint directory."""
+    directory = Path(path)
+    raw = _read_config(directory)
+    model_type = raw.get("model_type")
+    family, fam = family_of(model_type, str(directory / "config.json"))
+    model_cls = fam.load("model")
+    if model_type == fam.model_type:
+        # Validate the spec first, so errors name layer and field (not the config machinery).
+        layers_key = "n_layer" if family == "gpt2" else "num_hidden_layers"
+        ModelSpec.from_dict(raw.get("ecospa")).validate(raw.get(layers_key))
+        return fam.load("config").from_pretrained(directory), model_cls, False
+    stock = AutoConfig.from_pretrained(directory)
+    shapes = {n: i.shape for n, i in read_checkpoint_index(directory).items()}
+    spec = _INFER[family](stock, shapes)
+    spec = spec.replace_layers(spec.layers, source=str(directory),
+                               source_model_type=model_type)
+    return config_from_dense(stock, spec), model_cls, True
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+               device: str | torch.device | None = None, *, allow_pickle: bool = False,
+               attn_implementation: str | None = None) -> PreTrainedModel:
+    """Load any accepted checkpoint (see module docstring) into our per-layer-shaped classes.
+
+    ``device`` may be a device or an accelerate ``device_map`` string such as ``"auto"``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            return _load_pickle(path, dtype, device, allow_pickle, attn_implementation)
+        raise CheckpointError(f"{path}: expected a model directory (config.json + safetensors) "
+                              f"or an LLM-Pruner pickle ({', '.join(PICKLE_SUFFIXES)})")
+    config, model_cls, _ = resolve_config(path)
+    found = read_checkpoint_index(path)
+    expected, tied = expected_shapes(model_cls, config)
+    check_tensors(found, expected, tied, model_cls.base_model_prefix + ".")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kwargs: dict[str, Any] = {"config": config, "dtype": dtype or "auto",
+                              "output_loading_info": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device is not None:
+        kwargs["device_map"] = device
+    model, info = model_cls.from_pretrained(path, **kwargs)
+    problems = {k: v for k, v in info.items()
+                if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+                and not (k == "unexpected_keys" and all(n.endswith(IGNORED_TENSORS) for n in v))}
+    if problems:
+        raise CheckpointError(f"{path}: weights do not match the spec: {problems}")
+    return model.eval()
+
+
+def _load_pickle(path: Path, dtype, device, allow_pickle: bool,
+                 attn_implementation: str | None) -> PreTrainedModel:
+    obj = _unpickle(path, allow_pickle)
+    inner = obj["model"]
+    sd = {k: v for k, v in inner.state_dict().items() if not k.endswith(IGNORED_TENSORS)}
+    stock = inner.config
+    family, fam = family_of(stock.model_type, str(path))
+    spec = _INFER[family](stock, {k: tuple(v.shape) for k, v in sd.items()})
+    spec = spec.replace_layers(spec.layers, source=str(path), source_format="llm-pruner")
+    config = config_from_dense(stock, spec)
+    model_cls = fam.load("model")
+    expected, tied = expected_shapes(model_cls, config)
+    check_tensors({k: TensorInfo(str(path), str(v.dtype), tuple(v.shape)) for k, v in sd.items()},
+                  expected, tied, model_cls.base_model_prefix + ".")
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    model = model_cls(config)
+    model.load_state_dict(sd, strict=False)
+    model.tie_weights()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = model.to(dtype=dtype or next(iter(sd.values())).dtype)
+    if device is not None and device != "auto":
+        model = model.to(device)
+    return model.eval()
+
+
+def _unpickle(path: Path, allow_pickle: bool) -> dict[str, Any]:
+    if not allow_pickle:
+        raise CheckpointError(f"{path}: refusing to unpickle (a pickle can run arbitrary code); "
+                              "pass allow_pickle=True (CLI: --allow-pickle) only for files you "
+                              "trust")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a bad pickle
+        raise CheckpointError(f"{path}: cannot unpickle ({type(exc).__name__}: {exc})") from None
+    if not (isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], PreTrainedModel)):
+        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: expected an LLM-Pruner file torch.save({{'model': "
+                              f"<PreTrainedModel>, 'tokenizer': ...}}), got {keys}")
+    return obj
+
+
+def load_tokenizer(path: str | os.PathLike, *, allow_pickle: bool = False):
+    """The tokenizer saved with a checkpoint (directory, or the pickle's ``'tokenizer'``)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        tok = _unpickle(path, allow_pickle).get("tokenizer")
+        if tok is None:
+            raise CheckpointError(f"{path}: the pickle has no 'tokenizer' entry")
+        return tok
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: no loadable tokenizer ({exc})") from None
+
+
+def convert_native(src: str | os.PathLike, dst: str | os.PathLike, *, allow_pickle: bool = False,
+                   dtype: torch.dtype | str | None = None, overwrite: bool = False) -> Path:
+    """Rewrite any accepted checkpoint into our format at ``dst`` (all or nothing)."""
+    from ecospa_deploy.atomic import atomic_directory
+
+    model = load_model(src, dtype=dtype, allow_pickle=allow_pickle)
+    try:
+        tokenizer = load_tokenizer(src, allow_pickle=allow_pickle)
+    except CheckpointError:
+        tokenizer = None
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(dst)
+
+
+__all__ = ["load_model", "load_tokenizer", "convert_native", "read_safetensors_header",
+           "read_checkpoint_index", "infer_llama_spec", "infer_gpt2_spec"]

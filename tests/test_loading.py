@@ -1,0 +1,321 @@
+"""Round trips and foreign formats: every loaded model gives the logits of the model it came from.
+
+Foreign directories are built here the way pruning tools write them: stock HF names and a dense
+config.json, smaller tensors (FLAP adds o_proj/down_proj biases), sharded or not, and the
+LLM-Pruner pickle. Their reference is the masked dense model (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import save_torch_state_dict
+from torch import nn
+
+from ecospa_deploy.errors import CheckpointError
+from ecospa_deploy.loading import convert_native, load_model, load_tokenizer
+from ecospa_deploy.modeling import from_hf
+from ecospa_deploy.prune.mask import LayerMask
+from ecospa_deploy.prune.surgery import slice_model, zero_out
+from ecospa_deploy.spec import SpecError
+from ecospa_deploy.testing import (FAMILIES, VOCAB, tiny_hf, tiny_pruned, tiny_tokenizer)
+
+ATOL = 2e-5
+X = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(X).logits
+
+
+def _whole_head_masks(model, seed: int) -> list[LayerMask]:
+    """What FLAP/LLM-Pruner/Torch-Pruning remove: whole GQA groups of heads and FFN neurons."""
+    g = torch.Generator().manual_seed(seed)
+    masks = []
+    for layer in model.config.ecospa_spec.layers:
+        n_kv = layer.num_key_value_heads
+        group = layer.num_attention_heads // n_kv
+        kv = sorted(torch.randperm(n_kv, generator=g)[: max(1, n_kv - 1 - seed % 2)].tolist())
+        ffn = sorted(torch.randperm(layer.intermediate_size, generator=g)[:40 + 7 * seed].tolist())
+        masks.append(LayerMask(q_heads=[h for k in kv for h in range(k * group, (k + 1) * group)],
+                               kv_heads=kv if group > 1 else None, ffn=ffn))
+    return masks
+
+
+def _foreign_dir(tmp: Path, family: str, seed: int, biases: bool = False, shard: bool = False):
+    """A stock-named checkpoint with a dense config and pruned tensors; returns (dir, reference)."""
+    stock = tiny_hf(family, seed)
+    ours = from_hf(copy.deepcopy(stock))
+    masks = _whole_head_masks(ours, seed)
+    ref = copy.deepcopy(ours)
+    zero_out(ref, masks)
+    slice_model(ours, masks)
+    state = {k: v.contiguous() for k, v in ours.state_dict().items() if k != "lm_head.weight"
+             or not ours.config.tie_word_embeddings}
+    if biases:  # FLAP's compensation biases, honoured by the loader
+        g = torch.Generator().manual_seed(seed)
+        bias_ref = []
+        for i, layer in enumerate(ref.model.layers):
+            ob, db = torch.randn(64, generator=g) * 0.1, torch.randn(64, generator=g) * 0.1
+            state[f"model.layers.{i}.self_attn.o_proj.bias"] = ob
+            state[f"model.layers.{i}.mlp.down_proj.bias"] = db
+            bias_ref.append((ob, db))
+        ref = _with_output_biases(ref, bias_ref)
+    stock.config.save_pretrained(tmp)
+    if shard:
+        save_torch_state_dict(state, tmp, max_shard_size="40KB")
+        assert (tmp / "model.safetensors.index.json").exists()
+    else:
+        from safetensors.torch import save_file
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    return tmp, ref
+
+
+def _with_output_biases(model, biases):
+    """The masked dense model plus o_proj/down_proj biases (the FLAP reference)."""
+    spec = model.config.ecospa_spec
+    spec = spec.replace_layers([l.replace(o_bias=True, down_bias=True) for l in spec.layers])
+    config = copy.deepcopy(model.config)
+    config.set_spec(spec)
+    out = type(model)(config).eval()
+    out.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        for layer, (ob, db) in zip(out.model.layers, biases):
+            layer.self_attn.o_proj.bias.copy_(ob)
+            layer.mlp.down_proj.bias.copy_(db)
+    return out
+
+
+# -- our format ------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_roundtrip(family, tmp_path):
+    model = tiny_pruned(family, 1, "sdpa")
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == f"ecospa_{'gpt2' if family == 'gpt2' else 'llama'}"
+    assert len(cfg["ecospa"]["layers"]) == 3 and "AutoModelForCausalLM" in cfg["auto_map"]
+    if family != "gpt2":  # globals are the per-layer maxima
+        layers = cfg["ecospa"]["layers"]
+        assert cfg["intermediate_size"] == max(l["intermediate_size"] for l in layers)
+        assert cfg["num_attention_heads"] == max(l["num_attention_heads"] for l in layers)
+    loaded = load_model(tmp_path)
+    assert loaded.config.ecospa_spec == model.config.ecospa_spec
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=0, rtol=0)
+    from transformers import AutoModelForCausalLM
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(auto) is type(model)
+    torch.testing.assert_close(_logits(auto), _logits(model), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_trust_remote_code_without_the_package(family, tmp_path):
+    model = tiny_pruned(family, 2, "sdpa")
+    model.save_pretrained(tmp_path / "ckpt")
+    torch.save({"x": X, "ref": _logits(model)}, tmp_path / "ref.pt")
+    script = textwrap.dedent("""
+        import sys
+        class Block:  # make the package unimportable: only the checkpoint's code may run
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "ecospa_deploy":
+                    raise ImportError("ecospa_deploy is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        import torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+        r = torch.load(sys.argv[2])
+        with torch.no_grad():
+            err = (m(r["x"]).logits - r["ref"]).abs().max().item()
+        print(type(m).__module__, err)
+        sys.exit(0 if err < 1e-6 and "transformers_modules" in type(m).__module__ else 1)
+    """)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"))
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ckpt"),
+                          str(tmp_path / "ref.pt")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_dtype_and_device_map(tmp_path):
+    model = tiny_pruned("qwen2", 3, "sdpa")
+    model.save_pretrained(tmp_path)
+    half = load_model(tmp_path, dtype=torch.bfloat16, device="cpu")
+    assert next(half.parameters()).dtype == torch.bfloat16
+    auto = load_model(tmp_path, device="auto")
+    torch.testing.assert_close(_logits(auto), _logits(model), atol=0, rtol=0)
+
+
+# -- foreign formats -------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("biases,shard", [(False, False), (True, False), (True, True)])
+def test_foreign_llama_family(family, biases, shard, tmp_path):
+    directory, ref = _foreign_dir(tmp_path, family, 1, biases=biases, shard=shard)
+    model = load_model(directory)
+    spec = model.config.ecospa_spec
+    assert all(l.o_bias == biases and l.down_bias == biases for l in spec.layers)
+    assert len({l.num_key_value_heads for l in spec.layers} |
+               {l.intermediate_size for l in spec.layers}) > 1
+    torch.testing.assert_close(_logits(model), _logits(ref), atol=ATOL, rtol=0)
+    # ... and `ecospa convert native` rewrites it into our format, losslessly.
+    convert_native(directory, tmp_path / "native")
+    native = load_model(tmp_path / "native")
+    assert json.loads((tmp_path / "native/config.json").read_text())["model_type"] == \
+        "ecospa_llama"
+    torch.testing.assert_close(_logits(native), _logits(model), atol=0, rtol=0)
+
+
+def test_foreign_gpt2(tmp_path):
+    stock = tiny_hf("gpt2", 4)
+    ours = from_hf(copy.deepcopy(stock))
+    masks = _whole_head_masks(ours, 0)
+    ref = copy.deepcopy(ours)
+    zero_out(ref, masks)
+    slice_model(ours, masks)
+    stock.config.save_pretrained(tmp_path)
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in ours.state_dict().items() if k != "lm_head.weight"},
+              tmp_path / "model.safetensors")
+    model = load_model(tmp_path)
+    torch.testing.assert_close(_logits(model), _logits(ref), atol=ATOL, rtol=0)
+
+
+def _llm_pruner_pickle(path: Path):
+    """LLM-Pruner's format: the whole stock model object (pruned Linears, dense config) pickled."""
+    stock = tiny_hf("llama", 5)
+    ours = from_hf(copy.deepcopy(stock))
+    slice_model(ours, _whole_head_masks(ours, 1))
+    for s_layer, o_layer in zip(stock.model.layers, ours.model.layers):
+        for owner, name in ((s_layer.self_attn, "q_proj"), (s_layer.self_attn, "k_proj"),
+                            (s_layer.self_attn, "v_proj"), (s_layer.self_attn, "o_proj"),
+                            (s_layer.mlp, "gate_proj"), (s_layer.mlp, "up_proj"),
+                            (s_layer.mlp, "down_proj")):
+            src = getattr(o_layer.self_attn if owner is s_layer.self_attn else o_layer.mlp, name)
+            new = nn.Linear(src.in_features, src.out_features, bias=False)
+            new.weight.data.copy_(src.weight.data)
+            setattr(owner, name, new)
+    torch.save({"model": stock, "tokenizer": tiny_tokenizer()}, path)
+    return ours
+
+
+def test_llm_pruner_pickle_needs_the_flag(tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    ref = _llm_pruner_pickle(path)
+    with pytest.raises(CheckpointError, match="refusing to unpickle.*allow_pickle=True"):
+        load_model(path)
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_tokenizer(path)
+    model = load_model(path, allow_pickle=True)
+    torch.testing.assert_close(_logits(model), _logits(ref), atol=ATOL, rtol=0)
+    assert load_tokenizer(path, allow_pickle=True).decode([94, 90])
+
+
+# -- bad input: a clear error naming file/layer/tensor, and nothing left on disk ----------------
+@pytest.fixture()
+def saved(tmp_path):
+    model = tiny_pruned("llama", 6, "sdpa")
+    model.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def _edit_tensors(directory: Path, fn) -> None:
+    from safetensors.torch import load_file, save_file
+    state = load_file(directory / "model.safetensors")
+    fn(state)
+    save_file(state, directory / "model.safetensors")
+
+
+def test_missing_tensor(saved):
+    _edit_tensors(saved, lambda s: s.pop("model.layers.2.mlp.down_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"layer 2: missing tensor "
+                                              r"'model.layers.2.mlp.down_proj.weight'"):
+        load_model(saved)
+
+
+def test_extra_tensor(saved):
+    _edit_tensors(saved, lambda s: s.update({"model.layers.1.mlp.extra.weight": torch.ones(2)}))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: layer 1: unexpected tensor"):
+        load_model(saved)
+
+
+def test_wrong_shape(saved):
+    _edit_tensors(saved, lambda s: s.update(
+        {"model.layers.0.mlp.up_proj.weight": s["model.layers.0.mlp.up_proj.weight"][:-1]}))
+    with pytest.raises(CheckpointError, match=r"layer 0: tensor 'model.layers.0.mlp.up_proj.weight'"
+                                              r" has shape"):
+        load_model(saved)
+
+
+def test_truncated_and_corrupt_safetensors(saved):
+    path = saved / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="truncated safetensors file"):
+        load_model(saved)
+    path.write_bytes(data[:8] + b"{not json" + data[17:])
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        load_model(saved)
+    path.write_bytes(b"abc")
+    with pytest.raises(CheckpointError, match="truncated safetensors file"):
+        load_model(saved)
+
+
+def _edit_config(directory: Path, fn) -> None:
+    cfg = json.loads((directory / "config.json").read_text())
+    fn(cfg)
+    (directory / "config.json").write_text(json.dumps(cfg))
+
+
+def test_gqa_not_divisible(saved):
+    def bad(cfg):
+        cfg["ecospa"]["layers"][1]["num_attention_heads"] = 3
+        cfg["ecospa"]["layers"][1]["num_key_value_heads"] = 2
+        cfg["ecospa"]["layers"][1]["rope_kept"] = cfg["ecospa"]["layers"][1]["rope_kept"][:2] * 1
+    _edit_config(saved, bad)
+    with pytest.raises(SpecError, match="layer 1: num_attention_heads=3 is invalid; expected a "
+                                        "multiple of num_key_value_heads=2"):
+        load_model(saved)
+
+
+def test_odd_qk_dim_with_rope(saved):
+    _edit_config(saved, lambda c: c["ecospa"]["layers"][0].update(qk_head_dim=5))
+    with pytest.raises(SpecError, match="layer 0: qk_head_dim=5 is invalid; expected an even"):
+        load_model(saved)
+
+
+def test_unknown_architecture(saved):
+    _edit_config(saved, lambda c: c.update(model_type="bert"))
+    with pytest.raises(CheckpointError, match=r"model_type='bert' is not supported; expected one "
+                                              r"of \['ecospa_gpt2', 'ecospa_llama', 'gpt2'"):
+        load_model(saved)
+
+
+def test_foreign_partial_heads_refused(tmp_path):
+    directory, _ = _foreign_dir(tmp_path, "llama", 0)
+    _edit_tensors(directory, lambda s: s.update(
+        {"model.layers.0.self_attn.q_proj.weight":
+         s["model.layers.0.self_attn.q_proj.weight"][:-3]}))
+    with pytest.raises(SpecError, match="layer 0: model.layers.0.self_attn.q_proj.weight has .* "
+                                        "not a multiple of head_dim 16"):
+        load_model(directory)
+
+
+def test_failed_convert_leaves_nothing(saved, tmp_path):
+    _edit_tensors(saved, lambda s: s.pop("model.norm.weight"))
+    with pytest.raises(CheckpointError, match="missing tensor 'model.norm.weight'"):
+        convert_native(saved, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_convert_refuses_to_overwrite(saved, tmp_path):
+    (tmp_path / "out").mkdir()
+    from ecospa_deploy.errors import EcospaError
+    with pytest.raises(EcospaError, match="already exists"):
+        convert_native(saved, tmp_path / "out")
