@@ -62,6 +62,9 @@ def run_verb(verb: str, argv: Sequence[str], prog: str | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `ecospa inspect ... | head`
+        sys.stderr.close()
+        return 0
     except Exception as exc:  # user-facing errors from the library carry their own message
         from ecospa_deploy.errors import USER_ERRORS
 

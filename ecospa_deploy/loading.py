@@ -232,6 +232,8 @@ def check_tensors(found: dict[str, TensorInfo], expected: dict[str, tuple], tied
 # -- public entry points ---------------------------------------------------------------------
 def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such directory")
     if not path.exists():
         raise CheckpointError(f"{directory}: no config.json; expected a HF model directory")
     try:

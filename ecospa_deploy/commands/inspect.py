@@ -1,0 +1,27 @@
+"""Per-layer shapes, parameters, bytes and KV-cache size of a checkpoint.
+
+Reads only config.json and the safetensors headers, so it is instant even for large models and
+works on foreign pruned checkpoints (shapes inferred from tensors).
+
+examples:
+  ecospa inspect ./pruned-llama
+  ecospa inspect ./pruned-llama --json > facts.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="checkpoint directory (ours or a foreign HF directory)")
+    parser.add_argument("--json", action="store_true", help="print the facts as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ecospa_deploy.inspect import describe, format_table
+
+    info = describe(args.path)
+    print(json.dumps(info, indent=2) if args.json else format_table(info))
+    return 0
