@@ -1,18 +1,67 @@
-"""serve: not available yet in this build.
+"""OpenAI-compatible HTTP server for a (pruned) model.
 
-This verb is being built; until then it exits with status 2 and this message.
+Serves POST /v1/completions and /v1/chat/completions (streaming with "stream": true),
+GET /v1/models, /health (no API key needed) and /metrics (Prometheus). Concurrent requests
+are batched dynamically. Backends: engine (the ecospa engine), hf (plain transformers, the
+reference), vllm (vLLM's own OpenAI server through the ecospa plugin); auto tries
+vllm, then engine, then hf and logs why.
+
+examples:
+  ecospa-serve ./pruned-llama
+  ecospa serve ./pruned-llama --port 8080 --api-key "$KEY" --max-batch-size 32
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "pruned-llama", "prompt": "To be, or not to be", "max_tokens": 32}'
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    from ecospa_deploy.serve.backend import BACKENDS
+    from ecospa_deploy.serve.server import ServeOptions as D
+
+    parser.add_argument("path", help="model directory (our format or a foreign HF directory) "
+                        "with its tokenizer")
+    parser.add_argument("--host", default=D.host, help="address to bind (default: %(default)s; "
+                        "use 0.0.0.0 to accept remote clients)")
+    parser.add_argument("--port", type=int, default=D.port,
+                        help="port (default: %(default)s; 0 = any free port)")
+    parser.add_argument("--backend", choices=BACKENDS, default=D.backend,
+                        help="generation backend (default: %(default)s)")
+    parser.add_argument("--dtype", default=D.dtype,
+                        choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--device", default=D.device,
+                        help="auto, cpu, cuda or cuda:N (auto: CUDA when available)")
+    parser.add_argument("--max-batch-size", type=int, default=D.max_batch_size,
+                        help="sequences decoded together (default: %(default)s)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="prompt + completion tokens per sequence (default: the model's "
+                        "positions, at most 4096)")
+    parser.add_argument("--api-key", default=os.environ.get("ECOSPA_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every route but /health "
+                        "(default: $ECOSPA_API_KEY, else no key)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model id clients send (default: the directory's name)")
+    parser.add_argument("--max-body-bytes", type=int, default=D.max_body_bytes,
+                        help="largest request body accepted (default: %(default)s)")
+    parser.add_argument("--request-timeout", type=float, default=D.request_timeout,
+                        help="seconds a request may take, queueing included (default: "
+                        "%(default)s)")
+    parser.add_argument("--max-queue", type=int, default=D.max_queue,
+                        help="sequences that may wait for a slot before requests get HTTP 429 "
+                        "(default: %(default)s)")
+    parser.add_argument("--shutdown-timeout", type=float, default=D.shutdown_timeout,
+                        help="seconds in-flight requests get to finish after SIGTERM "
+                        "(default: %(default)s)")
+    parser.add_argument("--log-level", default=D.log_level,
+                        choices=["debug", "info", "warning", "error"])
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecospa_deploy.cli import CLIError
+    from ecospa_deploy.serve.server import ServeOptions, serve
 
-    raise CLIError("`ecospa serve` is not available yet in this build")
+    return serve(ServeOptions(**vars(args)))

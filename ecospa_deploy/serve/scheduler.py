@@ -1,0 +1,258 @@
+"""Dynamic batching: one worker thread owns the backend and runs admit → step forever.
+
+Each iteration first frees the slots of cancelled sequences, then prefills waiting sequences
+into free slots (``backend.add``), then decodes one token for every occupied slot
+(``backend.step``). A request that arrives while a batch decodes therefore joins it at the
+next step; nothing is serialised per request. Tokens go back to the asyncio side through
+``loop.call_soon_threadsafe``; the model never runs on the event loop, so the HTTP side
+stays responsive while it computes.
+
+The waiting queue is bounded (``QueueFull`` → HTTP 429). A failing ``add`` fails only its
+sequence; a failing ``step`` fails the sequences of that batch. The worker never dies of
+a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Sequence as Seq
+
+from ecospa_deploy.engine.sampling import SamplingParams
+from ecospa_deploy.serve.backend import SlotBackend
+from ecospa_deploy.serve.metrics import Metrics
+
+log = logging.getLogger("ecospa_deploy.serve")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at ``max_queue``."""
+
+
+class ShuttingDown(Exception):
+    """The scheduler no longer accepts work."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What a sequence receives: a token, or the end (``finish`` "stop"/"length"/"error")."""
+
+    token: int | None = None
+    finish: str | None = None
+    error: str | None = None
+
+
+class Sequence:
+    """One generated choice: prompt ids in; ``TokenEvent``s out through ``sink`` (any thread)."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: Seq[int], params: SamplingParams,
+                 sink: Callable[[TokenEvent], None]) -> None:
+        self.id = next(self._ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.sink = sink
+        self.arrival = time.monotonic()
+        self.first_token_at: float | None = None
+        self.generated = 0
+        self.cancelled = False
+        self.done = False
+        self._scheduler: Scheduler | None = None
+
+    def cancel(self) -> None:
+        """Stop generating (client gone, stop string seen, timeout); the slot is freed soon."""
+        if not self.cancelled:
+            self.cancelled = True
+            if self._scheduler is not None:
+                self._scheduler.wake()
+
+
+def asyncio_sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue,
+                 tag: object) -> Callable[[TokenEvent], None]:
+    """A sink that puts ``(tag, event)`` on an asyncio queue from the worker thread."""
+
+    def sink(event: TokenEvent) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (tag, event))
+        except RuntimeError:  # loop closed: the request is gone
+            pass
+
+    return sink
+
+
+class Scheduler:
+    """Owns the backend's slots; see the module docstring."""
+
+    def __init__(self, backend: SlotBackend, max_batch_size: int, max_queue: int,
+                 metrics: Metrics | None = None) -> None:
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError(f"max_batch_size={max_batch_size}, max_queue={max_queue}; "
+                             "expected both >= 1")
+        self.backend = backend
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        self._cond = threading.Condition()
+        self._pending: deque[Sequence] = deque()
+        self._active: dict[int, Sequence] = {}
+        self._free = list(range(max_batch_size - 1, -1, -1))
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # -- called from the event loop ----------------------------------------------------------
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue all of a request's sequences, or none (``QueueFull``/``ShuttingDown``)."""
+        with self._cond:
+            if self._stopping or not self.alive:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._pending) + len(seqs) > self.max_queue:
+                raise QueueFull(f"{len(self._pending)} sequences are waiting and the queue "
+                                f"holds at most {self.max_queue} (--max-queue); retry later")
+            for seq in seqs:
+                seq._scheduler = self
+                self._pending.append(seq)
+            self.metrics.queue_depth.set(len(self._pending))
+            self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._run, name="ecospa-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Refuse new work, end every sequence (finish "error"), join the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the worker thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._pending or self._active):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    admit = []
+                    while self._pending and len(self._free) > len(admit):
+                        seq = self._pending.popleft()
+                        if seq.cancelled:
+                            self._finish(seq, "cancelled")
+                        else:
+                            admit.append(seq)
+                    self.metrics.queue_depth.set(len(self._pending))
+                self._reap_cancelled()
+                for seq in admit:
+                    self._admit(seq)
+                if self._active:
+                    self._step()
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            self._stopping = True
+            leftovers = list(self._pending) + list(self._active.values())
+            self._pending.clear()
+        for slot in list(self._active):
+            self._release(slot)
+        for seq in leftovers:
+            self._finish(seq, "error", "the server is shutting down")
+        self.metrics.queue_depth.set(0)
+
+    def _reap_cancelled(self) -> None:
+        for slot, seq in list(self._active.items()):
+            if seq.cancelled:
+                self._release(slot)
+                self._finish(seq, "cancelled")
+
+    def _admit(self, seq: Sequence) -> None:
+        slot = self._free.pop()
+        try:
+            token = self.backend.add(slot, seq.prompt_ids, seq.params)
+        except Exception as exc:  # a bad request must not take the worker down
+            log.exception("prefill failed for sequence %d", seq.id)
+            self._free.append(slot)
+            self._finish(seq, "error", f"prefill failed: {type(exc).__name__}: {exc}")
+            return
+        self._active[slot] = seq
+        self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
+        self.metrics.running.set(len(self._active))
+        self._emit(slot, seq, token)
+
+    def _step(self) -> None:
+        batch = dict(self._active)
+        self.metrics.batch_size.observe(len(batch))
+        self.steps += 1
+        try:
+            tokens = self.backend.step()
+        except Exception as exc:
+            log.exception("decode step failed for %d sequences", len(batch))
+            for slot, seq in batch.items():
+                self._release(slot)
+                self._finish(seq, "error", f"decode failed: {type(exc).__name__}: {exc}")
+            return
+        for slot, token in tokens.items():
+            seq = self._active.get(slot)
+            if seq is not None:
+                self._emit(slot, seq, token)
+
+    def _emit(self, slot: int, seq: Sequence, token: int) -> None:
+        now = time.monotonic()
+        seq.generated += 1
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.metrics.ttft.observe(now - seq.arrival)
+        self.metrics.generation_tokens.inc()
+        seq.sink(TokenEvent(token=token))
+        if token in seq.params.stop_token_ids:
+            finish = "stop"
+        elif seq.generated >= seq.params.max_new_tokens:
+            finish = "length"
+        else:
+            return
+        self._release(slot)
+        self._finish(seq, finish)
+
+    def _release(self, slot: int) -> None:
+        if self._active.pop(slot, None) is None:
+            return
+        try:
+            self.backend.free(slot)
+        except Exception:
+            log.exception("freeing slot %d failed", slot)
+        self._free.append(slot)
+        self.metrics.running.set(len(self._active))
+
+    def _finish(self, seq: Sequence, finish: str, error: str | None = None) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        now = time.monotonic()
+        if finish in ("stop", "length"):
+            self.metrics.e2e.observe(now - seq.arrival)
+            if seq.generated > 1 and seq.first_token_at is not None:
+                self.metrics.tpot.observe((now - seq.first_token_at) / (seq.generated - 1))
+        seq.sink(TokenEvent(finish=finish, error=error))

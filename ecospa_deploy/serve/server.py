@@ -1,0 +1,231 @@
+"""Start a server: load the model (or refuse with the loader's message), pick the backend,
+bind the socket, print the URL and a curl example, run uvicorn, shut down on SIGTERM.
+
+The socket is bound before the model loads, so a port already in use fails at once, and
+``--port 0`` lets the OS choose a free port (the printed URL shows which).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("ecospa_deploy.serve")
+
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+@dataclass
+class ServeOptions:
+    path: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    max_batch_size: int = 8
+    max_model_len: int | None = None
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_body_bytes: int = 1 << 20
+    request_timeout: float = 600.0
+    max_queue: int = 256
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    from ecospa_deploy.cli import CLIError
+
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        family = socket.AF_INET  # a host name such as "localhost"
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def resolve_device_dtype(device: str, dtype: str):
+    """``auto`` device = CUDA when available else CPU; ``auto`` dtype = bf16 on CUDA, fp32 on CPU."""
+    import torch
+
+    from ecospa_deploy.cli import CLIError
+
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                       if device == "auto" else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: CUDA is not available on this machine")
+    allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dtype not in allowed:
+        raise CLIError(f"--dtype {dtype!r}; expected auto or one of {', '.join(allowed)}")
+    return dev, allowed[dtype]
+
+
+def _eos_ids(model, tokenizer) -> tuple[int, ...]:
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None),
+                  getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return tuple(sorted(ids))
+
+
+def _max_model_len(model, requested: int | None) -> int:
+    from ecospa_deploy.cli import CLIError
+
+    limit = getattr(model.config, "max_position_embeddings", None) or \
+        getattr(model.config, "n_positions", None)
+    if requested is None:
+        return min(limit or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
+    if requested < 2:
+        raise CLIError(f"--max-model-len {requested}; expected at least 2")
+    if limit and requested > limit and getattr(model.config, "model_type", "").endswith("gpt2"):
+        raise CLIError(f"--max-model-len {requested} exceeds the model's {limit} learned "
+                       "positions")
+    return requested
+
+
+def build_backend(name: str, model, max_batch_size: int, max_seq_len: int, device, dtype):
+    if name == "engine":
+        from ecospa_deploy.engine import Engine
+
+        return Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                      device=device, dtype=dtype)
+    from ecospa_deploy.serve.hf_backend import HFBackend
+
+    return HFBackend(model.to(device=device, dtype=dtype), max_batch_size, max_seq_len)
+
+
+def vllm_command(opts: ServeOptions, name: str) -> list[str]:
+    """vLLM's own OpenAI server over the model; our plugin (entry point) registers the classes."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", opts.path,
+           "--host", opts.host, "--port", str(opts.port), "--served-model-name", name,
+           "--max-num-seqs", str(opts.max_batch_size)]
+    if opts.max_model_len:
+        cmd += ["--max-model-len", str(opts.max_model_len)]
+    if opts.dtype != "auto":
+        cmd += ["--dtype", opts.dtype]
+    if opts.device != "auto":
+        log.warning("--device %s is ignored with the vllm backend (vLLM picks its platform)",
+                    opts.device)
+    if opts.api_key:
+        cmd += ["--api-key", opts.api_key]
+    return cmd
+
+
+def _run_vllm(opts: ServeOptions, name: str) -> int:
+    import subprocess
+
+    cmd = vllm_command(opts, name)
+    log.info("starting vLLM: %s", " ".join(c if c != opts.api_key else "***" for c in cmd))
+    print_banner(_url(opts.host, opts.port), name, "vllm", opts.api_key)
+    proc = subprocess.Popen(cmd)
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()
+
+
+def print_banner(url: str, name: str, backend: str, api_key: str | None) -> None:
+    auth = ' -H "Authorization: Bearer $ECOSPA_API_KEY"' if api_key else ""
+    print(f"ecospa-serve: serving {name!r} with the {backend} backend at {url}/v1\n"
+          f"  try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+          f"-d '{{\"model\": \"{name}\", \"prompt\": \"To be, or not to be\", "
+          f"\"max_tokens\": 32}}'\n"
+          f"  health: {url}/health   metrics: {url}/metrics", flush=True)
+
+
+def serve(opts: ServeOptions) -> int:
+    """Blocking: serve until SIGTERM/SIGINT; returns the exit code."""
+    from ecospa_deploy.cli import CLIError
+    from ecospa_deploy.serve.backend import choose_backend
+
+    logging.basicConfig(level=opts.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for what, value in (("--max-batch-size", opts.max_batch_size), ("--max-queue", opts.max_queue),
+                        ("--max-body-bytes", opts.max_body_bytes)):
+        if value < 1:
+            raise CLIError(f"{what} {value}; expected a positive integer")
+    if opts.request_timeout <= 0:
+        raise CLIError(f"--request-timeout {opts.request_timeout}; expected seconds > 0")
+    if not Path(opts.path).exists():
+        raise CLIError(f"{opts.path}: no such model directory")
+    name = opts.served_model_name or Path(opts.path).resolve().name
+    choice = choose_backend(opts.backend)
+    log.info("backend %s (%s)", choice.name, choice.reason)
+    if choice.name == "vllm":
+        return _run_vllm(opts, name)
+
+    # A SIGTERM before uvicorn takes over (model loading) exits cleanly too; uvicorn restores
+    # this handler and re-raises the signal once it has shut down gracefully.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    sock = _bind(opts.host, opts.port)
+    try:
+        return _serve_socket(opts, name, choice.name, sock)
+    finally:
+        sock.close()
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)
+
+
+def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket.socket) -> int:
+    import uvicorn
+
+    from ecospa_deploy.loading import load_model, load_tokenizer
+    from ecospa_deploy.serve.app import create_app
+    from ecospa_deploy.serve.generation import GenerationService
+    from ecospa_deploy.serve.metrics import Metrics
+    from ecospa_deploy.serve.scheduler import Scheduler
+
+    device, dtype = resolve_device_dtype(opts.device, opts.dtype)
+    tokenizer = load_tokenizer(opts.path)   # loader errors propagate: the server refuses to start
+    model = load_model(opts.path, dtype=dtype)
+    max_len = _max_model_len(model, opts.max_model_len)
+    backend = build_backend(backend_name, model, opts.max_batch_size, max_len, device, dtype)
+    metrics = Metrics()
+    scheduler = Scheduler(backend, opts.max_batch_size, opts.max_queue, metrics).start()
+    service = GenerationService(scheduler, tokenizer, name, max_len,
+                                vocab_size=model.config.vocab_size,
+                                eos_token_ids=_eos_ids(model, tokenizer),
+                                request_timeout=opts.request_timeout)
+    app = create_app(service, metrics, api_key=opts.api_key, max_body_bytes=opts.max_body_bytes,
+                     backend_name=backend_name)
+    host, port = sock.getsockname()[:2]
+    log.info("model %s on %s (%s), max_model_len %d, max_batch_size %d", opts.path, device,
+             str(dtype).removeprefix("torch."), max_len, opts.max_batch_size)
+    print_banner(_url(opts.host, port), name, backend_name, opts.api_key)
+    config = uvicorn.Config(app, log_level=opts.log_level, access_log=False,
+                            timeout_graceful_shutdown=opts.shutdown_timeout,
+                            lifespan="off")
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        scheduler.stop()
+        log.info("shut down cleanly")
+    return 0
