@@ -26,7 +26,8 @@ class SpecError(ValueError):
 
 def _fail(layer: int | None, fld: str, value: Any, expected: str) -> SpecError:
     where = f"layer {layer}: " if layer is not None else ""
-    return SpecError(f"{where}{fld}={value!r} is invalid; expected {expected}")
+    shown = value if isinstance(value, str) and value.startswith("<") else repr(value)
+    return SpecError(f"{where}{fld}={shown} is invalid; expected {expected}")
 
 
 @dataclass(frozen=True)
