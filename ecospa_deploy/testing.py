@@ -6,15 +6,20 @@ always shows in the logits; zero-initialised biases would hide exactly those bug
 
 from __future__ import annotations
 
+import copy
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import save_torch_state_dict
+from torch import nn
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                           MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from ecospa_deploy.modeling import from_hf
 from ecospa_deploy.prune.mask import LayerMask, pairs_to_dims
+from ecospa_deploy.prune.surgery import slice_model, zero_out
 
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
 VOCAB = 96
@@ -116,15 +121,11 @@ def random_masks(model: torch.nn.Module, seed: int = 0, min_keep: float = 0.3,
 
 def tiny_pruned(family: str, seed: int = 0, attn: str = "eager", **overrides: Any):
     """A heterogeneous pruned model: layers differ in heads, q/k dim, v dim and FFN width."""
-    from ecospa_deploy.prune.surgery import slice_model
-
     model = tiny_dense(family, seed, attn, **overrides)
     slice_model(model, random_masks(model, seed))
     return model
 
 
-__all__ = ["FAMILIES", "tiny_hf_config", "tiny_hf", "tiny_dense", "tiny_pruned",
-           "random_masks", "randomize"]
 
 
 def tiny_tokenizer(vocab_size: int = VOCAB):
@@ -143,3 +144,87 @@ def tiny_tokenizer(vocab_size: int = VOCAB):
     tok.train_from_iterator(text, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>")
+
+
+# -- foreign checkpoints, written the way pruning tools write them --------------------------
+def whole_head_masks(model, seed: int) -> list[LayerMask]:
+    """What FLAP/LLM-Pruner/Torch-Pruning remove: whole GQA groups of heads and FFN neurons."""
+    g = torch.Generator().manual_seed(seed)
+    masks = []
+    for layer in model.config.ecospa_spec.layers:
+        n_kv = layer.num_key_value_heads
+        group = layer.num_attention_heads // n_kv
+        kv = sorted(torch.randperm(n_kv, generator=g)[: max(1, n_kv - 1 - seed % 2)].tolist())
+        ffn = sorted(torch.randperm(layer.intermediate_size, generator=g)[:40 + 7 * seed].tolist())
+        masks.append(LayerMask(q_heads=[h for k in kv for h in range(k * group, (k + 1) * group)],
+                               kv_heads=kv if group > 1 else None, ffn=ffn))
+    return masks
+
+
+def write_foreign_checkpoint(tmp: Path, family: str, seed: int, biases: bool = False,
+                             shard: bool = False):
+    """A stock-named checkpoint with a dense config and pruned tensors; returns (dir, reference)."""
+    stock = tiny_hf(family, seed)
+    ours = from_hf(copy.deepcopy(stock))
+    masks = whole_head_masks(ours, seed)
+    ref = copy.deepcopy(ours)
+    zero_out(ref, masks)
+    slice_model(ours, masks)
+    state = {k: v.contiguous() for k, v in ours.state_dict().items() if k != "lm_head.weight"
+             or not ours.config.tie_word_embeddings}
+    if biases:  # FLAP's compensation biases, honoured by the loader
+        g = torch.Generator().manual_seed(seed)
+        bias_ref = []
+        for i, layer in enumerate(ref.model.layers):
+            ob, db = torch.randn(64, generator=g) * 0.1, torch.randn(64, generator=g) * 0.1
+            state[f"model.layers.{i}.self_attn.o_proj.bias"] = ob
+            state[f"model.layers.{i}.mlp.down_proj.bias"] = db
+            bias_ref.append((ob, db))
+        ref = with_output_biases(ref, bias_ref)
+    stock.config.save_pretrained(tmp)
+    if shard:
+        save_torch_state_dict(state, tmp, max_shard_size="40KB")
+        assert (tmp / "model.safetensors.index.json").exists()
+    else:
+        from safetensors.torch import save_file
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    return tmp, ref
+
+
+def with_output_biases(model, biases):
+    """The masked dense model plus o_proj/down_proj biases (the FLAP reference)."""
+    spec = model.config.ecospa_spec
+    spec = spec.replace_layers([l.replace(o_bias=True, down_bias=True) for l in spec.layers])
+    config = copy.deepcopy(model.config)
+    config.set_spec(spec)
+    out = type(model)(config).eval()
+    out.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        for layer, (ob, db) in zip(out.model.layers, biases):
+            layer.self_attn.o_proj.bias.copy_(ob)
+            layer.mlp.down_proj.bias.copy_(db)
+    return out
+
+
+def write_llm_pruner_pickle(path: Path):
+    """LLM-Pruner's format: the whole stock model object (pruned Linears, dense config) pickled."""
+    stock = tiny_hf("llama", 5)
+    ours = from_hf(copy.deepcopy(stock))
+    slice_model(ours, whole_head_masks(ours, 1))
+    for s_layer, o_layer in zip(stock.model.layers, ours.model.layers):
+        for owner, name in ((s_layer.self_attn, "q_proj"), (s_layer.self_attn, "k_proj"),
+                            (s_layer.self_attn, "v_proj"), (s_layer.self_attn, "o_proj"),
+                            (s_layer.mlp, "gate_proj"), (s_layer.mlp, "up_proj"),
+                            (s_layer.mlp, "down_proj")):
+            src = getattr(o_layer.self_attn if owner is s_layer.self_attn else o_layer.mlp, name)
+            new = nn.Linear(src.in_features, src.out_features, bias=False)
+            new.weight.data.copy_(src.weight.data)
+            setattr(owner, name, new)
+    torch.save({"model": stock, "tokenizer": tiny_tokenizer()}, path)
+    return ours
+
+
+
+__all__ = ["FAMILIES", "tiny_hf_config", "tiny_hf", "tiny_dense", "tiny_pruned", "random_masks",
+           "randomize", "tiny_tokenizer", "whole_head_masks", "write_foreign_checkpoint",
+           "write_llm_pruner_pickle"]

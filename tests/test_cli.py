@@ -74,3 +74,19 @@ def test_console_script_entry_point(checkpoint):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "EcospaLlamaForCausalLM" in res.stdout
+
+
+def test_convert_native_cli(tmp_path, capsys):
+    from ecospa_deploy.testing import write_foreign_checkpoint, write_llm_pruner_pickle
+
+    src, _ = write_foreign_checkpoint(tmp_path / "flap", "llama", 1, biases=True)
+    assert main(["convert", "native", str(src), "-o", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out/config.json").read_text())["model_type"] == "ecospa_llama"
+    pickle = tmp_path / "pruner.bin"
+    write_llm_pruner_pickle(pickle)
+    assert main(["convert", "native", str(pickle), "-o", str(tmp_path / "p")]) == 2
+    assert "refusing to unpickle" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+    assert main(["convert", "native", str(pickle), "-o", str(tmp_path / "p"),
+                 "--allow-pickle"]) == 0
+    assert (tmp_path / "p/tokenizer.json").exists() and (tmp_path / "p/spec.py").exists()

@@ -17,16 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import save_torch_state_dict
-from torch import nn
 
 from ecospa_deploy.errors import CheckpointError
 from ecospa_deploy.loading import convert_native, load_model, load_tokenizer
 from ecospa_deploy.modeling import from_hf
-from ecospa_deploy.prune.mask import LayerMask
 from ecospa_deploy.prune.surgery import slice_model, zero_out
 from ecospa_deploy.spec import SpecError
-from ecospa_deploy.testing import (FAMILIES, VOCAB, tiny_hf, tiny_pruned, tiny_tokenizer)
+from ecospa_deploy.testing import (FAMILIES, VOCAB, tiny_hf, tiny_pruned, whole_head_masks,
+                                   write_foreign_checkpoint, write_llm_pruner_pickle)
 
 ATOL = 2e-5
 X = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -35,64 +33,6 @@ X = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
 def _logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(X).logits
-
-
-def _whole_head_masks(model, seed: int) -> list[LayerMask]:
-    """What FLAP/LLM-Pruner/Torch-Pruning remove: whole GQA groups of heads and FFN neurons."""
-    g = torch.Generator().manual_seed(seed)
-    masks = []
-    for layer in model.config.ecospa_spec.layers:
-        n_kv = layer.num_key_value_heads
-        group = layer.num_attention_heads // n_kv
-        kv = sorted(torch.randperm(n_kv, generator=g)[: max(1, n_kv - 1 - seed % 2)].tolist())
-        ffn = sorted(torch.randperm(layer.intermediate_size, generator=g)[:40 + 7 * seed].tolist())
-        masks.append(LayerMask(q_heads=[h for k in kv for h in range(k * group, (k + 1) * group)],
-                               kv_heads=kv if group > 1 else None, ffn=ffn))
-    return masks
-
-
-def _foreign_dir(tmp: Path, family: str, seed: int, biases: bool = False, shard: bool = False):
-    """A stock-named checkpoint with a dense config and pruned tensors; returns (dir, reference)."""
-    stock = tiny_hf(family, seed)
-    ours = from_hf(copy.deepcopy(stock))
-    masks = _whole_head_masks(ours, seed)
-    ref = copy.deepcopy(ours)
-    zero_out(ref, masks)
-    slice_model(ours, masks)
-    state = {k: v.contiguous() for k, v in ours.state_dict().items() if k != "lm_head.weight"
-             or not ours.config.tie_word_embeddings}
-    if biases:  # FLAP's compensation biases, honoured by the loader
-        g = torch.Generator().manual_seed(seed)
-        bias_ref = []
-        for i, layer in enumerate(ref.model.layers):
-            ob, db = torch.randn(64, generator=g) * 0.1, torch.randn(64, generator=g) * 0.1
-            state[f"model.layers.{i}.self_attn.o_proj.bias"] = ob
-            state[f"model.layers.{i}.mlp.down_proj.bias"] = db
-            bias_ref.append((ob, db))
-        ref = _with_output_biases(ref, bias_ref)
-    stock.config.save_pretrained(tmp)
-    if shard:
-        save_torch_state_dict(state, tmp, max_shard_size="40KB")
-        assert (tmp / "model.safetensors.index.json").exists()
-    else:
-        from safetensors.torch import save_file
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    return tmp, ref
-
-
-def _with_output_biases(model, biases):
-    """The masked dense model plus o_proj/down_proj biases (the FLAP reference)."""
-    spec = model.config.ecospa_spec
-    spec = spec.replace_layers([l.replace(o_bias=True, down_bias=True) for l in spec.layers])
-    config = copy.deepcopy(model.config)
-    config.set_spec(spec)
-    out = type(model)(config).eval()
-    out.load_state_dict(model.state_dict(), strict=False)
-    with torch.no_grad():
-        for layer, (ob, db) in zip(out.model.layers, biases):
-            layer.self_attn.o_proj.bias.copy_(ob)
-            layer.mlp.down_proj.bias.copy_(db)
-    return out
 
 
 # -- our format ------------------------------------------------------------------------------
@@ -157,7 +97,7 @@ def test_dtype_and_device_map(tmp_path):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("biases,shard", [(False, False), (True, False), (True, True)])
 def test_foreign_llama_family(family, biases, shard, tmp_path):
-    directory, ref = _foreign_dir(tmp_path, family, 1, biases=biases, shard=shard)
+    directory, ref = write_foreign_checkpoint(tmp_path, family, 1, biases=biases, shard=shard)
     model = load_model(directory)
     spec = model.config.ecospa_spec
     assert all(l.o_bias == biases and l.down_bias == biases for l in spec.layers)
@@ -175,7 +115,7 @@ def test_foreign_llama_family(family, biases, shard, tmp_path):
 def test_foreign_gpt2(tmp_path):
     stock = tiny_hf("gpt2", 4)
     ours = from_hf(copy.deepcopy(stock))
-    masks = _whole_head_masks(ours, 0)
+    masks = whole_head_masks(ours, 0)
     ref = copy.deepcopy(ours)
     zero_out(ref, masks)
     slice_model(ours, masks)
@@ -187,27 +127,9 @@ def test_foreign_gpt2(tmp_path):
     torch.testing.assert_close(_logits(model), _logits(ref), atol=ATOL, rtol=0)
 
 
-def _llm_pruner_pickle(path: Path):
-    """LLM-Pruner's format: the whole stock model object (pruned Linears, dense config) pickled."""
-    stock = tiny_hf("llama", 5)
-    ours = from_hf(copy.deepcopy(stock))
-    slice_model(ours, _whole_head_masks(ours, 1))
-    for s_layer, o_layer in zip(stock.model.layers, ours.model.layers):
-        for owner, name in ((s_layer.self_attn, "q_proj"), (s_layer.self_attn, "k_proj"),
-                            (s_layer.self_attn, "v_proj"), (s_layer.self_attn, "o_proj"),
-                            (s_layer.mlp, "gate_proj"), (s_layer.mlp, "up_proj"),
-                            (s_layer.mlp, "down_proj")):
-            src = getattr(o_layer.self_attn if owner is s_layer.self_attn else o_layer.mlp, name)
-            new = nn.Linear(src.in_features, src.out_features, bias=False)
-            new.weight.data.copy_(src.weight.data)
-            setattr(owner, name, new)
-    torch.save({"model": stock, "tokenizer": tiny_tokenizer()}, path)
-    return ours
-
-
 def test_llm_pruner_pickle_needs_the_flag(tmp_path):
     path = tmp_path / "pytorch_model.bin"
-    ref = _llm_pruner_pickle(path)
+    ref = write_llm_pruner_pickle(path)
     with pytest.raises(CheckpointError, match="refusing to unpickle.*allow_pickle=True"):
         load_model(path)
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
@@ -298,7 +220,7 @@ def test_unknown_architecture(saved):
 
 
 def test_foreign_partial_heads_refused(tmp_path):
-    directory, _ = _foreign_dir(tmp_path, "llama", 0)
+    directory, _ = write_foreign_checkpoint(tmp_path, "llama", 0)
     _edit_tensors(directory, lambda s: s.update(
         {"model.layers.0.self_attn.q_proj.weight":
          s["model.layers.0.self_attn.q_proj.weight"][:-3]}))
