@@ -1,0 +1,361 @@
+"""``Engine``: fast generation for our per-layer-shaped models and stock HF Llama/GPT-2.
+
+Static per-layer KV cache, exact zero padding, fused projections, batched prefill and a decode
+step that replays as one CUDA graph per (batch bucket, KV-length bucket, greedy/sampled) and
+may be compiled with ``torch.compile(fullgraph=True)`` (kept on the engine object). Two ways to
+use it:
+
+- ``generate(prompts, params)``: whole batches, no host sync between decode steps except every
+  ``sync_every`` steps to look for stop tokens;
+- the slot API for continuous batching: ``add(slot, prompt, params)`` prefills one request into a
+  free slot (it joins the running batch at the next step), ``step()`` decodes one token for every
+  running slot, ``free(slot)`` releases it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ecospa_deploy.errors import UnsupportedError
+
+from .cache import KVCache
+from .forward import Forward
+from .sampling import SamplingParams, sample_tokens
+from .weights import ModelWeights, build_weights
+
+# Decode attention: cuDNN runs q/k dim != v dim at the bytes floor (DESIGN.md §5); flash
+# refuses it; the default dispatch may fall to the slower mem-efficient kernel.
+_SDPA_PRIORITY = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def _sdpa_context(device: torch.device):
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, n) for n in _SDPA_PRIORITY], set_priority=True)
+
+
+def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    """The device to run on; a clear error when CUDA is asked for but absent."""
+    if device is None:
+        return next(model.parameters()).device
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedError(f"device={str(device)!r} but CUDA is not available on this "
+                               "machine; expected one of ['cpu'] (or run on a CUDA machine)")
+    if dev.type not in ("cpu", "cuda"):
+        raise UnsupportedError(f"device={str(device)!r} is not supported; expected cpu or cuda")
+    return dev
+
+
+def kv_bucket(n: int, max_seq: int) -> int:
+    """Smallest bucket >= ``n``: multiples of max(128, 2^floor(log2 n)/8) (<= 12.5% extra)."""
+    step = max(128, (1 << max(n - 1, 1).bit_length()) // 16)
+    return min(-(-n // step) * step, max_seq)
+
+
+def batch_bucket(n: int, max_batch: int) -> int:
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, max_batch)
+
+
+@dataclass
+class _Slot:
+    params: SamplingParams
+    prompt_len: int
+    position: int                 # position of the token the next step consumes
+    generated: int                # tokens emitted so far
+    finished: bool = False
+
+
+class Engine:
+    """Generation engine; see the module docstring. ``model``: ours or stock HF Llama/GPT-2."""
+
+    def __init__(self, model: nn.Module, max_batch_size: int = 8, max_seq_len: int = 2048,
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 pad_multiple: int = 64, cuda_graphs: bool = True, compile: bool | str = False,
+                 head_multiple: int = 8, max_prefill_tokens: int = 16384, sync_every: int = 16):
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size!r}; expected an int >= 1")
+        if not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len={max_seq_len!r}; expected an int >= 2")
+        for name, value in (("pad_multiple", pad_multiple), ("head_multiple", head_multiple)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; expected an int >= 1 (1 = no padding)")
+        self.device = resolve_device(device, model)
+        self.dtype = dtype or next(model.parameters()).dtype
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.weights: ModelWeights = build_weights(model, dtype=self.dtype, device=self.device,
+                                                   head_multiple=head_multiple,
+                                                   pad_multiple=pad_multiple)
+        if self.weights.pos_embed is not None and max_seq_len > self.weights.max_positions:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's learned positions "
+                             f"({self.weights.max_positions}); expected <= that")
+        self.cache = KVCache(self.weights.layers, max_batch_size, max_seq_len, self.dtype,
+                             self.device)
+        self.forward = Forward(self.weights, self.cache, self.dtype, self.device)
+        self.max_prefill_tokens, self.sync_every = max_prefill_tokens, sync_every
+        self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        kw = dict(device=self.device)
+        self._tokens = torch.zeros(max_batch_size, dtype=torch.long, **kw)
+        self._positions = torch.zeros(max_batch_size, dtype=torch.long, **kw)
+        self._history = torch.zeros(max_batch_size, max_seq_len, dtype=torch.long, **kw)
+        self._temperature = torch.zeros(max_batch_size, dtype=torch.float32, **kw)
+        self._top_k = torch.zeros(max_batch_size, dtype=torch.long, **kw)
+        self._top_p = torch.ones(max_batch_size, dtype=torch.float32, **kw)
+        self._seeds = torch.zeros(max_batch_size, dtype=torch.long, **kw)
+        self._slots: dict[int, _Slot] = {}
+        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        self.timing: list | None = None   # set to [] to record a mark per token (bench)
+        self._decode = self.forward.decode
+        self._prefill = self.forward.prefill
+        if compile:
+            mode = compile if isinstance(compile, str) else None
+            self._decode = torch.compile(self.forward.decode, fullgraph=True, mode=mode)
+            self._prefill = torch.compile(self.forward.prefill, fullgraph=True, dynamic=True)
+
+    # -- introspection --------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.weights.vocab_size
+
+    def kv_bytes_per_token(self) -> int:
+        return self.cache.bytes_per_token()
+
+    def weight_bytes(self) -> int:
+        return self.weights.weight_bytes()
+
+    @property
+    def active_slots(self) -> list[int]:
+        return sorted(s for s, st in self._slots.items() if not st.finished)
+
+    # -- validation -----------------------------------------------------------------------
+    def _check_prompt(self, prompt: Sequence[int], params: SamplingParams, where: str) -> None:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"{where}: params is {type(params).__name__}; expected SamplingParams")
+        if len(prompt) == 0:
+            raise ValueError(f"{where}: the prompt is empty; expected at least one token id")
+        bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise ValueError(f"{where}: token ids {bad[:5]} are out of range; expected ints in "
+                             f"[0, {self.vocab_size})")
+        need = len(prompt) + params.max_new_tokens
+        if need > self.max_seq_len:
+            raise ValueError(f"{where}: prompt length {len(prompt)} + max_new_tokens "
+                             f"{params.max_new_tokens} = {need} exceeds max_seq_len="
+                             f"{self.max_seq_len}; shorten the request or build the engine "
+                             "with a larger max_seq_len")
+
+    def _check_slot(self, slot: int) -> None:
+        if not isinstance(slot, int) or not 0 <= slot < self.max_batch_size:
+            raise ValueError(f"slot={slot!r}; expected an int in [0, {self.max_batch_size})")
+
+    # -- state ----------------------------------------------------------------------------
+    def _set_params(self, slot: int, params: SamplingParams) -> None:
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        self._temperature[slot] = float(params.temperature)
+        self._top_k[slot] = int(params.top_k)
+        self._top_p[slot] = float(params.top_p)
+        self._seeds[slot] = int(seed)
+
+    @torch.no_grad()
+    def _prefill_rows(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Prefill ``prompts`` into ``slots`` (params already set); returns first tokens [n]."""
+        firsts = []
+        start = 0
+        while start < len(slots):
+            t_max, end = 0, start
+            while end < len(slots):
+                t = max(t_max, len(prompts[end]))
+                if end > start and t * (end - start + 1) > self.max_prefill_tokens:
+                    break
+                t_max, end = t, end + 1
+            rows = slots[start:end]
+            batch = torch.zeros(len(rows), t_max, dtype=torch.long)
+            for j, p in enumerate(prompts[start:end]):
+                batch[j, :len(p)] = torch.tensor(p, dtype=torch.long)
+            lengths = torch.tensor([len(p) for p in prompts[start:end]], device=self.device)
+            idx = torch.tensor(rows, device=self.device)
+            with _sdpa_context(self.device):
+                logits = self._prefill(batch.to(self.device), lengths, idx)
+            nxt = sample_tokens(logits, self._temperature[idx], self._top_k[idx],
+                                self._top_p[idx], self._seeds[idx], lengths)
+            self._tokens[idx] = nxt
+            self._positions[idx] = lengths
+            self._history[idx, lengths] = nxt
+            firsts.append(nxt)
+            start = end
+        return torch.cat(firsts)
+
+    # -- decode ---------------------------------------------------------------------------
+    def _buffers(self):
+        return (self._tokens, self._positions, self._history, self._temperature, self._top_k,
+                self._top_p, self._seeds)
+
+    def _capture(self, nb: int, kv_len: int, sample: bool):
+        """Warm up (compile) and capture the decode step; buffers are restored afterwards."""
+        saved = [b.clone() for b in self._buffers()]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._decode(nb, kv_len, sample, *self._buffers())
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._decode(nb, kv_len, sample, *self._buffers())
+        for buf, old in zip(self._buffers(), saved):
+            buf.copy_(old)
+        return graph, out
+
+    @torch.no_grad()
+    def _run_decode(self, nb: int, kv_len: int, sample: bool) -> torch.Tensor:
+        with _sdpa_context(self.device):
+            if not self.cuda_graphs:
+                return self._decode(nb, kv_len, sample, *self._buffers())
+            key = (nb, kv_len, sample)
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(nb, kv_len, sample)
+            graph, out = self._graphs[key]
+            graph.replay()
+            return out
+
+    def _mark(self) -> None:
+        """Append a CUDA event (no sync) or a host time to ``self.timing`` when recording."""
+        if self.timing is None:
+            return
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.timing.append(event)
+        else:
+            self.timing.append(time.perf_counter())
+
+    # -- slot API (continuous batching) ---------------------------------------------------
+    def add(self, slot: int, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Prefill ``prompt_ids`` into a free ``slot``; returns the first generated token."""
+        self._check_slot(slot)
+        if slot in self._slots:
+            raise ValueError(f"slot {slot} is in use; free it first (free slots: "
+                             f"{[s for s in range(self.max_batch_size) if s not in self._slots]})")
+        prompt = list(prompt_ids)
+        self._check_prompt(prompt, params, f"slot {slot}")
+        self._set_params(slot, params)
+        first = int(self._prefill_rows([slot], [prompt])[0])
+        state = _Slot(params, len(prompt), len(prompt), 1)
+        state.finished = first in params.stop_token_ids or params.max_new_tokens <= 1
+        self._slots[slot] = state
+        return first
+
+    def step(self) -> dict[int, int]:
+        """One decode step for every running slot: ``{slot: token}``.
+
+        A slot stops running (and stops appearing here) once it emitted a stop token or its
+        ``max_new_tokens``; it keeps its place until ``free(slot)``.
+        """
+        running = self.active_slots
+        if not running:
+            return {}
+        nb = batch_bucket(max(running) + 1, self.max_batch_size)
+        kv_len = kv_bucket(max(self._slots[s].position for s in running) + 1, self.max_seq_len)
+        sample = any(not self._slots[s].params.greedy for s in running)
+        out = self._run_decode(nb, kv_len, sample)[:nb].tolist()
+        result = {}
+        for s in running:
+            st = self._slots[s]
+            tok = out[s]
+            st.position += 1
+            st.generated += 1
+            st.finished = tok in st.params.stop_token_ids or \
+                st.generated >= st.params.max_new_tokens
+            result[s] = tok
+        # rows of finished or free slots inside the bucket advanced too: park them.
+        for s in range(nb):
+            if s not in result:
+                self._positions[s] = 0
+        return result
+
+    def free(self, slot: int) -> None:
+        """Release ``slot`` (its cache rows are overwritten by the next ``add``)."""
+        self._check_slot(slot)
+        self._slots.pop(slot, None)
+
+    # -- whole batches --------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[list[int]]:
+        """Generated token ids (prompt excluded, stop token included) for each prompt."""
+        if self._slots:
+            raise UnsupportedError(f"generate() needs every slot free; slots {sorted(self._slots)}"
+                                   " are in use by the slot API (free them first)")
+        params = params if params is not None else SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; "
+                             "expected one, or one per prompt")
+        prompts = [list(p) for p in prompts]
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            self._check_prompt(p, sp, f"prompt {i}")
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), self.max_batch_size):
+            end = start + self.max_batch_size
+            out += self._generate_batch(prompts[start:end], params[start:end])
+        return out
+
+    @torch.no_grad()
+    def _generate_batch(self, prompts: list[list[int]], params: list[SamplingParams]
+                        ) -> list[list[int]]:
+        n = len(prompts)
+        for slot, sp in enumerate(params):
+            self._set_params(slot, sp)
+        self._prefill_rows(list(range(n)), prompts)
+        self._mark()
+        lengths = [len(p) for p in prompts]
+        max_new = max(sp.max_new_tokens for sp in params)
+        stops = any(sp.stop_token_ids for sp in params)
+        nb = batch_bucket(n, self.max_batch_size)
+        sample = any(not sp.greedy for sp in params)
+        for s in range(n, nb):
+            self._positions[s] = 0
+        step = 1
+        while step < max_new:
+            kv_len = kv_bucket(max(lengths) + step, self.max_seq_len)
+            self._run_decode(nb, kv_len, sample)
+            self._mark()
+            step += 1
+            if stops and step % self.sync_every == 0 and \
+                    self._all_stopped(prompts, params, step):
+                break
+        hist = self._history[:n].cpu()
+        results = []
+        for r, (length, sp) in enumerate(zip(lengths, params)):
+            toks = hist[r, length:length + min(step, sp.max_new_tokens)].tolist()
+            for j, t in enumerate(toks):
+                if t in sp.stop_token_ids:
+                    toks = toks[:j + 1]
+                    break
+            results.append(toks)
+        return results
+
+    def _all_stopped(self, prompts, params, step: int) -> bool:
+        hist = self._history[:len(prompts)].cpu()
+        for r, (p, sp) in enumerate(zip(prompts, params)):
+            if step >= sp.max_new_tokens:
+                continue
+            toks = hist[r, len(p):len(p) + step].tolist()
+            if not any(t in sp.stop_token_ids for t in toks):
+                return False
+        return True

@@ -1,0 +1,278 @@
+"""Engine weights: each layer's projections, exactly zero-padded to aligned sizes and fused.
+
+The engine never runs the HF modules. It reads every layer's canonical projections (same
+attribute names in our classes and in stock HF Llama/Mistral/Qwen2/GPT-2), then
+
+- pads each head's q/k dims and v dims to a multiple of ``head_multiple`` with exact zeros
+  (with RoPE the zeros go to the end of both rotate-half halves, so kept pairs stay partners;
+  zero q/k dims add nothing to q·k, zero v dims meet zero o_proj columns),
+- pads the FFN width to a multiple of ``pad_multiple`` (zero gate/up rows, zero down columns),
+- fuses ``q|k|v`` and ``gate|up`` into one matrix each, padding the fused output rows to a
+  multiple of ``pad_multiple`` (cuBLAS is up to 8× slower on unaligned widths, DESIGN.md §5).
+
+K is kept at the (padded) q/k head dim, not the v head dim, so the KV cache stores what the
+pruned model needs and long-context decode reads fewer bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ecospa_deploy.errors import UnsupportedError
+from ecospa_deploy.modeling.registry import family_of
+from ecospa_deploy.spec import LayerSpec, ModelSpec, rope_dim_index
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple if multiple > 1 else n
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer as the engine runs it (padded sizes)."""
+
+    num_heads: int
+    num_kv_heads: int
+    qk_dim: int                       # padded q/k head dim (what K is stored at)
+    v_dim: int                        # padded v head dim
+    ffn: int                          # padded FFN width
+    scale: float
+    window: int | None
+    qkv_w: torch.Tensor               # [rows (>= q+k+v widths, aligned), hidden]
+    qkv_b: torch.Tensor | None
+    o_w: torch.Tensor                 # [hidden, H * v_dim]
+    o_b: torch.Tensor | None
+    up_w: torch.Tensor                # [2*ffn (gate|up) or ffn, hidden]
+    up_b: torch.Tensor | None
+    down_w: torch.Tensor              # [hidden, ffn]
+    down_b: torch.Tensor | None
+    norm1: tuple[torch.Tensor, torch.Tensor | None]
+    norm2: tuple[torch.Tensor, torch.Tensor | None]
+    q_rope: torch.Tensor | None       # [H, qk_dim] positions in the dense cos/sin; None = no RoPE
+    k_rope: torch.Tensor | None       # [Hkv, qk_dim]
+    rope_shared: bool                 # every head uses the same positions (gather once)
+
+    @property
+    def split(self) -> tuple[int, int, int]:
+        return (self.num_heads * self.qk_dim, self.num_kv_heads * self.qk_dim,
+                self.num_kv_heads * self.v_dim)
+
+    def tensors(self) -> list[torch.Tensor]:
+        ts = [self.qkv_w, self.qkv_b, self.o_w, self.o_b, self.up_w, self.up_b, self.down_w,
+              self.down_b, *self.norm1, *self.norm2]
+        return [t for t in ts if t is not None]
+
+
+@dataclass
+class ModelWeights:
+    family: str                       # "llama" | "gpt2"
+    spec: ModelSpec                   # the model's own (unpadded) spec
+    layers: list[LayerWeights]
+    embed: torch.Tensor               # [vocab, hidden]
+    pos_embed: torch.Tensor | None    # GPT-2 learned positions [n_positions, hidden]
+    final_norm: tuple[torch.Tensor, torch.Tensor | None]
+    lm_head: torch.Tensor             # [vocab, hidden] (may be the embedding, tied)
+    norm_eps: float
+    rms_norm: bool
+    act: Any                          # HF activation module (exact same function as HF)
+    gated: bool
+    rotary: nn.Module | None          # HF rotary module at the dense head dim
+    max_positions: int
+    vocab_size: int
+
+    def weight_bytes(self) -> int:
+        """Bytes the engine holds for weights (padded), counting a tied head once."""
+        seen: set[int] = set()
+        total = 0
+        ts = [self.embed, self.lm_head, *self.final_norm]
+        if self.pos_embed is not None:
+            ts.append(self.pos_embed)
+        for layer in self.layers:
+            ts += layer.tensors()
+        for t in ts:
+            if t is None or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return total
+
+
+def _pad_heads(w: torch.Tensor | None, heads: int, old: int, new: int, dim: int,
+               rope: bool) -> torch.Tensor | None:
+    """Grow each of ``heads`` blocks of ``old`` along ``dim`` to ``new`` with zeros."""
+    if w is None or old == new:
+        return w
+    moved = w.movedim(dim, 0)
+    blocks = moved.reshape(heads, old, *moved.shape[1:])
+    zshape = list(blocks.shape)
+    if rope:
+        half, extra = old // 2, (new - old) // 2
+        zshape[1] = extra
+        z = blocks.new_zeros(zshape)
+        blocks = torch.cat([blocks[:, :half], z, blocks[:, half:], z], dim=1)
+    else:
+        zshape[1] = new - old
+        blocks = torch.cat([blocks, blocks.new_zeros(zshape)], dim=1)
+    return blocks.reshape(heads * new, *moved.shape[1:]).movedim(0, dim)
+
+
+def _pad_to(w: torch.Tensor | None, size: int, dim: int) -> torch.Tensor | None:
+    if w is None or w.shape[dim] == size:
+        return w
+    shape = list(w.shape)
+    shape[dim] = size - w.shape[dim]
+    return torch.cat([w, w.new_zeros(shape)], dim=dim)
+
+
+def _canonical(layer: nn.Module, family: str) -> dict[str, tuple[torch.Tensor, Any]]:
+    """``{q,k,v,o,[gate,]up,down: (weight [out, in], bias)}`` of our or a stock HF layer."""
+    if family == "gpt2":
+        a, m = layer.attn, layer.mlp
+        n = a.c_attn.weight.shape[1]
+        split = getattr(a, "split", None) or (n // 3, n // 3, n // 3)
+        qw, kw, vw = a.c_attn.weight.split(split, dim=1)
+        qb, kb, vb = a.c_attn.bias.split(split, dim=0)
+        return {"q": (qw.t(), qb), "k": (kw.t(), kb), "v": (vw.t(), vb),
+                "o": (a.c_proj.weight.t(), a.c_proj.bias),
+                "up": (m.c_fc.weight.t(), m.c_fc.bias),
+                "down": (m.c_proj.weight.t(), m.c_proj.bias)}
+    a, m = layer.self_attn, layer.mlp
+    out = {}
+    for key, proj in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj),
+                      ("gate", m.gate_proj), ("up", m.up_proj), ("down", m.down_proj)):
+        out[key] = (proj.weight, proj.bias)
+    return out
+
+
+def _norms(layer: nn.Module, family: str):
+    names = ("ln_1", "ln_2") if family == "gpt2" else ("input_layernorm",
+                                                       "post_attention_layernorm")
+    out = []
+    for name in names:
+        mod = getattr(layer, name)
+        out.append((mod.weight.detach(), getattr(mod, "bias", None)))
+    return out
+
+
+def model_spec(model: nn.Module) -> tuple[str, ModelSpec]:
+    """(family, spec) of our model (its ``ecospa_spec``) or of a stock HF model (dense spec)."""
+    config = model.config
+    family, fam = family_of(config.model_type, source=f"{type(model).__name__}.config")
+    if getattr(config, "ecospa", None):
+        return family, config.ecospa_spec
+    spec_fn = fam.load("spec_from_config")
+    spec = spec_fn(config) if family == "gpt2" else spec_fn(config, config.model_type)
+    return family, spec
+
+
+def _rope_positions(layer: LayerSpec, qk_dim: int, rope_head_dim: int) -> torch.Tensor:
+    """[Hkv, qk_dim] dense cos/sin positions; padded pairs reuse frequency 0 (they are zeros)."""
+    rows = []
+    for kept in layer.rope_kept:
+        pad = (qk_dim - 2 * len(kept)) // 2
+        rows.append(rope_dim_index(list(kept) + [0] * pad, rope_head_dim))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _layer_weights(layer_mod: nn.Module, layer: LayerSpec, family: str, rope_head_dim: int | None,
+                   gated: bool, head_multiple: int, pad_multiple: int, dtype, device
+                   ) -> LayerWeights:
+    rope = rope_head_dim is not None
+    c = {k: (w.detach(), None if b is None else b.detach())
+         for k, (w, b) in _canonical(layer_mod, family).items()}
+    H, Hkv = layer.num_attention_heads, layer.num_key_value_heads
+    qk = round_up(layer.qk_head_dim, max(head_multiple, 2 if rope else 1))
+    v = round_up(layer.v_head_dim, head_multiple)
+    if rope and qk // 2 > rope_head_dim // 2:
+        qk = layer.qk_head_dim   # never pad past the rotary dim; the layer is already dense
+    ffn = round_up(layer.intermediate_size, pad_multiple)
+
+    def heads(key, n, old, new, is_rope):
+        w, b = c[key]
+        return (_pad_heads(w, n, old, new, 0, is_rope), _pad_heads(b, n, old, new, 0, is_rope))
+
+    qw, qb = heads("q", H, layer.qk_head_dim, qk, rope)
+    kw, kb = heads("k", Hkv, layer.qk_head_dim, qk, rope)
+    vw, vb = heads("v", Hkv, layer.v_head_dim, v, False)
+    rows = round_up(qw.shape[0] + kw.shape[0] + vw.shape[0], pad_multiple)
+    qkv_w = _pad_to(torch.cat([qw, kw, vw], 0), rows, 0)
+    qkv_b = None if qb is None else _pad_to(torch.cat([qb, kb, vb], 0), rows, 0)
+    ow, ob = c["o"]
+    o_w = _pad_heads(ow, H, layer.v_head_dim, v, 1, False)
+    up_w, up_b = c["up"]
+    up_w, up_b = _pad_to(up_w, ffn, 0), _pad_to(up_b, ffn, 0)
+    if gated:
+        gate_w, gate_b = c["gate"]
+        up_w = torch.cat([_pad_to(gate_w, ffn, 0), up_w], 0)
+        up_b = None if up_b is None else torch.cat([_pad_to(gate_b, ffn, 0), up_b], 0)
+    dw, db = c["down"]
+    down_w = _pad_to(dw, ffn, 1)
+    q_rope = k_rope = None
+    shared = False
+    if rope:
+        k_rope = _rope_positions(layer, qk, rope_head_dim)
+        q_rope = k_rope.repeat_interleave(H // Hkv, dim=0)
+        shared = bool((k_rope == k_rope[:1]).all())
+        k_rope, q_rope = k_rope.to(device), q_rope.to(device)
+    norm1, norm2 = _norms(layer_mod, family)
+
+    def put(t):
+        return None if t is None else t.to(device=device, dtype=dtype).contiguous()
+
+    return LayerWeights(
+        num_heads=H, num_kv_heads=Hkv, qk_dim=qk, v_dim=v, ffn=ffn, scale=layer.softmax_scale,
+        window=layer.sliding_window, qkv_w=put(qkv_w), qkv_b=put(qkv_b), o_w=put(o_w),
+        o_b=put(ob), up_w=put(up_w), up_b=put(up_b), down_w=put(down_w), down_b=put(db),
+        norm1=(put(norm1[0]), put(norm1[1])), norm2=(put(norm2[0]), put(norm2[1])),
+        q_rope=q_rope, k_rope=k_rope, rope_shared=shared)
+
+
+def _decoder_layers(model: nn.Module, family: str) -> nn.ModuleList:
+    if hasattr(model, "decoder_layers"):
+        return model.decoder_layers
+    return model.transformer.h if family == "gpt2" else model.model.layers
+
+
+@torch.no_grad()
+def build_weights(model: nn.Module, *, dtype: torch.dtype, device: torch.device,
+                  head_multiple: int = 8, pad_multiple: int = 64) -> ModelWeights:
+    """Padded, fused engine weights of ``model`` (ours or stock HF), on ``device`` in ``dtype``."""
+    from transformers.activations import ACT2FN
+
+    family, spec = model_spec(model)
+    config = model.config
+    layers_mod = _decoder_layers(model, family)
+    if len(layers_mod) != spec.num_layers:
+        raise UnsupportedError(f"model has {len(layers_mod)} decoder layers but its spec lists "
+                               f"{spec.num_layers}; expected one spec per layer")
+    rope_head_dim = spec.rope_head_dim
+    layers = [_layer_weights(mod, layer, family, rope_head_dim, spec.gated_mlp, head_multiple,
+                             pad_multiple, dtype, device)
+              for mod, layer in zip(layers_mod, spec.layers)]
+
+    def put(t):
+        return None if t is None else t.detach().to(device=device, dtype=dtype).contiguous()
+
+    if family == "gpt2":
+        base = model.transformer
+        embed, pos = put(base.wte.weight), put(base.wpe.weight)
+        final = (put(base.ln_f.weight), put(base.ln_f.bias))
+        eps, rms, act = config.layer_norm_epsilon, False, ACT2FN[config.activation_function]
+        rotary, max_pos = None, config.n_positions
+    else:
+        base = model.model
+        embed, pos = put(base.embed_tokens.weight), None
+        final = (put(base.norm.weight), None)
+        eps, rms, act = config.rms_norm_eps, True, ACT2FN[config.hidden_act]
+        rotary, max_pos = base.rotary_emb, config.max_position_embeddings
+    emb_mod = base.wte if family == "gpt2" else base.embed_tokens
+    tied = model.lm_head.weight.data_ptr() == emb_mod.weight.data_ptr()
+    lm_head = embed if tied else put(model.lm_head.weight)
+    return ModelWeights(family=family, spec=spec, layers=layers, embed=embed, pos_embed=pos,
+                        final_norm=final, lm_head=lm_head, norm_eps=eps, rms_norm=rms, act=act,
+                        gated=spec.gated_mlp, rotary=rotary, max_positions=max_pos,
+                        vocab_size=embed.shape[0])
