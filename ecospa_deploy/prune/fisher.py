@@ -1,0 +1,79 @@
+"""Empirical Fisher information (squared gradients) of every decoder-layer parameter (Eq. 8).
+
+``FisherAccumulator`` sums ``grad²`` after each backward pass, per decoder layer and parameter
+name; ``mean()`` divides by the number of batches (the ``1/|D|`` of Eq. 8). It serves both the
+one-shot pruner (gradients of the LM loss on calibration windows) and the training-time
+sparsifier (the training step's own gradients, no extra pass).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ecospa_deploy.prune.calibration import batches
+
+
+class FisherAccumulator:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: list[dict[str, torch.Tensor]] = [
+            {} for _ in range(len(self.model.decoder_layers))]
+        self.count = 0
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """Add the squared gradients now held by the layers' parameters (call after backward)."""
+        seen = False
+        for i, layer in enumerate(self.model.decoder_layers):
+            sums = self.sums[i]
+            for name, p in layer.named_parameters():
+                if p.grad is None:
+                    continue
+                seen = True
+                g2 = p.grad.detach().float().pow(2)
+                if name in sums and sums[name].shape == g2.shape:
+                    sums[name] += g2
+                else:
+                    sums[name] = g2
+        self.count += int(seen)
+
+    def mean(self, i: int) -> dict[str, torch.Tensor]:
+        layer = self.model.decoder_layers[i]
+        n = max(self.count, 1)
+        return {name: (self.sums[i][name] / n if name in self.sums[i]
+                       and self.sums[i][name].shape == p.shape else torch.zeros_like(p, dtype=torch.float32))
+                for name, p in layer.named_parameters()}
+
+
+def calibration_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
+                       desc: str = "fisher", show: bool = False) -> FisherAccumulator:
+    """Squared gradients of the LM loss over ``windows`` (the model's weights are not changed)."""
+    acc = FisherAccumulator(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    params = [p for p in model.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        for batch in tqdm(list(batches(windows, batch_size)), desc=desc, leave=False, disable=not show):
+            batch = batch.to(device)
+            model.zero_grad(set_to_none=True)
+            out = model(input_ids=batch, labels=batch, use_cache=False)
+            out.loss.backward()
+            acc.accumulate()
+        model.zero_grad(set_to_none=True)
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+    return acc
+
+
+__all__ = ["FisherAccumulator", "calibration_fisher"]
