@@ -1,0 +1,16 @@
+"""ONNX for per-layer-shaped decoders: export with a per-layer KV cache, and run with onnxruntime.
+
+``export_onnx(model, out_dir, ...)`` writes a verified export (see ``onnx_export``);
+``OrtGenerator(out_dir)`` generates with it (see ``onnx_runtime``).
+"""
+
+from __future__ import annotations
+
+from .onnx_export import DEFAULT_OPSET, DTYPES, EXPORTERS, ExportReport, export_onnx
+from .onnx_metadata import read_genai_config
+from .onnx_runtime import OrtGenerator, default_providers
+from .onnx_verify import Verification, VerificationError
+
+__all__ = ["export_onnx", "ExportReport", "OrtGenerator", "default_providers",
+           "read_genai_config", "Verification", "VerificationError", "DEFAULT_OPSET", "DTYPES",
+           "EXPORTERS"]

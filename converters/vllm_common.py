@@ -1,0 +1,107 @@
+"""Pieces both vLLM model classes share: the spec check, per-head kept rotary, weight loading.
+
+Imported only inside vLLM's process (it imports vLLM).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.utils import is_pp_missing_parameter
+
+from ecospa_deploy.errors import UnsupportedError
+from ecospa_deploy.spec import LayerSpec, ModelSpec
+
+from .vllm_plan import HEAD_SIZES
+
+# (vLLM parameter name, tensor, shard id or None)
+Loadable = tuple[str, torch.Tensor, "str | int | None"]
+
+
+def tp_rank_and_size() -> tuple[int, int]:
+    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+
+
+def check_spec(spec: ModelSpec, tp: int) -> None:
+    """Refuse a checkpoint that was not converted for vLLM at this TP size, saying how to fix it."""
+    fix = f"convert it with `ecospa convert vllm SRC -o OUT --tensor-parallel-size {tp}`"
+    sizes = {layer.qk_head_dim for layer in spec.layers} | {l.v_head_dim for l in spec.layers}
+    if len(sizes) != 1 or next(iter(sizes)) not in HEAD_SIZES:
+        raise UnsupportedError(f"per-layer head dims {sorted(sizes)}: vLLM needs q/k and v dims "
+                               f"equal to one of {list(HEAD_SIZES)} in every layer; {fix}")
+    for i, layer in enumerate(spec.layers):
+        for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            value = getattr(layer, name)
+            if value % tp:
+                raise UnsupportedError(f"layer {i}: {name}={value} is not divisible by "
+                                       f"tensor_parallel_size={tp}; {fix}")
+
+
+class KeptRotary(nn.Module):
+    """RoPE over each KV head's own kept frequencies (neox/rotate-half layout within a head).
+
+    ``dense_rope`` is vLLM's rotary module at the dense head dim (so llama3/yarn scaling are
+    vLLM's own); its ``cos_sin_cache [max_pos, D]`` holds cos of every frequency then sin. Each
+    KV head gathers the ``head_size/2`` frequencies it kept (padding dims carry unused ones and
+    are zero anyway); its query heads use the same.
+    """
+
+    def __init__(self, dense_rope: nn.Module, layer: LayerSpec, kv_start: int, kv_heads: int):
+        super().__init__()
+        self.dense_rope = dense_rope
+        kept = layer.rope_kept[kv_start:kv_start + kv_heads]
+        self.register_buffer("freq_index", torch.tensor(kept, dtype=torch.long),
+                             persistent=False)
+        self.kv_heads = kv_heads
+        self.groups = layer.num_attention_heads // layer.num_key_value_heads
+        self.head_size = layer.qk_head_dim
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = positions.shape[0]
+        cache = self.dense_rope.cos_sin_cache
+        cos_sin = cache.index_select(0, positions.flatten()).to(q.dtype)
+        cos, sin = cos_sin.chunk(2, dim=-1)                    # [T, D/2]
+        cos, sin = cos[:, self.freq_index], sin[:, self.freq_index]   # [T, Hkv, S/2]
+        k = self._rotate(k.view(tokens, self.kv_heads, self.head_size), cos, sin)
+        q = q.view(tokens, self.kv_heads, self.groups, self.head_size)
+        q = self._rotate(q, cos[:, :, None], sin[:, :, None])
+        return q.reshape(tokens, -1), k.reshape(tokens, -1)
+
+
+def load_mapped(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                expand: Callable[[str, torch.Tensor], Iterator[Loadable]]) -> set[str]:
+    """Load checkpoint tensors through ``expand`` (name/shard mapping); return names loaded.
+
+    Each parameter's own ``weight_loader`` shards it for this TP rank; an unknown name is an
+    error, never silently dropped.
+    """
+    params = dict(module.named_parameters())
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        for target, piece, shard in expand(name, tensor):
+            if is_pp_missing_parameter(target, module):
+                continue
+            if target not in params:
+                raise UnsupportedError(f"checkpoint tensor {name!r} maps to {target!r}, which "
+                                       f"this model does not have")
+            param = params[target]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard is None:
+                loader(param, piece)
+            else:
+                loader(param, piece, shard)
+            loaded.add(target)
+    return loaded
+
+
+__all__ = ["check_spec", "KeptRotary", "load_mapped", "tp_rank_and_size"]

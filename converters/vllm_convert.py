@@ -1,0 +1,99 @@
+"""`ecospa convert vllm`: a checkpoint directory that `vllm serve` runs through our plugin.
+
+The output is our own format (``config.json`` with the per-layer ``ecospa`` block, safetensors,
+tokenizer), padded with exact zeros as ``vllm_plan`` prescribes: every layer's q/k and v head
+dims to one supported head size, KV groups and FFN neurons to multiples of the TP size. It is
+still an ordinary checkpoint of ours (transformers loads it and computes the same logits), and
+the ``ecospa`` vLLM plugin (entry point ``vllm.general_plugins``) serves it: install
+ecospa-deploy into vLLM's environment and run ``vllm serve OUT``. The padding overhead is
+printed and stored in ``vllm_conversion.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ecospa_deploy.atomic import atomic_directory
+from ecospa_deploy.errors import UnsupportedError
+
+from .vllm_plan import VLLMPlan, plan_vllm, shape_of
+
+REPORT_NAME = "vllm_conversion.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class VLLMConversion:
+    path: Path
+    plan: VLLMPlan
+    embedding_params: int
+    dtype: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "dtype": self.dtype,
+                **self.plan.as_dict(self.embedding_params)}
+
+    def summary(self) -> str:
+        p = self.plan
+        lines = [f"wrote {self.path} (head size {p.head_size}, tensor parallel size "
+                 f"{p.tensor_parallel_size}, {self.dtype})",
+                 f"padding overhead: +{p.overhead_pct(self.embedding_params):.2f}% model bytes "
+                 f"(+{p.weight_overhead_pct:.2f}% of decoder-layer bytes), "
+                 f"+{p.kv_overhead_pct:.2f}% KV-cache bytes per token",
+                 *p.notes,
+                 f"serve it with: vllm serve {self.path} --tensor-parallel-size "
+                 f"{p.tensor_parallel_size}   (ecospa-deploy installed next to vLLM)"]
+        return "\n".join(lines)
+
+
+def _activation(model: Any) -> str:
+    config = model.config
+    return getattr(config, "hidden_act", None) or getattr(config, "activation_function")
+
+
+def convert_vllm(model: torch.nn.Module, out_dir: str | Path, *, tensor_parallel_size: int = 1,
+                 head_size: int | None = None, dtype: str | None = None, tokenizer: Any = None,
+                 overwrite: bool = False) -> VLLMConversion:
+    """Pad a copy of ``model`` for vLLM and write it to ``out_dir`` (all or nothing)."""
+    from ecospa_deploy.modeling import is_ecospa_model
+    from ecospa_deploy.prune.surgery import pad_model
+
+    if not is_ecospa_model(model):
+        raise UnsupportedError(f"cannot convert {type(model).__name__}; expected one of our "
+                               "causal LMs (ecospa_deploy.loading.load_model)")
+    if dtype is not None and dtype not in _DTYPES:
+        raise UnsupportedError(f"dtype={dtype!r}; expected one of {sorted(_DTYPES)}")
+    spec = model.config.ecospa_spec
+    plan = plan_vllm(spec, tensor_parallel_size, head_size, _activation(model))
+    work = copy.deepcopy(model)
+    if dtype is not None:
+        work = work.to(_DTYPES[dtype])
+    padded = pad_model(work, qk_head_dim=plan.head_size, v_head_dim=plan.head_size,
+                       kv_heads_multiple=plan.tensor_parallel_size,
+                       ffn_multiple=plan.tensor_parallel_size)
+    got = [shape_of(layer) for layer in padded.layers]
+    want = [shape_of(layer) for layer in plan.padded.layers]
+    if got != want:
+        raise RuntimeError(f"padding produced shapes {got}, planned {want}")
+    padded = padded.replace_layers(padded.layers, vllm_head_size=plan.head_size,
+                                   vllm_tensor_parallel_size=plan.tensor_parallel_size)
+    work.config.set_spec(padded)
+    layer_ids = {id(p) for layer in work.decoder_layers for p in layer.parameters()}
+    embedding_params = sum(p.numel() for p in work.parameters() if id(p) not in layer_ids)
+    written_dtype = str(next(work.parameters()).dtype).removeprefix("torch.")
+    result = VLLMConversion(Path(out_dir), plan, embedding_params, written_dtype)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        work.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / REPORT_NAME).write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+    return result
+
+
+__all__ = ["convert_vllm", "VLLMConversion", "REPORT_NAME"]

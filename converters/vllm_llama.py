@@ -1,0 +1,215 @@
+"""vLLM model for ``ecospa_llama`` (Llama/Mistral/Qwen2 family), each layer built from its own spec.
+
+Built on vLLM's parallel layers (``QKVParallelLinear``, ``MergedColumnParallelLinear``,
+``RowParallelLinear``, vocab-parallel embedding and head), so tensor parallelism shards every
+layer by its own head counts and FFN width. Expects a checkpoint written by
+``ecospa convert vllm`` (one head size for q/k/v in every layer, counts divisible by the TP
+size) and says so otherwise. Weight names are our checkpoint's (HF ``LlamaForCausalLM``'s).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_pp_group
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
+                                               RowParallelLinear)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead,
+                                                                 VocabParallelEmbedding)
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import (PPMissingLayer, extract_layer_index,
+                                              make_empty_intermediate_tensors_factory,
+                                              make_layers, maybe_prefix)
+from vllm.sequence import IntermediateTensors
+
+from ecospa_deploy.spec import LayerSpec
+
+from .vllm_common import KeptRotary, Loadable, check_spec, load_mapped, tp_rank_and_size
+
+# Our checkpoint's projection names -> (fused vLLM parameter, shard id).
+STACKED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+class EcospaVLLMAttention(nn.Module):
+    def __init__(self, config, layer: LayerSpec, cache_config: CacheConfig | None,
+                 quant_config: QuantizationConfig | None, prefix: str):
+        super().__init__()
+        rank, tp = tp_rank_and_size()
+        spec = config.ecospa_spec
+        size = layer.qk_head_dim
+        self.num_heads = layer.num_attention_heads // tp
+        self.num_kv_heads = layer.num_key_value_heads // tp
+        self.q_size = self.num_heads * size
+        self.kv_size = self.num_kv_heads * size
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, size, layer.num_attention_heads,
+                                          layer.num_key_value_heads, bias=layer.qkv_bias,
+                                          quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(layer.o_width, config.hidden_size, bias=layer.o_bias,
+                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        dense_rope = get_rope(spec.dense.head_dim, max_position=config.max_position_embeddings,
+                              is_neox_style=True,
+                              rope_parameters=getattr(config, "rope_parameters", None))
+        self.rotary = KeptRotary(dense_rope, layer, rank * self.num_kv_heads, self.num_kv_heads)
+        self.attn = Attention(self.num_heads, size, layer.softmax_scale,
+                              num_kv_heads=self.num_kv_heads, cache_config=cache_config,
+                              quant_config=quant_config,
+                              per_layer_sliding_window=layer.sliding_window,
+                              prefix=f"{prefix}.attn")
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary(positions, q, k)
+        out, _ = self.o_proj(self.attn(q, k, v))
+        return out
+
+
+class EcospaVLLMMLP(nn.Module):
+    def __init__(self, config, layer: LayerSpec, quant_config: QuantizationConfig | None,
+                 prefix: str):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [layer.intermediate_size] * 2, bias=layer.gate_up_bias,
+            quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(layer.intermediate_size, config.hidden_size,
+                                           bias=layer.down_bias, quant_config=quant_config,
+                                           prefix=f"{prefix}.down_proj")
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.gate_up_proj(x)
+        x, _ = self.down_proj(self.act_fn(x))
+        return x
+
+
+class EcospaVLLMDecoderLayer(nn.Module):
+    def __init__(self, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        layer = config.ecospa_spec.layers[extract_layer_index(prefix)]
+        quant = vllm_config.quant_config
+        self.self_attn = EcospaVLLMAttention(config, layer, vllm_config.cache_config, quant,
+                                             f"{prefix}.self_attn")
+        self.mlp = EcospaVLLMMLP(config, layer, quant, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+# Annotations are strings here (postponed evaluation), so name the dynamic token axis.
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1,
+                                         "intermediate_tensors": 0, "inputs_embeds": 0})
+class EcospaVLLMLlamaModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        check_spec(config.ecospa_spec, vllm_config.parallel_config.tensor_parallel_size)
+        pp = get_pp_group()
+        if pp.is_first_rank or (config.tie_word_embeddings and pp.is_last_rank):
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                       quant_config=vllm_config.quant_config)
+        else:
+            self.embed_tokens = PPMissingLayer()
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: EcospaVLLMDecoderLayer(vllm_config, prefix),
+            prefix=f"{prefix}.layers")
+        self.norm = (RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if pp.is_last_rank
+                     else PPMissingLayer())
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], config.hidden_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None
+                ) -> torch.Tensor | IntermediateTensors:
+        if get_pp_group().is_first_rank:
+            hidden_states = (inputs_embeds if inputs_embeds is not None
+                             else self.embed_input_ids(input_ids))
+            residual = None
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
+            residual = intermediate_tensors["residual"]
+        for layer in self.layers[self.start_layer:self.end_layer]:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class EcospaLlamaForVLLM(nn.Module, SupportsPP):
+    """Registered as vLLM architecture ``EcospaLlamaForCausalLM``."""
+
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                              "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.model = EcospaVLLMLlamaModel(vllm_config=vllm_config,
+                                          prefix=maybe_prefix(prefix, "model"))
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                          quant_config=vllm_config.quant_config,
+                                          prefix=maybe_prefix(prefix, "lm_head"))
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+            self.logits_processor = LogitsProcessor(config.vocab_size)
+        else:
+            self.lm_head = PPMissingLayer()
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None
+                ) -> torch.Tensor | IntermediateTensors:
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def _expand(self, name: str, tensor: torch.Tensor) -> Iterator[Loadable]:
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part in STACKED:
+                fused, shard = STACKED[part]
+                yield ".".join(parts[:i] + [fused] + parts[i + 1:]), tensor, shard
+                return
+        yield name, tensor, None
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return load_mapped(self, weights, self._expand)
+
+
+__all__ = ["EcospaLlamaForVLLM"]

@@ -1,0 +1,95 @@
+"""Rewrite a checkpoint for another runtime: native (our format), onnx, vllm.
+
+Every sub-format writes into a temp dir beside OUT and renames it only when everything
+succeeded (and, for onnx, when onnxruntime matched PyTorch), so a failure leaves no OUT.
+
+examples:
+  ecospa convert native ./llm-pruner.bin -o ./pruned --allow-pickle
+  ecospa convert onnx ./pruned -o ./pruned-onnx                  # fp32, KV cache, verified
+  ecospa convert onnx ./pruned -o ./pruned-onnx16 --dtype fp16
+  ecospa convert vllm ./pruned -o ./pruned-vllm --tensor-parallel-size 2
+  vllm serve ./pruned-vllm                  # with ecospa-deploy installed next to vLLM
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _common(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("src", help="checkpoint directory (ours or a foreign HF directory)")
+    sub.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    subs = parser.add_subparsers(dest="format", required=True, metavar="{native,onnx,vllm}")
+
+    native = subs.add_parser("native", help="our safetensors format (any accepted checkpoint)")
+    _common(native)
+    native.add_argument("--allow-pickle", action="store_true",
+                        help="read an LLM-Pruner torch.save pickle (runs code: trusted files "
+                             "only)")
+    native.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+
+    onnx = subs.add_parser("onnx", help="ONNX decoder with a per-layer KV cache, verified")
+    _common(onnx)
+    onnx.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    onnx.add_argument("--opset", type=int, default=None,
+                      help="ONNX opset (default 18; dynamo 18-23, legacy 14-20)")
+    onnx.add_argument("--no-past", action="store_true",
+                      help="no KV cache inputs/outputs (each step recomputes the sequence)")
+    onnx.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo",
+                      help="torch.export based (default) or TorchScript tracing (faster)")
+    onnx.add_argument("--verify-steps", type=int, default=4,
+                      help="cached decode steps compared after the prefill (default 4)")
+
+    vllm = subs.add_parser("vllm", help="a directory `vllm serve` runs through our plugin")
+    _common(vllm)
+    vllm.add_argument("--tensor-parallel-size", type=int, default=1,
+                      help="pad head counts and widths to multiples of this (default 1)")
+    vllm.add_argument("--head-size", type=int, choices=[64, 128, 256], default=None,
+                      help="one attention head size for every layer (default: the smallest "
+                           "of 64/128/256 that fits every layer's q/k and v dims)")
+    vllm.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                      help="weight dtype written (default: the checkpoint's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.format == "native":
+        from ecospa_deploy.loading import convert_native
+
+        out = convert_native(args.src, args.output, allow_pickle=args.allow_pickle,
+                             dtype=args.dtype, overwrite=args.overwrite)
+        print(f"wrote {out}")
+        return 0
+
+    from ecospa_deploy.loading import load_model, load_tokenizer
+    from ecospa_deploy.errors import CheckpointError
+
+    model = load_model(args.src)
+    try:
+        tokenizer = load_tokenizer(args.src)
+    except CheckpointError:
+        tokenizer = None
+        print(f"note: {args.src} has no tokenizer; the output will have none", file=sys.stderr)
+
+    if args.format == "onnx":
+        from ecospa_deploy.converters.onnx import DEFAULT_OPSET, export_onnx
+
+        report = export_onnx(model, args.output, dtype=args.dtype,
+                             opset=args.opset or DEFAULT_OPSET, use_past=not args.no_past,
+                             exporter=args.exporter, verify_steps=args.verify_steps,
+                             tokenizer=tokenizer, overwrite=args.overwrite)
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+
+    from ecospa_deploy.converters.vllm_convert import convert_vllm
+
+    report = convert_vllm(model, args.output, tensor_parallel_size=args.tensor_parallel_size,
+                          head_size=args.head_size, dtype=args.dtype, tokenizer=tokenizer,
+                          overwrite=args.overwrite)
+    print(report.summary())
+    return 0
