@@ -169,9 +169,10 @@ def _fit_to_target(removals: list[Removal], spec, counter: ParamCounter, target:
     return out
 
 
-def apply_removals(model: nn.Module, removals: list[Removal], kept: KeptIndices
-                   ) -> list[LayerMask]:
-    """Slice ``model`` in place; update ``kept``; return the masks used (current numbering)."""
+def apply_removals(model: nn.Module, removals: list[Removal], kept: KeptIndices,
+                   slicer: Callable[[nn.Module, list], object] = slice_model) -> list[LayerMask]:
+    """Slice ``model`` in place (with ``slicer``: training slices optimizer moments too); update
+    ``kept``; return the masks used (current numbering)."""
     spec = model.config.ecospa_spec
     rope = spec.rope
     by_layer: dict[int, list[Removal]] = {}
@@ -196,7 +197,7 @@ def apply_removals(model: nn.Module, removals: list[Removal], kept: KeptIndices
                     gone = set(d)
                     lists[g] = [u for u in lists[g] if u not in gone]
         masks[i] = kept.apply(i, lspec, keep)
-    slice_model(model, masks)
+    slicer(model, masks)
     return masks
 
 
