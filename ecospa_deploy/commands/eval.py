@@ -1,18 +1,71 @@
-"""eval: not available yet in this build.
+"""Held-out perplexity over non-overlapping windows, and a quick generation.
 
-This verb is being built; until then it exits with status 2 and this message.
+Protocol: the text is tokenized once (no special tokens), cut into floor(N/seq_len)
+non-overlapping windows (remainder dropped), each window scored on its own, and
+perplexity = exp(total NLL / predicted tokens); see ecospa_deploy.evaluate.
+
+examples:
+  ecospa eval ./llama-70 --data heldout.txt --seq-len 512
+  ecospa eval ./llama-70 --data heldout.txt --json
+  ecospa eval ./llama-70 --generate "To be, or not to be"
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.add_argument("model", help="checkpoint directory (ours or a stock HF directory)")
+    parser.add_argument("--data", help="UTF-8 text file to measure perplexity on")
+    parser.add_argument("--seq-len", type=int, default=2048, help="window length (2048, or the "
+                        "model's maximum if smaller)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--generate", metavar="PROMPT", help="print a greedy continuation")
+    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecospa_deploy.cli import CLIError
+    import torch
 
-    raise CLIError("`ecospa eval` is not available yet in this build")
+    from ecospa_deploy.cli import CLIError
+    from ecospa_deploy.evaluate import text_perplexity
+    from ecospa_deploy.loading import load_model, load_tokenizer
+    from ecospa_deploy.prune.calibration import read_text
+    from ecospa_deploy.prune.tracking import count_params
+
+    if not args.data and not args.generate:
+        raise CLIError("nothing to do: give --data TEXTFILE and/or --generate PROMPT")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+    tokenizer = load_tokenizer(args.model)
+    out: dict = {"model": str(args.model), "params": count_params(model)}
+    if args.data:
+        text, digest = read_text(args.data)
+        max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(
+            model.config, "n_positions", None)
+        seq_len = min(args.seq_len, max_pos) if max_pos else args.seq_len
+        ppl = text_perplexity(model, tokenizer, text, seq_len, args.batch_size,
+                              progress=not args.json)
+        out.update(ppl.to_dict(), data=str(args.data), data_sha256=digest)
+    if args.generate:
+        ids = tokenizer(args.generate, return_tensors="pt").input_ids.to(device)
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        out["generation"] = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"model {out['model']}  params {out['params']:,}")
+        if args.data:
+            print(f"perplexity {out['perplexity']:.3f}  (nll {out['nll']:.4f}, {out['windows']} "
+                  f"windows x {out['seq_len']} tokens, {out['tokens']:,} predictions, "
+                  f"{out['seconds']:.1f}s)")
+        if args.generate:
+            print(f"{args.generate}{out['generation']}")
+    return 0

@@ -1,18 +1,158 @@
-"""prune: not available yet in this build.
+"""Prune a dense or already pruned model to a target size; write a checkpoint in our format.
 
-This verb is being built; until then it exits with status 2 and this message.
+Methods: ecospa (coupled Fisher importance + aligned Eq. 10 removal in rounds, the EcoSpa paper),
+numerical (Newton-method score + Eq. 11 compensation, the Numerical Pruning paper), and the
+baselines uncoupled (independent norms, EcoSpa Appendix A) and magnitude. --target-size is the
+fraction of the input's total parameters to keep. Calibration windows come from --calib via the
+model's own tokenizer. The output is written to a temporary directory and renamed at the end,
+so a failed run leaves nothing behind; ecospa.provenance in config.json records method, target,
+calibration hash and kept indices.
+
+examples:
+  ecospa prune ./llama -o ./llama-70 --target-size 0.7 --calib train.txt
+  ecospa prune ./llama -o ./llama-50 --target-size 0.5 --method numerical --calib train.txt \\
+      --samples 128 --seq-len 2048 --align 64 --device cuda
+  ecospa prune ./gpt2 -o ./gpt2-60 --target-size 0.6 --calib train.txt --recover-steps 200
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import time
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    from ecospa_deploy.prune.run import METHODS
+
+    parser.add_argument("model", help="input checkpoint directory (ours or a stock HF Llama/"
+                        "Mistral/Qwen2/GPT-2 directory)")
+    parser.add_argument("-o", "--output", required=True, help="output directory (must not exist "
+                        "unless --overwrite)")
+    parser.add_argument("--target-size", type=float, default=0.7,
+                        help="fraction of the input's parameters to keep, in (0, 1) (default 0.7)")
+    parser.add_argument("--method", choices=METHODS, default="ecospa")
+    parser.add_argument("--calib", required=True, help="UTF-8 text file for calibration windows")
+    parser.add_argument("--samples", type=int, default=128, help="calibration windows (128)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per window (2048)")
+    parser.add_argument("--top-k", type=float, default=0.3, help="EcoSpa: fraction of coupled "
+                        "pairs sparsified per round (0.3)")
+    parser.add_argument("--theta", type=float, default=0.9, help="EcoSpa: share of each "
+                        "selected pair's Eq. 10 score energy kept per round (0.9)")
+    parser.add_argument("--align", type=int, default=None, metavar="N",
+                        help="round every pruned width (heads*dims, FFN) to a multiple of N")
+    parser.add_argument("--recover-steps", type=int, default=0,
+                        help="AdamW recovery fine-tuning steps on the calibration windows")
+    parser.add_argument("--recover-lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="compute dtype while pruning (default float32)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from ecospa_deploy.cli import CLIError
+
+    if not 0 < args.target_size < 1:
+        raise CLIError(f"--target-size={args.target_size} is invalid; expected a fraction "
+                       "strictly between 0 and 1 (0.7 keeps 70% of the parameters)")
+    for name in ("samples", "seq_len", "batch_size"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; "
+                           "expected an integer >= 1")
+    if args.recover_steps < 0:
+        raise CLIError(f"--recover-steps={args.recover_steps} is invalid; expected >= 0")
+    if Path(args.output).exists() and not args.overwrite:
+        raise CLIError(f"{args.output} already exists; choose another output path or pass "
+                       "--overwrite")
+    if not Path(args.calib).is_file():
+        raise CLIError(f"--calib {args.calib}: no such file")
+
+
+def _layer_rows(spec_before, spec_after) -> list[list]:
+    rows = []
+    for i, (a, b) in enumerate(zip(spec_before.layers, spec_after.layers)):
+        rows.append([i, f"{a.num_attention_heads}->{b.num_attention_heads}",
+                     f"{a.num_key_value_heads}->{b.num_key_value_heads}",
+                     f"{a.qk_head_dim}->{b.qk_head_dim}", f"{a.v_head_dim}->{b.v_head_dim}",
+                     f"{a.intermediate_size}->{b.intermediate_size}"])
+    return rows
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"method {s['method']}  target {s['target_size']:.0%}  time {s['seconds']:.1f}s  "
+             f"rounds {s['rounds']}",
+             f"params {s['params_before']:,} -> {s['params_after']:,} "
+             f"({s['params_after'] / s['params_before']:.2%}; target {s['params_target']:,})"]
+    if s.get("align"):
+        a = s["align"]
+        lines.append(f"align {a['multiple']}: rounding changed the count by {a['cost']:+,} "
+                     f"parameters ({len(a['changes'])} width changes)")
+    if s.get("recovery"):
+        r = s["recovery"]
+        lines.append(f"recovery {r['steps']} steps: loss {r['first_loss']:.3f} -> "
+                     f"{r['last_loss']:.3f}")
+    header = ["layer", "heads", "kv", "qk_dim", "v_dim", "ffn"]
+    rows = [header] + [[str(c) for c in r] for r in s["layers"]]
+    widths = [max(len(r[j]) for r in rows) for j in range(len(header))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.append(f"written to {s['output']}")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecospa_deploy.cli import CLIError
+    import torch
 
-    raise CLIError("`ecospa prune` is not available yet in this build")
+    from ecospa_deploy.atomic import atomic_directory
+    from ecospa_deploy.cli import CLIError
+    from ecospa_deploy.loading import load_model, load_tokenizer
+    from ecospa_deploy.prune.calibration import calibration_windows
+    from ecospa_deploy.prune.run import PruneOptions, check_supported, prune_model
+
+    _check_args(args)
+    opts = PruneOptions(method=args.method, target_size=args.target_size, top_k=args.top_k,
+                        theta=args.theta, align=args.align, batch_size=args.batch_size,
+                        seed=args.seed).validate()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+    check_supported(model)
+    tokenizer = load_tokenizer(args.model)
+    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None)
+    if max_pos and args.seq_len > max_pos:
+        raise CLIError(f"--seq-len={args.seq_len} exceeds the model's {max_pos} positions")
+    calib = calibration_windows(tokenizer, args.calib, args.samples, args.seq_len, args.seed)
+    spec_before = model.config.ecospa_spec
+    result = prune_model(model, calib.windows, opts, calibration={
+        "sha256": calib.sha256, "file": Path(calib.source).name, "samples": args.samples,
+        "seq_len": args.seq_len, "text_tokens": calib.num_tokens})
+    summary = {"method": args.method, "target_size": args.target_size,
+               "params_before": result.params_before, "params_target": result.params_target,
+               "params_after": result.params_after, "rounds": result.rounds,
+               "layers": _layer_rows(spec_before, model.config.ecospa_spec),
+               "output": str(args.output)}
+    if result.align:
+        summary["align"] = {"multiple": result.align.multiple, "cost": result.align.cost,
+                            "changes": result.align.changes}
+    if args.recover_steps:
+        from ecospa_deploy.prune.training import recover
+
+        torch.manual_seed(args.seed)
+        losses = recover(model, calib.windows, args.recover_steps, args.recover_lr,
+                         args.batch_size)
+        summary["recovery"] = {"steps": args.recover_steps, "lr": args.recover_lr,
+                               "first_loss": losses[0], "last_loss": losses[-1]}
+        spec = model.config.ecospa_spec
+        model.config.set_spec(spec.replace_layers(spec.layers, recovery=summary["recovery"]))
+    model = model.to(torch.float32) if args.dtype == "float32" else model
+    with atomic_directory(args.output, overwrite=args.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    summary["seconds"] = time.perf_counter() - start
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
