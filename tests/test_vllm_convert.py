@@ -1,0 +1,133 @@
+"""`ecospa convert vllm` without vLLM: the padding plan, exactness of the padded checkpoint,
+clear refusals with no partial output, and the CLI. (tests/test_vllm_parity.py runs real vLLM.)
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ecospa_deploy.cli import main
+from ecospa_deploy.converters.vllm_convert import REPORT_NAME, convert_vllm
+from ecospa_deploy.converters.vllm_plan import plan_vllm
+from ecospa_deploy.errors import UnsupportedError
+from ecospa_deploy.loading import load_model
+from ecospa_deploy.spec import DenseShape, LayerSpec, ModelSpec
+from ecospa_deploy.testing import VOCAB, tiny_pruned
+
+# Tiny models whose dense head dim is 64, the smallest head size every vLLM backend accepts.
+HEAD64 = {"llama": {"head_dim": 64}, "qwen2": {"hidden_size": 256},
+          "mistral": {"hidden_size": 256}, "gpt2": {"n_embd": 256}}
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("family", sorted(HEAD64))
+def test_converted_checkpoint_is_exact_and_vllm_shaped(tmp_path, family, tp):
+    model = tiny_pruned(family, 0, **HEAD64[family])
+    result = convert_vllm(model, tmp_path / "out", tensor_parallel_size=tp)
+    padded = load_model(tmp_path / "out")
+    spec = padded.config.ecospa_spec
+    for layer in spec.layers:
+        assert layer.qk_head_dim == layer.v_head_dim == 64
+        assert layer.num_key_value_heads % tp == 0 and layer.intermediate_size % tp == 0
+    assert spec.provenance["vllm_tensor_parallel_size"] == tp
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
+    # Zero padding is exact in math; fp32 summation order over longer rows moves ~1e-5.
+    torch.testing.assert_close(_logits(padded, ids), _logits(model, ids), atol=1e-4, rtol=0)
+    report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    before = sum(p.numel() for p in model.parameters())
+    after = sum(p.numel() for p in padded.parameters())
+    assert report["model_weight_overhead_pct"] == pytest.approx(100 * (after / before - 1),
+                                                                abs=1e-3)
+    assert result.plan.weight_overhead_pct > 0
+
+
+def test_plan_states_overhead_and_notes_tp_padding():
+    dense = DenseShape(4, 2, 64, 256)
+    layer = dense.layer()
+    odd = layer.replace(num_attention_heads=3, num_key_value_heads=1, qk_head_dim=40,
+                        v_head_dim=50, intermediate_size=201,
+                        rope_kept=(tuple(range(20)),))
+    spec = ModelSpec(128, (layer, odd), dense).validate()
+    plan = plan_vllm(spec, tensor_parallel_size=2)
+    assert plan.head_size == 64
+    shapes = [(l.num_attention_heads, l.num_key_value_heads, l.intermediate_size)
+              for l in plan.padded.layers]
+    assert shapes == [(4, 2, 256), (6, 2, 202)]
+    assert any("KV heads 1 -> 2" in n for n in plan.notes)
+    assert any("FFN 201 -> 202" in n for n in plan.notes)
+    assert plan.kv_elements_per_token_before == 2 * 128 + 90
+    assert plan.kv_elements_per_token_after == 2 * 128 + 2 * 128
+    assert plan.weight_overhead_pct > 0 and plan.kv_overhead_pct > 0
+    assert plan_vllm(ModelSpec(128, (layer, layer), dense).validate()).weight_overhead_pct == 0
+
+
+def _spec(qk: int, v: int, dense_head: int = 128, rope: bool = True) -> ModelSpec:
+    dense = DenseShape(4, 4, dense_head, 256)
+    kept = tuple(tuple(range(qk // 2)) for _ in range(4)) if rope else None
+    layer = dense.layer(rope=rope).replace(qk_head_dim=qk, v_head_dim=v, rope_kept=kept)
+    return ModelSpec(256, (layer,), dense, rope=rope, gated_mlp=rope).validate()
+
+
+@pytest.mark.parametrize("spec, kwargs, message", [
+    (_spec(64, 96), {"head_size": 64}, "layer 0: v_head_dim=96 does not fit head_size=64"),
+    (_spec(64, 300, rope=False), {}, "none of which fits"),
+    (_spec(32, 32, dense_head=64), {"head_size": 128}, "exceeds the rotary dim 64"),
+    (_spec(32, 32), {"head_size": 96}, "head_size=96 is not supported"),
+    (_spec(32, 32), {"tensor_parallel_size": 0}, "tensor_parallel_size=0"),
+    (_spec(32, 32), {"activation": "gelu"}, "activation 'gelu' has no vLLM kernel"),
+])
+def test_plan_refuses_with_reason(spec, kwargs, message):
+    with pytest.raises(UnsupportedError, match=message):
+        plan_vllm(spec, **kwargs)
+
+
+def test_plan_refuses_a_fully_pruned_ffn():
+    dense = DenseShape(4, 4, 64, 256)
+    layer = dense.layer().replace(intermediate_size=0)
+    with pytest.raises(UnsupportedError, match="layer 0: intermediate_size=0"):
+        plan_vllm(ModelSpec(256, (layer,), dense).validate())
+
+
+def test_refusal_leaves_no_output(tmp_path):
+    model = tiny_pruned("llama")       # dense head dim 16: no vLLM head size can hold RoPE
+    with pytest.raises(UnsupportedError, match="rotary dim 16"):
+        convert_vllm(model, tmp_path / "out")
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_convert_vllm_and_onnx(tmp_path, capsys):
+    model = tiny_pruned("gpt2", 0, n_embd=256)
+    model.save_pretrained(tmp_path / "src")
+    assert main(["convert", "vllm", str(tmp_path / "src"), "-o", str(tmp_path / "v"),
+                 "--tensor-parallel-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "padding overhead: +" in out and "vllm serve" in out
+    assert main(["convert", "vllm", str(tmp_path / "src"), "-o", str(tmp_path / "v2"),
+                 "--head-size", "64", "--tensor-parallel-size", "3"]) == 0
+    assert main(["convert", "vllm", str(tmp_path / "src"), "-o", str(tmp_path / "v"),
+                 ]) == 2                                # exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert main(["convert", "onnx", str(tmp_path / "src"), "-o", str(tmp_path / "o"),
+                 "--exporter", "legacy"]) == 0
+    assert json.loads(capsys.readouterr().out)["verification"]["passed"]
+    assert main(["convert", "onnx", str(tmp_path / "src"), "-o", str(tmp_path / "o2"),
+                 "--opset", "5"]) == 2
+    assert "opset=5 is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "src", "v", "v2"]
+
+
+def test_cli_convert_native(tmp_path):
+    model = tiny_pruned("qwen2")
+    model.save_pretrained(tmp_path / "src")
+    assert main(["convert", "native", str(tmp_path / "src"), "-o", str(tmp_path / "n")]) == 0
+    ids = torch.tensor([[4, 5, 6]])
+    torch.testing.assert_close(_logits(load_model(tmp_path / "n"), ids), _logits(model, ids))
