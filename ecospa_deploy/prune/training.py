@@ -216,7 +216,7 @@ def recover(model: nn.Module, windows: torch.Tensor, steps: int, lr: float = 1e-
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
 
