@@ -9,7 +9,7 @@ Runs in vLLM's environment, in its own process (vLLM starts worker processes, he
 Several checkpoints run one after another in one process (vLLM's start-up cost is paid once).
 
 Prompts are token ids, so no tokenizer is needed; the parity tests compare the output with
-our transformers modeling.
+``reference_greedy`` (our transformers modeling, no EOS handling, like ``ignore_eos``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,24 @@ from __future__ import annotations
 import argparse
 import json
 import time
+
+
+def reference_greedy(model, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy tokens from our transformers modeling, one cached step at a time."""
+    import torch
+    from transformers import DynamicCache
+
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            cache, out = DynamicCache(), []
+            logits = model(torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits
+            for _ in range(max_tokens):
+                out.append(int(logits[0, -1].argmax()))
+                logits = model(torch.tensor([[out[-1]]]), past_key_values=cache,
+                               use_cache=True).logits
+            results.append(out)
+    return results
 
 
 def greedy_tokens(path: str, prompts: list[list[int]], max_tokens: int,

@@ -13,10 +13,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache
 
 from ecospa_deploy.converters.onnx import OrtGenerator, VerificationError, export_onnx
 from ecospa_deploy.converters.onnx_verify import raise_if_failed, verify
+from ecospa_deploy.converters.vllm_parity import reference_greedy
 from ecospa_deploy.converters.onnx_graph import DecoderGraph
 from ecospa_deploy.engine.sampling import SamplingParams
 from ecospa_deploy.errors import UnsupportedError
@@ -26,15 +26,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
 
 
 def greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
-    """Greedy tokens from our transformers modeling, one cached step at a time (no EOS logic)."""
-    cache, out = DynamicCache(), []
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits
-        for _ in range(steps):
-            out.append(int(logits[0, -1].argmax()))
-            logits = model(torch.tensor([[out[-1]]]), past_key_values=cache,
-                           use_cache=True).logits
-    return out
+    return reference_greedy(model, [prompt], steps)[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,202 @@
+"""Evidence for the converters, written as JSON next to this file (bench/results/convert_*.json).
+
+  python bench/results/convert_evidence.py padding   # vLLM padding overhead, paper-like shapes
+  python bench/results/convert_evidence.py speed     # ONNX Runtime vs PyTorch tokens/s on CPU
+  python bench/results/convert_evidence.py parity --vllm-python .venv-vllm/bin/python
+
+Each JSON records the command, the machine and the library versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+
+
+def _env() -> dict:
+    import transformers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
+           "machine": platform.machine(), "command": " ".join([Path(sys.argv[0]).name,
+                                                                *sys.argv[1:]])}
+    try:
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def _write(name: str, payload: dict) -> None:
+    path = HERE / f"convert_{name}.json"
+    path.write_text(json.dumps({"environment": _env(), **payload}, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+# -- padding overhead ------------------------------------------------------------------------
+def padding(args: argparse.Namespace) -> None:
+    from ecospa_deploy.bench.shapes import _hf_config, load_shape, pruned_spec
+    from ecospa_deploy.converters.vllm_plan import plan_vllm
+    from ecospa_deploy.modeling import config_from_dense
+
+    rows = []
+    for name in args.shapes:
+        shape = load_shape(name)
+        config = config_from_dense(_hf_config(shape))      # shapes only: no weights needed
+        spec = pruned_spec(config.ecospa_spec, shape["pruned"]["layers"])
+        h, vocab = spec.hidden_size, config.vocab_size
+        if shape["family"] == "gpt2":     # tied wte, wpe, ln_f (weight + bias)
+            embedding = vocab * h + config.n_positions * h + 2 * h
+        else:                              # embed_tokens, lm_head unless tied, final RMSNorm
+            embedding = vocab * h * (1 if config.tie_word_embeddings else 2) + h
+        for tp in args.tp:
+            plan = plan_vllm(spec, tp)
+            rows.append({"shape": name, "tensor_parallel_size": tp, "head_size": plan.head_size,
+                         "derivation": shape["pruned"].get("derivation", ""),
+                         "params_before": plan.layer_params_before + embedding,
+                         "params_after": plan.layer_params_after + embedding,
+                         **{k: v for k, v in plan.as_dict(embedding).items() if k != "layers"}})
+            print(f"{name:12s} tp={tp} head={plan.head_size}: "
+                  f"+{plan.overhead_pct(embedding):.2f}% model bytes, "
+                  f"+{plan.weight_overhead_pct:.2f}% layer bytes, +{plan.kv_overhead_pct:.2f}% KV")
+    _write("vllm_padding", {"results": rows})
+
+
+# -- ONNX Runtime vs PyTorch speed ----------------------------------------------------------
+def _torch_generate(model, prompt: list[int], new: int) -> None:
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits
+        for _ in range(new):
+            nxt = logits[:, -1:].argmax(-1)
+            logits = model(nxt, past_key_values=cache, use_cache=True).logits
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()                                   # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def speed(args: argparse.Namespace) -> None:
+    from ecospa_deploy.bench.shapes import build_model, load_shape
+    from ecospa_deploy.converters.onnx import OrtGenerator, export_onnx
+    from ecospa_deploy.engine.sampling import SamplingParams
+    from ecospa_deploy.testing import tiny_dense, tiny_pruned
+
+    models = {"tiny-llama": (lambda: tiny_dense("llama", attn="sdpa"),
+                             lambda: tiny_pruned("llama", attn="sdpa"))}
+    for name in args.shapes:
+        shape = load_shape(name)
+        models[name] = tuple((lambda p=p: build_model(shape, p, torch.float32,
+                                                      torch.device("cpu")))
+                             for p in (False, True))
+    prompt = list(range(3, 3 + args.prompt))
+    params = SamplingParams(max_new_tokens=args.new_tokens)
+    rows = []
+    for name, builders in models.items():
+        for variant, build in zip(("dense", "pruned"), builders):
+            model = build()
+            n_params = sum(p.numel() for p in model.parameters())
+            with tempfile.TemporaryDirectory() as tmp:
+                report = export_onnx(model, Path(tmp) / "onnx", exporter="legacy")
+                gen = OrtGenerator(Path(tmp) / "onnx", providers=["CPUExecutionProvider"])
+                t_ort = _timed(lambda: gen.generate([prompt], params), args.repeats)
+                t_pt = _timed(lambda: _torch_generate(model, prompt, args.new_tokens),
+                              args.repeats)
+            row = {"model": name, "variant": variant, "params": n_params,
+                   "prompt_tokens": args.prompt, "new_tokens": args.new_tokens,
+                   "onnxruntime_tok_s": round(args.new_tokens / t_ort, 2),
+                   "pytorch_tok_s": round(args.new_tokens / t_pt, 2),
+                   "onnx_max_abs_error": report.verification.worst}
+            rows.append(row)
+            print(row)
+            del model
+    _write("onnx_speed", {"device": "CPU (2 cores), fp32, batch 1, greedy, prompt + new tokens "
+                                    "timed end to end, median of repeats", "results": rows})
+
+
+# -- vLLM parity ------------------------------------------------------------------------------
+def parity(args: argparse.Namespace) -> None:
+    from ecospa_deploy.converters.vllm_convert import convert_vllm
+    from ecospa_deploy.converters.vllm_parity import reference_greedy
+    from ecospa_deploy.testing import tiny_pruned
+
+    overrides = {"llama": {"head_dim": 64}, "qwen2": {"hidden_size": 256},
+                 "mistral": {"hidden_size": 256}, "gpt2": {"n_embd": 256}}
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41, 42, 43, 44, 45, 46]]
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for tp, families in ((1, sorted(overrides)), (2, ["llama", "gpt2"])):
+            paths, refs, shapes = [], {}, {}
+            for family in families:
+                model = tiny_pruned(family, 0, **overrides[family])
+                path = Path(tmp) / f"{family}-tp{tp}"
+                conv = convert_vllm(model, path, tensor_parallel_size=tp)
+                paths.append(str(path))
+                refs[str(path)] = reference_greedy(model, prompts, 8)
+                shapes[str(path)] = {
+                    "layers (heads, kv heads, qk dim, v dim, ffn)": [
+                        [l.num_attention_heads, l.num_key_value_heads, l.qk_head_dim,
+                         l.v_head_dim, l.intermediate_size] for l in model.config.ecospa_spec.layers],
+                    "padding": conv.as_dict()["model_weight_overhead_pct"]}
+            env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="|".join(map(str, range(tp))))
+            cmd = [args.vllm_python, "-m", "ecospa_deploy.converters.vllm_parity", *paths,
+                   "--prompts", json.dumps(prompts), "--max-tokens", "8",
+                   "--tensor-parallel-size", str(tp)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = [l for l in proc.stdout.splitlines() if l.startswith("ECOSPA_RESULT ")]
+            if proc.returncode or not line:
+                raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+            got = json.loads(line[0].removeprefix("ECOSPA_RESULT "))
+            for path in paths:
+                family = Path(path).name
+                runs.append({"model": family, "tensor_parallel_size": tp,
+                             **shapes[path], "hf_tokens": refs[path],
+                             "vllm_tokens": got[path]["tokens"],
+                             "equal": got[path]["tokens"] == refs[path],
+                             "vllm_load_seconds": got[path]["load_seconds"]})
+                print(family, "equal" if runs[-1]["equal"] else "DIFFERENT")
+    _write("vllm_parity", {"vllm": "vllm-cpu 0.32.0 (separate venv), dtype float32, "
+                                   "enforce_eager", "prompts": prompts, "results": runs})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("padding")
+    p.add_argument("--shapes", nargs="+", default=["gpt2-small", "llama-1b"])
+    p.add_argument("--tp", nargs="+", type=int, default=[1, 2, 4, 8])
+    s = sub.add_parser("speed")
+    s.add_argument("--shapes", nargs="*", default=["gpt2-small"])
+    s.add_argument("--prompt", type=int, default=32)
+    s.add_argument("--new-tokens", type=int, default=32)
+    s.add_argument("--repeats", type=int, default=3)
+    v = sub.add_parser("parity")
+    v.add_argument("--vllm-python", default=".venv-vllm/bin/python")
+    args = parser.parse_args()
+    {"padding": padding, "speed": speed, "parity": parity}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
