@@ -10,7 +10,7 @@ paper's averages imply: ``min_j ‖a_j‖‖b_j‖ ≈ 76`` at n = 100), remove 
 
 Reports the mean errors and ``P(‖Δ₁‖ < ‖Δ₂‖)`` per size, with ``P(k* = l*)`` (where both coincide).
 
-    python -m ecospa_deploy.bench.appendix_a --sizes 100 500 1000 --trials 5000 \\
+    python -m ecospa_deploy.bench.appendix_a --sizes 100 500 1000 --trials 5000 5000 1000 \\
         --out bench/results/appendix_a_table7.json
 """
 
@@ -49,10 +49,17 @@ def trial_errors(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, bool]:
     return coupled, float(delta.norm()), False
 
 
-def run(sizes: list[int], trials: int, seed: int, device: str) -> list[dict]:
+def run(sizes: list[int], trials: int | list[int], seed: int, device: str) -> list[dict]:
+    """One row per size; ``trials`` is one count for all sizes or one per size."""
+    counts = [trials] * len(sizes) if isinstance(trials, int) else list(trials)
+    if len(counts) == 1:
+        counts = counts * len(sizes)
+    if len(counts) != len(sizes):
+        raise ValueError(f"got {len(counts)} trial counts for {len(sizes)} sizes; expected one "
+                         "count or one per size")
     gen = torch.Generator(device=device).manual_seed(seed)
     rows = []
-    for n in sizes:
+    for n, trials in zip(sizes, counts):
         start = time.perf_counter()
         c_sum = i_sum = 0.0
         wins = same = 0
@@ -78,7 +85,8 @@ def run(sizes: list[int], trials: int, seed: int, device: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500, 1000])
-    parser.add_argument("--trials", type=int, default=5000)
+    parser.add_argument("--trials", type=int, nargs="+", default=[5000],
+                        help="trials: one count, or one per size (the paper used 5000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
