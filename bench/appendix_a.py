@@ -35,14 +35,14 @@ def trial_errors(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, bool]:
     row = b.norm(dim=1)            # ‖b_j‖ (rows of B)
     j = int(torch.argmin(col * row))
     coupled = float(col[j] * row[j])
-    k, l = int(torch.argmin(col)), int(torch.argmin(row))
-    if k == l:
+    k, l_ = int(torch.argmin(col)), int(torch.argmin(row))
+    if k == l_:
         return coupled, float(col[k] * row[k]), True
     # Pairs before min(k, l) and after max(k, l) stay aligned and cancel; only the stretch in
     # between is re-paired (Remark 2's mismatch effect), so Δ₂ is computed on that stretch.
-    lo, hi = min(k, l), max(k, l)
+    lo, hi = min(k, l_), max(k, l_)
     delta = a[:, lo:hi + 1] @ b[lo:hi + 1]
-    if k < l:
+    if k < l_:
         delta = delta - a[:, lo + 1:hi + 1] @ b[lo:hi]
     else:
         delta = delta - a[:, lo:hi] @ b[lo + 1:hi + 1]

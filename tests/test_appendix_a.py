@@ -9,10 +9,10 @@ from ecospa_deploy.bench.appendix_a import run, trial_errors
 
 def _direct(a, b):
     col, row = a.norm(dim=0), b.norm(dim=1)
-    k, l = int(torch.argmin(col)), int(torch.argmin(row))
+    k, l_ = int(torch.argmin(col)), int(torch.argmin(row))
     n = a.shape[1]
     keep_a = [i for i in range(n) if i != k]
-    keep_b = [i for i in range(n) if i != l]
+    keep_b = [i for i in range(n) if i != l_]
     return float((a @ b - a[:, keep_a] @ b[keep_b]).norm())
 
 

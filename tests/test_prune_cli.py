@@ -10,7 +10,7 @@ import torch
 from ecospa_deploy.cli import main
 from ecospa_deploy.loading import load_model
 from ecospa_deploy.prune.mask import LayerMask
-from ecospa_deploy.prune.surgery import slice_model, zero_out
+from ecospa_deploy.prune.surgery import zero_out
 from ecospa_deploy.prune.tracking import count_params
 from ecospa_deploy.testing import tiny_dense, tiny_tokenizer
 

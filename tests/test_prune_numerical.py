@@ -44,7 +44,8 @@ def test_compensation_lowers_the_reconstruction_error():
     e_comp = reconstruction_error(w, comp, xtx)
     assert e_comp < 0.9 * e_zero
     # Direct check against ‖XW − XW̃‖² on the samples.
-    torch.testing.assert_close(torch.tensor(e_comp, dtype=torch.float64), ((x @ w - x @ comp) ** 2).sum())
+    direct = ((x @ w - x @ comp) ** 2).sum()
+    torch.testing.assert_close(torch.tensor(e_comp, dtype=torch.float64), direct)
     # Eq. 11 is the optimum: no other kept-row perturbation does better.
     other = comp.clone()
     other[1] += 0.01

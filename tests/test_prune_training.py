@@ -114,3 +114,20 @@ def test_hf_trainer_callback_sparsifies(tmp_path):
         trainer.optimizer
     assert {id(p) for g in opt.param_groups for p in g["params"]} == \
         {id(p) for p in trainer.model.parameters()}
+
+
+def test_sparsifier_is_a_step_callback():
+    """``cb(step, model, optimizer)`` after ``optimizer.step()`` with gradients still set."""
+    model = tiny_dense("gpt2")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sp = EcoSpaSparsifier(model, opt, target_size=0.95, every=1, top_k=0.5, theta=0.7)
+    model.train()
+    for step in range(1, 30):
+        x = _batch(step)
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        sp(step, model, opt)
+        if sp.done:
+            break
+    assert sp.done and sp.reports

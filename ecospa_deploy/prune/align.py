@@ -45,7 +45,9 @@ def _steps(spec, lspec, n_kv: int, multiple: int) -> dict[str, int]:
 
 
 def _nearest(n: int, step: int, limit: int) -> int:
-    """The multiple of ``step`` in ``[step, limit]`` nearest to ``n`` (ties keep more); ``n`` if none."""
+    """The multiple of ``step`` in ``[step, limit]`` nearest to ``n`` (ties keep more).
+
+    ``n`` itself when no multiple fits."""
     candidates = range(step, limit + 1, step)
     if not candidates:
         return n

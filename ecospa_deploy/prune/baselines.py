@@ -52,9 +52,9 @@ def solve_ratio(model: nn.Module, target: int, blocks=BLOCKS) -> float:
     counter = ParamCounter(model)
     lo, hi = 0.0, 1.0
     if counter.total(_specs_at(spec, {b: 0.0 for b in blocks})) > target:
+        smallest = counter.total(_specs_at(spec, {b: 0.0 for b in blocks}))
         raise EcospaError(f"target of {target} parameters is below the smallest model these "
-                          f"blocks can give ({counter.total(_specs_at(spec, {b: 0.0 for b in blocks}))}"
-                          " with one unit per block)")
+                          f"blocks can give ({smallest} with one unit per block)")
     for _ in range(50):
         mid = (lo + hi) / 2
         if counter.total(_specs_at(spec, {b: mid for b in blocks})) > target:

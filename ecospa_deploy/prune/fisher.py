@@ -45,9 +45,12 @@ class FisherAccumulator:
     def mean(self, i: int) -> dict[str, torch.Tensor]:
         layer = self.model.decoder_layers[i]
         n = max(self.count, 1)
-        return {name: (self.sums[i][name] / n if name in self.sums[i]
-                       and self.sums[i][name].shape == p.shape else torch.zeros_like(p, dtype=torch.float32))
-                for name, p in layer.named_parameters()}
+        out = {}
+        for name, p in layer.named_parameters():
+            s = self.sums[i].get(name)
+            ok = s is not None and s.shape == p.shape
+            out[name] = s / n if ok else torch.zeros_like(p, dtype=torch.float32)
+        return out
 
 
 def calibration_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
@@ -62,7 +65,8 @@ def calibration_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int 
     for p in params:
         p.requires_grad_(True)
     try:
-        for batch in tqdm(list(batches(windows, batch_size)), desc=desc, leave=False, disable=not show):
+        for batch in tqdm(list(batches(windows, batch_size)), desc=desc, leave=False,
+                          disable=not show):
             batch = batch.to(device)
             model.zero_grad(set_to_none=True)
             out = model(input_ids=batch, labels=batch, use_cache=False)

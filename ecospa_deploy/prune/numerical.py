@@ -26,7 +26,6 @@ Per layer and module (attention: ``W = W_O``, input ``X`` = the concatenated hea
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +126,7 @@ def reconstruction_error(w: torch.Tensor, w_new: torch.Tensor, xtx: torch.Tensor
 def prune_numerical(model: nn.Module, windows: torch.Tensor, target: int,
                     cfg: NumericalConfig | None = None, batch_size: int = 1
                     ) -> list[LayerMask]:
-    """Masks (relative to ``model``) and, with ``cfg.compensate``, Eq. 11 weight updates in place."""
+    """Masks relative to ``model``; with ``cfg.compensate`` also Eq. 11 weight updates in place."""
     cfg = cfg or NumericalConfig()
     spec = model.config.ecospa_spec
     counter = ParamCounter(model)
@@ -146,8 +145,10 @@ def prune_numerical(model: nn.Module, windows: torch.Tensor, target: int,
                                 cfg.newton_steps)
         n_kv = lspec.num_key_value_heads
         group_scores = z_attn.view(n_kv, -1).mean(1)
-        one_group = lspec.replace(num_attention_heads=lspec.num_attention_heads - lspec.num_attention_heads // n_kv,
-                                  num_key_value_heads=n_kv - 1, rope_kept=None) if n_kv > 1 else None
+        group = lspec.num_attention_heads // n_kv
+        one_group = lspec.replace(num_attention_heads=lspec.num_attention_heads - group,
+                                  num_key_value_heads=n_kv - 1, rope_kept=None) \
+            if n_kv > 1 else None
         neuron_cost = counter.layer(i, lspec) - counter.layer(
             i, lspec.replace(intermediate_size=lspec.intermediate_size - 1, rope_kept=None))
         if one_group is not None:

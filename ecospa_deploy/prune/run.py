@@ -75,7 +75,8 @@ def compute_masks(model: nn.Module, windows: torch.Tensor, opts: PruneOptions
 
         cfg = NumericalConfig()
         return prune_numerical(model, windows, target, cfg, opts.batch_size), 1, {
-            "damp": cfg.damp, "newton_steps": cfg.newton_steps, "compensation": "weights (Eq. 11)"}
+            "damp": cfg.damp, "newton_steps": cfg.newton_steps,
+            "compensation": "weights (Eq. 11)"}
     from ecospa_deploy.prune.baselines import prune_uniform
 
     masks, ratio = prune_uniform(model, target, opts.method)
@@ -86,9 +87,10 @@ def check_supported(model: nn.Module) -> None:
     from ecospa_deploy.modeling import is_ecospa_model
 
     if not is_ecospa_model(model):
-        raise UnsupportedError(f"cannot prune a {type(model).__name__}; expected one of our model "
-                               "classes (load with ecospa_deploy.loading.load_model, or convert a "
-                               "stock Llama/Mistral/Qwen2/GPT-2 with ecospa_deploy.modeling.from_hf)")
+        raise UnsupportedError(
+            f"cannot prune a {type(model).__name__}; expected one of our model classes (load "
+            "with ecospa_deploy.loading.load_model, or convert a stock Llama/Mistral/Qwen2/GPT-2 "
+            "with ecospa_deploy.modeling.from_hf)")
 
 
 def prune_model(model: nn.Module, windows: torch.Tensor, opts: PruneOptions,

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from torch import nn
 
-from ecospa_deploy.prune.mask import LayerMask, pairs_to_dims
+from ecospa_deploy.prune.mask import LayerMask, pairs_to_dims, resolve
 from ecospa_deploy.spec import LayerSpec, ModelSpec
 
 
@@ -63,7 +63,6 @@ class KeptLayer:
     qk: list[list[int]]
     vo: list[list[int]]
     ffn: list[int]
-    changed: bool = False
 
 
 @dataclass
@@ -105,8 +104,7 @@ class KeptIndices:
             kv_heads=[kept.kv_heads[g] for g in groups],
             qk=[[kept.qk[g][u] for u in units] for g, units in zip(groups, qk)],
             vo=[[kept.vo[g][u] for u in units] for g, units in zip(groups, vo)],
-            ffn=[kept.ffn[j] for j in ffn], changed=True)
-        new.changed = kept.changed or new != kept
+            ffn=[kept.ffn[j] for j in ffn])
         self.layers[i] = new
         return mask
 
@@ -123,25 +121,9 @@ class KeptIndices:
                                  ffn=list(kept.ffn)))
         return out
 
-    def to_json(self) -> list[dict]:
-        """Kept indices per layer for the checkpoint's provenance (input-model numbering)."""
-        return [{"q_heads": k.q_heads, "kv_heads": k.kv_heads,
-                 ("rope_pairs" if self.spec.rope else "qk_dims"): k.qk, "v_dims": k.vo,
-                 "ffn": k.ffn} for k in self.layers]
-
-
-def keep_all(spec: LayerSpec, rope: bool) -> LayerKeep:
-    qk_units = spec.qk_head_dim // 2 if rope else spec.qk_head_dim
-    n_kv = spec.num_key_value_heads
-    return LayerKeep(groups=list(range(n_kv)), qk=[list(range(qk_units)) for _ in range(n_kv)],
-                     vo=[list(range(spec.v_head_dim)) for _ in range(n_kv)],
-                     ffn=list(range(spec.intermediate_size)))
-
 
 def masks_to_json(masks: Sequence[LayerMask], spec: ModelSpec) -> list[dict]:
     """Kept indices of arbitrary masks (resolved against ``spec``) as JSON lists."""
-    from ecospa_deploy.prune.mask import resolve
-
     out = []
     for i, (m, layer) in enumerate(zip(masks, spec.layers)):
         r = resolve(m, layer, i, spec.rope)
@@ -151,5 +133,4 @@ def masks_to_json(masks: Sequence[LayerMask], spec: ModelSpec) -> list[dict]:
     return out
 
 
-__all__ = ["count_params", "ParamCounter", "LayerKeep", "KeptLayer", "KeptIndices", "keep_all",
-           "masks_to_json"]
+__all__ = ["count_params", "ParamCounter", "LayerKeep", "KeptLayer", "KeptIndices", "masks_to_json"]

@@ -24,6 +24,17 @@ Plain PyTorch loop::
         sparsifier.step(step)            # every `every` steps: one round + optimizer slicing
     sparsifier.masks()                   # kept indices relative to the starting model
 
+The project's training loop calls back after each optimizer step with the gradients still
+set, so the sparsifier itself is the callback (sparse pre-training from scratch)::
+
+    from ecospa_deploy.modeling import from_hf
+    from ecospa_deploy.train import build_model, make_optimizer, train
+
+    model = from_hf(build_model("llama", "small", vocab_size)).train()
+    opt = make_optimizer(model, cfg)
+    sparsifier = EcoSpaSparsifier(model, opt, target_size=0.5, every=50)
+    train(model, tokens, cfg, optimizer=opt, callbacks=[sparsifier])
+
 HF ``Trainer``::
 
     trainer = Trainer(model=model, args=args, train_dataset=ds,
@@ -46,7 +57,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ecospa_deploy.errors import EcospaError
-from ecospa_deploy.prune.ecospa import EcoSpaConfig, RoundReport, ecospa_round
+from ecospa_deploy.prune.ecospa import EcoSpaConfig, RoundReport
 from ecospa_deploy.prune.fisher import FisherAccumulator
 from ecospa_deploy.prune.mask import LayerMask
 from ecospa_deploy.prune.surgery import slice_model
@@ -159,6 +170,13 @@ class EcoSpaSparsifier:
     def masks(self) -> list[LayerMask]:
         """Kept indices relative to the model this sparsifier started from."""
         return self.kept.masks()
+
+    def __call__(self, step: int, model: nn.Module | None = None, optimizer=None
+                 ) -> RoundReport | None:
+        """Step-callback form ``cb(step, model, optimizer)`` for loops that call back after
+        ``optimizer.step()`` with the gradients still set (``ecospa_deploy.train.train``)."""
+        self.observe()
+        return self.step(step)
 
 
 def _round_with_optimizer(model, optimizer, fisher, counter, target, cfg, kept
