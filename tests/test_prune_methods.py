@@ -171,3 +171,17 @@ def test_stock_hf_model_is_rejected():
 
     with pytest.raises(UnsupportedError, match="from_hf"):
         prune_model(tiny_hf("llama"), _windows(), _opts("magnitude"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_methods_prune_an_already_pruned_model(family, method):
+    """Heterogeneous input (per-layer heads/dims/FFN, ragged kept rotary pairs) prunes further."""
+    from ecospa_deploy.testing import tiny_pruned
+
+    model = tiny_pruned(family, seed=1)
+    total = count_params(model)
+    masks, _, _ = compute_masks(model, _windows(), _opts(method, 0.8))
+    sliced = _check_golden(model, masks)
+    target = round(0.8 * total)
+    assert abs(count_params(sliced) - target) <= 0.02 * target
