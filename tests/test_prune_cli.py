@@ -112,3 +112,11 @@ def test_seq_len_beyond_positions_is_refused(checkpoint, tmp_path, capsys):
                str(checkpoint / "calib.txt"), "--seq-len", "4096", "--device", "cpu"])
     assert rc == 2 and not out.exists()
     assert "positions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["ecospa", "numerical", "magnitude"])
+def test_unreachable_target_writes_nothing(checkpoint, tmp_path, capsys, method):
+    out = tmp_path / "bad"
+    assert _prune(checkpoint, out, "--target-size", "0.05", "--method", method) == 2
+    assert "parameters" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())

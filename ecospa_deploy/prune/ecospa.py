@@ -224,8 +224,18 @@ def prune_ecospa(model: nn.Module, windows: torch.Tensor, target: int,
     ``model`` itself is not modified; slice it with the returned masks (relative to ``model``).
     """
     cfg = (cfg or EcoSpaConfig()).validate()
-    work = copy.deepcopy(model)
     counter = ParamCounter(model)
+    spec = model.config.ecospa_spec
+    smallest = []
+    for layer in spec.layers:
+        for block in ("qk", "vo", "ffn"):
+            layer = shrink(layer, block, 1, spec.rope)
+        smallest.append(layer)
+    if counter.total(smallest) > target:
+        raise EcospaError(f"target of {target} parameters is below the smallest model EcoSpa can "
+                          f"give ({counter.total(smallest)}: every head kept with one unit per "
+                          "block); choose a larger --target-size")
+    work = copy.deepcopy(model)
     kept = KeptIndices.identity(model.config.ecospa_spec)
     reports: list[RoundReport] = []
     start = counter.total(work.config.ecospa_spec.layers)
