@@ -76,7 +76,8 @@ def slice_with_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | No
 
     Each state key (``exp_avg``, ``exp_avg_sq``, ...) is laid onto a copy of the model in place
     of the weights and sliced by the very surgery that slices the weights, so moments follow
-    their weights for every family and layout. Scalar state (``step``) is kept.
+    their weights for every family and layout (at the cost of one transient model copy per
+    state key). Scalar state (``step``) is kept.
     """
     if optimizer is None:
         slice_model(model, masks)
