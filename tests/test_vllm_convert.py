@@ -131,3 +131,13 @@ def test_cli_convert_native(tmp_path):
     assert main(["convert", "native", str(tmp_path / "src"), "-o", str(tmp_path / "n")]) == 0
     ids = torch.tensor([[4, 5, 6]])
     torch.testing.assert_close(_logits(load_model(tmp_path / "n"), ids), _logits(model, ids))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "vllm"])
+def test_cli_refuses_an_unsupported_family_without_output(tmp_path, capsys, fmt):
+    src = tmp_path / "bert"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64}))
+    assert main(["convert", fmt, str(src), "-o", str(tmp_path / "out")]) == 2
+    assert "model_type='bert' is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
