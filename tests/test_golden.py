@@ -139,13 +139,21 @@ def test_slicing_an_already_pruned_model():
 
 def test_set_attn_implementation_reaches_every_layer():
     _, sliced = _pair("llama", 10, "eager")
+    assert sliced.config._attn_implementation == "eager"
     x = _tokens(10)
+    seen = []
+    hooks = [layer.self_attn.register_forward_hook(
+        lambda mod, args, out: seen.append(out[1] is not None)) for layer in sliced.model.layers]
     with torch.no_grad():
-        eager = sliced(x).logits
+        eager = sliced(x).logits           # the eager kernel returns attention weights
+        assert seen == [True] * 3
         sliced.set_attn_implementation("sdpa")
-        assert all(layer.self_attn.config._attn_implementation == "sdpa"
-                   for layer in sliced.model.layers)
+        assert sliced.config._attn_implementation == "sdpa"
+        seen.clear()
         torch.testing.assert_close(sliced(x).logits, eager, atol=ATOL, rtol=0)
+        assert seen == [False] * 3         # sdpa returns none: every layer switched
+    for h in hooks:
+        h.remove()
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -1,17 +1,14 @@
-"""Attention pieces shared by every family: per-head RoPE gather, eager kernel, dispatch.
+"""Attention pieces shared by every family: per-head RoPE gather and the eager kernel.
 
-Implementations are looked up by name in HF's ``ALL_ATTENTION_FUNCTIONS`` (sdpa, ...) with
-our eager kernel as the fallback, so ``set_attn_implementation`` reaches every layer: each
-attention module reads ``self.config._attn_implementation`` of the one shared config.
+Each family's attention module looks its kernel up by name in HF's ``ALL_ATTENTION_FUNCTIONS``
+(sdpa, ...) with ``eager_attention`` as the fallback; the lookup sits in the modeling file itself
+because transformers enables ``set_attn_implementation`` by finding it there.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..spec import LayerSpec, rope_dim_index
 
@@ -65,10 +62,3 @@ def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return out, weights
-
-
-def attention_function(implementation: str | None) -> Callable:
-    """The kernel registered under ``implementation``; our eager kernel for eager/unknown."""
-    if implementation in (None, "eager"):
-        return eager_attention
-    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)

@@ -17,12 +17,13 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.gpt2.modeling_gpt2 import GPT2PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ..spec import LayerSpec
-from .attention import attention_function
+from .attention import eager_attention
 from .configuration_ecospa import EcospaGPT2Config
 from .remote_code import RemoteCodeSaveMixin
 
@@ -53,7 +54,9 @@ class EcospaGPT2Attention(nn.Module):
         v = v.view(bsz, seq, self.num_heads, self.v_head_dim).transpose(1, 2)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        attend = attention_function(self.config._attn_implementation)
+        # Looked up per call: set_attn_implementation on the shared config reaches every layer.
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                       eager_attention)
         out, _ = attend(self, q, k, v, attention_mask, scaling=self.scaling,
                         dropout=self.attn_dropout if self.training else 0.0, **kwargs)
         out = out.reshape(bsz, seq, self.num_heads * self.v_head_dim)

@@ -19,12 +19,13 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
 from ..spec import LayerSpec
-from .attention import apply_rope, attention_function, rope_index
+from .attention import apply_rope, eager_attention, rope_index
 from .configuration_ecospa import EcospaLlamaConfig
 from .remote_code import RemoteCodeSaveMixin
 
@@ -77,7 +78,9 @@ class EcospaLlamaAttention(nn.Module):
         q, k = apply_rope(q, k, cos, sin, self.rope_index, self.num_key_value_groups)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        attend = attention_function(self.config._attn_implementation)
+        # Looked up per call: set_attn_implementation on the shared config reaches every layer.
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                       eager_attention)
         out, weights = attend(self, q, k, v, attention_mask,
                               dropout=self.attention_dropout if self.training else 0.0,
                               scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
