@@ -204,8 +204,9 @@ def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket
     from ecospa_deploy.serve.scheduler import Scheduler
 
     device, dtype = resolve_device_dtype(opts.device, opts.dtype)
-    tokenizer = load_tokenizer(opts.path)   # loader errors propagate: the server refuses to start
+    # Loader errors propagate: the server refuses to start with the loader's message.
     model = load_model(opts.path, dtype=dtype)
+    tokenizer = load_tokenizer(opts.path)
     max_len = _max_model_len(model, opts.max_model_len)
     backend = build_backend(backend_name, model, opts.max_batch_size, max_len, device, dtype)
     metrics = Metrics()
