@@ -101,6 +101,22 @@ def test_completion_greedy_matches_reference(client, reference):
         assert out.usage.prompt_tokens == len(reference[2](prompt).input_ids)
 
 
+@pytest.mark.skipif(engine_available() is not None, reason=str(engine_available()))
+def test_greedy_matches_load_model_plus_engine(client, model_dir):
+    from ecospa_deploy.engine import Engine, SamplingParams
+
+    tok = load_tokenizer(model_dir)
+    engine = Engine(load_model(model_dir), max_batch_size=4, max_seq_len=128)
+    prompts = [tok(p).input_ids for p in PROMPTS]
+    want = engine.generate(prompts, SamplingParams(max_new_tokens=14,
+                                                   stop_token_ids=(tok.eos_token_id,)))
+    out = client.completions.create(model="tiny-pruned", prompt=prompts, max_tokens=14,
+                                    temperature=0)
+    for choice, ids in zip(out.choices, want):
+        assert choice.text == tok.decode(ids, skip_special_tokens=True)
+    assert out.usage.completion_tokens == sum(len(ids) for ids in want)
+
+
 def test_completion_token_ids_and_eos(client, reference):
     greedy, _, tok = reference
     ids = tok(PROMPTS[2]).input_ids

@@ -1,0 +1,237 @@
+"""Scheduler, detokenizer and app limits, with a scripted fake backend (no model, fast)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+
+from ecospa_deploy.engine.sampling import SamplingParams
+from ecospa_deploy.serve.app import create_app
+from ecospa_deploy.serve.detokenize import TextStream
+from ecospa_deploy.serve.generation import GenerationService
+from ecospa_deploy.serve.metrics import Metrics
+from ecospa_deploy.serve.scheduler import QueueFull, Scheduler, Sequence, TokenEvent
+from ecospa_deploy.testing import tiny_tokenizer
+
+
+class FakeBackend:
+    """Slot protocol; token = 10 + tokens generated so far; records every step's batch."""
+
+    def __init__(self, delay: float = 0.0, fail_add: set[int] | None = None,
+                 fail_step_once: bool = False) -> None:
+        self.delay = delay
+        self.fail_add = fail_add or set()
+        self.fail_step_once = fail_step_once
+        self.slots: dict[int, int] = {}
+        self.batches: list[list[int]] = []
+        self.freed: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def add(self, slot, prompt_ids, params):
+        if prompt_ids[0] in self.fail_add:
+            raise RuntimeError("bad prompt")
+        if slot in self.slots:
+            raise AssertionError(f"slot {slot} reused before free")
+        self.slots[slot] = 0
+        return 10
+
+    def step(self):
+        self.gate.wait()
+        time.sleep(self.delay)
+        self.batches.append(sorted(self.slots))
+        if self.fail_step_once:
+            self.fail_step_once = False
+            raise RuntimeError("kernel exploded")
+        out = {}
+        for slot in self.slots:
+            self.slots[slot] += 1
+            out[slot] = 10 + self.slots[slot]
+        return out
+
+    def free(self, slot):
+        self.freed.append(slot)
+        del self.slots[slot]
+
+
+def collect(seq_events: list) -> callable:
+    return seq_events.append
+
+
+def wait_for(cond, timeout=5.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise TimeoutError("condition not met")
+        time.sleep(0.005)
+
+
+def test_late_requests_join_the_running_batch():
+    backend = FakeBackend(delay=0.01)
+    sched = Scheduler(backend, max_batch_size=4, max_queue=8).start()
+    try:
+        events = [[] for _ in range(3)]
+        first = Sequence([1], SamplingParams(max_new_tokens=20), events[0].append)
+        sched.submit([first])
+        wait_for(lambda: len(backend.batches) >= 3)  # the first request is decoding
+        late = [Sequence([1], SamplingParams(max_new_tokens=5), events[i].append)
+                for i in (1, 2)]
+        sched.submit(late)
+        wait_for(lambda: all(e and e[-1].finish for e in events))
+        joined = [b for b in backend.batches if len(b) == 3]
+        assert joined, backend.batches
+        assert backend.batches.index(joined[0]) < 20  # joined mid-flight, not after
+        assert [e.token for e in events[1][:-1]] == [10, 11, 12, 13, 14]
+        assert events[1][-1] == TokenEvent(finish="length")
+        assert len(events[0]) == 21 and events[0][-1].finish == "length"
+        assert sorted(backend.freed) == [0, 1, 2]
+        assert sched.metrics.batch_size._sum.get() >= 3 * len(joined)
+    finally:
+        sched.stop()
+
+
+def test_stop_token_ends_sequence():
+    backend = FakeBackend()
+    sched = Scheduler(backend, 2, 4).start()
+    try:
+        events = []
+        sched.submit([Sequence([1], SamplingParams(max_new_tokens=50, stop_token_ids=(13,)),
+                               events.append)])
+        wait_for(lambda: events and events[-1].finish)
+        assert [e.token for e in events[:-1]] == [10, 11, 12, 13]
+        assert events[-1].finish == "stop"
+    finally:
+        sched.stop()
+
+
+def test_queue_is_bounded_and_cancel_frees_slot():
+    backend = FakeBackend()
+    backend.gate.clear()  # decoding blocks: slots stay taken
+    sched = Scheduler(backend, max_batch_size=1, max_queue=2).start()
+    try:
+        running = Sequence([1], SamplingParams(max_new_tokens=100), lambda e: None)
+        sched.submit([running])
+        wait_for(lambda: backend.slots)
+        waiting = [Sequence([1], SamplingParams(max_new_tokens=2), lambda e: None)
+                   for _ in range(2)]
+        sched.submit(waiting)
+        with pytest.raises(QueueFull, match="at most 2"):
+            sched.submit([Sequence([1], SamplingParams(), lambda e: None)])
+        running.cancel()
+        backend.gate.set()
+        wait_for(lambda: backend.freed and not backend.slots and sched.queued == 0)
+        assert backend.freed[0] == 0
+    finally:
+        sched.stop()
+
+
+def test_backend_failures_do_not_kill_the_worker():
+    backend = FakeBackend(fail_add={99}, fail_step_once=True)
+    sched = Scheduler(backend, 4, 8).start()
+    try:
+        bad, broken, good = [], [], []
+        sched.submit([Sequence([99], SamplingParams(max_new_tokens=3), bad.append)])
+        wait_for(lambda: bad and bad[-1].finish)
+        assert bad[-1].finish == "error" and "prefill failed" in bad[-1].error
+        sched.submit([Sequence([1], SamplingParams(max_new_tokens=3), broken.append)])
+        wait_for(lambda: broken and broken[-1].finish)
+        assert broken[-1].finish == "error" and "kernel exploded" in broken[-1].error
+        sched.submit([Sequence([1], SamplingParams(max_new_tokens=3), good.append)])
+        wait_for(lambda: good and good[-1].finish)
+        assert good[-1].finish == "length" and sched.alive
+    finally:
+        sched.stop()
+    assert not sched.alive
+
+
+# -- detokenization --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def test_text_stream_equals_full_decode(tok):
+    ids = tok("To be, or not to be, that is the question").input_ids
+    stream = TextStream(tok, [])
+    text = "".join(stream.push(t) for t in ids) + stream.flush()
+    assert text == tok.decode(ids)
+
+
+def test_text_stream_holds_partial_utf8():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # every byte, no merges
+    bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    ids = tok("é").input_ids
+    assert len(ids) == 2  # 0xC3 0xA9: one token per byte
+    stream = TextStream(tok, [])
+    assert stream.push(ids[0]) == ""
+    assert stream.push(ids[1]) + stream.flush() == "é"
+
+
+def test_text_stream_stop_string_across_tokens(tok):
+    ids = tok("To be, or not to be, that is the question").input_ids
+    stream = TextStream(tok, ["not to"])
+    out = ""
+    for t in ids:
+        out += stream.push(t)
+        if stream.stopped:
+            break
+    assert stream.stopped and out + stream.flush() == "To be, or "
+
+
+# -- app limits: timeout and 429, in process ------------------------------------------------
+def _app(backend, *, timeout=30.0, max_queue=8, batch=1):
+    metrics = Metrics()
+    sched = Scheduler(backend, batch, max_queue, metrics).start()
+    service = GenerationService(sched, tiny_tokenizer(), "fake", 64, vocab_size=96,
+                                eos_token_ids=(2,), request_timeout=timeout)
+    return create_app(service, metrics), sched
+
+
+async def _post(app, body):
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        return await client.post("/v1/completions", json=body)
+
+
+def test_request_timeout_is_408_and_frees_the_slot():
+    backend = FakeBackend(delay=0.05)
+    app, sched = _app(backend, timeout=0.3)
+    try:
+        resp = asyncio.run(_post(app, {"prompt": [5], "max_tokens": 60}))
+        assert resp.status_code == 408 and "timed out" in resp.json()["error"]["message"]
+        wait_for(lambda: not backend.slots)
+    finally:
+        sched.stop()
+
+
+def test_full_queue_is_429():
+    backend = FakeBackend()
+    backend.gate.clear()
+    app, sched = _app(backend, max_queue=1)
+
+    async def scenario():
+        first = asyncio.create_task(_post(app, {"prompt": [5], "max_tokens": 5}))
+        await asyncio.to_thread(wait_for, lambda: backend.slots)      # decoding, blocked
+        second = asyncio.create_task(_post(app, {"prompt": [5], "max_tokens": 5}))
+        await asyncio.to_thread(wait_for, lambda: sched.queued == 1)  # waiting for the slot
+        third = await _post(app, {"prompt": [5], "max_tokens": 5})
+        backend.gate.set()
+        return third, await first, await second
+
+    try:
+        third, first, second = asyncio.run(scenario())
+        assert third.status_code == 429 and third.json()["error"]["type"] == "rate_limit_error"
+        assert first.status_code == second.status_code == 200
+        assert first.json()["usage"]["completion_tokens"] == 5
+    finally:
+        sched.stop()
