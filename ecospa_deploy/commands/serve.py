@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-timeout", type=float, default=D.shutdown_timeout,
                         help="seconds in-flight requests get to finish after SIGTERM "
                         "(default: %(default)s)")
+    parser.add_argument("--vllm-args", default=None,
+                        help="extra arguments for vLLM's server with --backend vllm, one "
+                        "string (e.g. \"--enforce-eager --kv-cache-memory-bytes 67108864\")")
     parser.add_argument("--log-level", default=D.log_level,
                         choices=["debug", "info", "warning", "error"])
 

