@@ -235,3 +235,41 @@ def test_full_queue_is_429():
         assert first.json()["usage"]["completion_tokens"] == 5
     finally:
         sched.stop()
+
+
+# -- a client that goes away frees its slot (real uvicorn on loopback, fake backend) ---------
+@pytest.fixture()
+def live_server():
+    import socket
+
+    import uvicorn
+
+    backend = FakeBackend(delay=0.02)
+    app, sched = _app(backend, batch=2)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", backend
+    server.should_exit = True
+    thread.join(10)
+    sched.stop()
+
+
+def test_disconnect_frees_slot_streaming(live_server):
+    url, backend = live_server
+    body = {"prompt": [5], "max_tokens": 60, "stream": True}  # 60 steps x 20 ms if never freed
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=10) as resp:
+        next(line for line in resp.iter_lines() if line.startswith("data:"))
+    wait_for(lambda: backend.freed, timeout=1.0)
+    assert not backend.slots and len(backend.batches) < 40
+
+
+def test_disconnect_frees_slot_non_streaming(live_server):
+    url, backend = live_server
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json={"prompt": [5], "max_tokens": 60}, timeout=0.2)
+    wait_for(lambda: backend.freed, timeout=1.0)
+    assert not backend.slots and len(backend.batches) < 40
