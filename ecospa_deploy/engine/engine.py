@@ -84,7 +84,8 @@ class Engine:
     def __init__(self, model: nn.Module, max_batch_size: int = 8, max_seq_len: int = 2048,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  pad_multiple: int = 64, cuda_graphs: bool = True, compile: bool | str = False,
-                 head_multiple: int = 8, max_prefill_tokens: int = 16384, sync_every: int = 16):
+                 head_multiple: int = 8, max_prefill_tokens: int = 16384, sync_every: int = 16,
+                 compile_prefill: bool = False):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r}; expected an int >= 1")
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
@@ -123,7 +124,8 @@ class Engine:
         if compile:
             mode = compile if isinstance(compile, str) else None
             self._decode = torch.compile(self.forward.decode, fullgraph=True, mode=mode)
-            self._prefill = torch.compile(self.forward.prefill, fullgraph=True, dynamic=True)
+            if compile_prefill:
+                self._prefill = torch.compile(self.forward.prefill, fullgraph=True)
 
     # -- introspection --------------------------------------------------------------------
     @property

@@ -142,7 +142,7 @@ class Forward:
                 mask = windows[lw.window]
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=lw.scale,
-                enable_gqa=lw.num_heads != lw.num_kv_heads)
+                enable_gqa=lw.gqa)
 
         for i, lw in enumerate(self.w.layers):
             x = self._layer(i, lw, x, cos, sin, attend)
@@ -177,7 +177,7 @@ class Forward:
                 masks[lw.window] = full & (span[None] > pos[:, None] - lw.window)[:, None, None]
             return F.scaled_dot_product_attention(
                 q, kc[i][:nb, :, :kv_len], vc[i][:nb, :, :kv_len], attn_mask=masks[lw.window],
-                scale=lw.scale, enable_gqa=lw.num_heads != lw.num_kv_heads)
+                scale=lw.scale, enable_gqa=lw.gqa)
 
         for i, lw in enumerate(self.w.layers):
             x = self._layer(i, lw, x, cos, sin, attend)

@@ -55,6 +55,7 @@ class LayerWeights:
     q_rope: torch.Tensor | None       # [H, qk_dim] positions in the dense cos/sin; None = no RoPE
     k_rope: torch.Tensor | None       # [Hkv, qk_dim]
     rope_shared: bool                 # every head uses the same positions (gather once)
+    gqa: bool = False                 # query heads share KV heads (a plain bool for compile)
 
     @property
     def split(self) -> tuple[int, int, int]:
@@ -228,7 +229,7 @@ def _layer_weights(layer_mod: nn.Module, layer: LayerSpec, family: str, rope_hea
         window=layer.sliding_window, qkv_w=put(qkv_w), qkv_b=put(qkv_b), o_w=put(o_w),
         o_b=put(ob), up_w=put(up_w), up_b=put(up_b), down_w=put(down_w), down_b=put(db),
         norm1=(put(norm1[0]), put(norm1[1])), norm2=(put(norm2[0]), put(norm2[1])),
-        q_rope=q_rope, k_rope=k_rope, rope_shared=shared)
+        q_rope=q_rope, k_rope=k_rope, rope_shared=shared, gqa=H != Hkv)
 
 
 def _decoder_layers(model: nn.Module, family: str) -> nn.ModuleList:

