@@ -28,6 +28,8 @@ from ecospa_deploy.serve.protocol import ChatRequest, CompletionRequest
 log = logging.getLogger("ecospa_deploy.serve")
 
 OPEN_ROUTES = ("/health",)
+# Metric labels: known routes only, so arbitrary 404 paths cannot grow the label set.
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
 def _error(status: int, message: str, param: str | None = None,
@@ -48,7 +50,7 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        route = path if path.startswith(("/v1/", "/health", "/metrics")) else "other"
+        route = path if path in ROUTES else "other"
         status = {"code": 500}
 
         async def counting_send(message: Message) -> None:
