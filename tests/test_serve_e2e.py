@@ -224,6 +224,8 @@ def test_oversized_body_is_413(server):
 
 def test_still_serving_after_bad_input(server, client, reference):
     _, text, _ = reference
+    for body, status, _ in BAD:
+        assert post(server, body).status_code == status
     out = client.completions.create(model="tiny-pruned", prompt=PROMPTS[3], max_tokens=5,
                                     temperature=0, extra_body={"ignore_eos": True})
     assert out.choices[0].text == text(PROMPTS[3], 5)
