@@ -1,0 +1,81 @@
+"""`ecospa bench` on CPU: valid JSON/markdown/PNG for a tiny shape; clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ecospa_deploy.cli import main
+
+TINY = {
+    "name": "tiny-llama", "family": "llama",
+    "dense": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96,
+              "vocab_size": 128, "max_position_embeddings": 256},
+    "pruned": {"derivation": "test twin", "layers": [
+        {"num_attention_heads": 2, "num_key_value_heads": 1, "qk_head_dim": 10,
+         "v_head_dim": 12, "intermediate_size": 37},
+        {"num_attention_heads": 4, "num_key_value_heads": 2, "qk_head_dim": 16,
+         "v_head_dim": 7, "intermediate_size": 50}]},
+}
+
+
+def test_bench_tiny_shape_writes_json_markdown_png(tmp_path, capsys):
+    shape = tmp_path / "tiny.json"
+    shape.write_text(json.dumps(TINY))
+    out = tmp_path / "out"
+    rc = main(["bench", "--shape", str(shape), "--device", "cpu", "--dtype", "float32",
+               "--batch-sizes", "1,2", "--prompt-lens", "8", "--gen-len", "4",
+               "--hf-gen-len", "3", "--out", str(out)])
+    assert rc == 0
+    result = json.loads((out / "results.json").read_text())
+    rows = result["rows"]
+    assert {(r["model"], r["backend"], r["batch"]) for r in rows} == {
+        (m, b, n) for m in ("dense", "pruned") for b in ("hf", "engine") for n in (1, 2)}
+    engine = [r for r in rows if r["backend"] == "engine"]
+    for r in engine:
+        assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["decode_pct_floor"] > 0
+        assert r["decode_floor_ms"] > 0 and r["prefill_floor_ms"] > 0
+    dense, pruned = (next(r for r in engine if r["model"] == m and r["batch"] == 1)
+                     for m in ("dense", "pruned"))
+    assert pruned["params"] < dense["params"]
+    assert pruned["kv_bytes_per_token"] < dense["kv_bytes_per_token"]
+    ratios = {(r["backend"], r["batch"]): r for r in result["ratios"]}
+    assert ratios[("engine", 1)]["params"] == pytest.approx(pruned["params"] / dense["params"])
+    md = (out / "results.md").read_text()
+    assert "| pruned | engine | 2 | 8 |" in md and "Pruned / dense" in md
+    for png in ("throughput.png", "latency.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_shape_is_a_clear_error(capsys):
+    assert main(["bench", "--shape", "llama-13x", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "llama-13x" in err and "llama-1b" in err and "gpt2-medium" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_without_cuda_is_a_clear_error(capsys):
+    assert main(["bench", "--shape", "gpt2-small", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_unknown_backend_and_missing_models(capsys):
+    assert main(["bench", "--shape", "gpt2-small", "--backends", "hf,trt"]) == 2
+    assert "trt" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu"]) == 2
+    assert "--shape" in capsys.readouterr().err
+
+
+def test_vocab_mismatch_is_a_clear_error(tmp_path, capsys):
+    from ecospa_deploy.testing import tiny_dense, tiny_pruned
+
+    tiny_dense("llama").save_pretrained(tmp_path / "dense")
+    tiny_pruned("llama", vocab_size=120).save_pretrained(tmp_path / "pruned")
+    rc = main(["bench", "--dense", str(tmp_path / "dense"), "--pruned", str(tmp_path / "pruned"),
+               "--device", "cpu"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "vocab_size=120" in err and "96" in err
