@@ -123,6 +123,13 @@ class Engine:
         self._prefill = self.forward.prefill
         if compile:
             mode = compile if isinstance(compile, str) else None
+            # Dynamo caches compiled code per code object: every engine in a process (each
+            # with its own weights) and every bucket shape adds an entry to Forward.decode's
+            # cache, so the default limit of 8 is reached by a process that builds a few
+            # engines (bench, tests). Raise it; each entry is a real, distinct specialisation.
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 256)
+            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4096)
             self._decode = torch.compile(self.forward.decode, fullgraph=True, mode=mode)
             if compile_prefill:
                 self._prefill = torch.compile(self.forward.prefill, fullgraph=True)
