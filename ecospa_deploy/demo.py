@@ -108,5 +108,42 @@ def heldout_tokens(model_dir: str | os.PathLike, tokenizer: Any | None = None) -
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-__all__ = ["RECIPES", "Recipe", "ensure_trained", "trained_model_dir", "heldout_tokens",
-           "perplexity"]
+def ensure_demo_model(path: str | os.PathLike = "pruned-llama", target_size: float = 0.7,
+                      progress: bool = True) -> Path:
+    """A real pruned model at ``path``: the demo Llama, EcoSpa-pruned to ``target_size``.
+
+    Idempotent: an existing loadable checkpoint at ``path`` is returned untouched. Otherwise
+    the dense demo model is trained (cached) and pruned with 64 calibration windows of the
+    training split; the held-out perplexity before/after lands in ``demo.json``.
+    """
+    from ecospa_deploy.loading import load_model, load_tokenizer
+    from ecospa_deploy.prune.calibration import calibration_windows
+    from ecospa_deploy.prune.run import PruneOptions, prune_model
+
+    path = Path(path)
+    if (path / "demo.json").exists():
+        return path
+    dense_dir = ensure_trained("demo", progress=progress)
+    model = load_model(dense_dir, dtype=torch.float32)
+    tok = load_tokenizer(dense_dir)
+    seq = RECIPES["demo"].train.seq_len
+    held = heldout_tokens(dense_dir, tok)
+    calib = calibration_windows(tok, dense_dir / "train.txt", samples=64, seq_len=seq)
+    before = perplexity(model, held, seq_len=seq, max_windows=64)
+    result = prune_model(model, calib.windows, PruneOptions("ecospa", target_size, batch_size=8),
+                         calibration={"source": "train.txt", "sha256": calib.sha256,
+                                      "samples": 64, "seq_len": seq})
+    after = perplexity(model, held, seq_len=seq, max_windows=64)
+    with atomic_directory(path, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "demo.json").write_text(json.dumps({
+            "dense": str(dense_dir), "method": "ecospa", "target_size": target_size,
+            "params_before": result.params_before, "params_after": result.params_after,
+            "heldout_perplexity_dense": before, "heldout_perplexity_pruned": after,
+            "prune_seconds": result.seconds}, indent=1))
+    return path
+
+
+__all__ = ["RECIPES", "Recipe", "ensure_trained", "ensure_demo_model", "trained_model_dir",
+           "heldout_tokens", "perplexity"]
