@@ -23,13 +23,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-# Named shapes. "tiny" trains on 2 CPU cores in about a minute (tests); "demo" in a few minutes
-# (the README's main command); "small" is the ~30 M parameter GPU model of the quality tables.
+# Named shapes. "tiny" trains on 2 CPU cores in about a minute (tests and the README's main
+# command); "small" is the ~30 M parameter GPU model of the quality tables.
 LLAMA_SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, intermediate_size=384),
-    "demo": dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=6,
-                 num_key_value_heads=2, head_dim=32, intermediate_size=512),
     "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=4, head_dim=64, intermediate_size=1536),
 }
