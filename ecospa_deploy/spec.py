@@ -234,7 +234,9 @@ class ModelSpec:
         return {
             "num_attention_heads": max(layer.num_attention_heads for layer in self.layers),
             "num_key_value_heads": max(layer.num_key_value_heads for layer in self.layers),
-            "head_dim": max(max(layer.qk_head_dim, layer.v_head_dim) for layer in self.layers),
+            # Rounded up to even: transformers >= 5.23 validates a global RoPE head_dim as even.
+            "head_dim": _round_even(max(max(layer.qk_head_dim, layer.v_head_dim)
+                                        for layer in self.layers)),
             "intermediate_size": max(layer.intermediate_size for layer in self.layers),
         }
 
@@ -281,6 +283,10 @@ class ModelSpec:
             gated_mlp=bool(d.get("gated_mlp", True)),
             provenance=dict(d.get("provenance", {})),
         ).validate()
+
+
+def _round_even(n: int) -> int:
+    return n + n % 2
 
 
 def rope_dim_index(kept: Sequence[int], rope_head_dim: int) -> list[int]:
