@@ -20,4 +20,4 @@ fi
 "$VENV/bin/pip" install -q --no-deps -e .
 "$VENV/bin/python" -c "import vllm, transformers, torch; print('vllm', vllm.__version__, \
 'transformers', transformers.__version__, 'torch', torch.__version__)"
-timeout 660 "$VENV/bin/python" -m pytest -q -m vllm tests/test_vllm_parity.py
+timeout 780 "$VENV/bin/python" -m pytest -q -m vllm tests/test_vllm_parity.py tests/test_serve_vllm.py
