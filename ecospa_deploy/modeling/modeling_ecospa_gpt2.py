@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..spec import LayerSpec
 from .attention import eager_attention
+from .lm_head import causal_lm_output
 from .configuration_ecospa import EcospaGPT2Config
 from .remote_code import RemoteCodeSaveMixin
 
@@ -196,14 +197,7 @@ class EcospaGPT2LMHeadModel(RemoteCodeSaveMixin, EcospaGPT2PreTrainedModel, Gene
         out = self.transformer(input_ids=input_ids, past_key_values=past_key_values,
                                attention_mask=attention_mask, position_ids=position_ids,
                                inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(out.last_hidden_state[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels,
-                                      vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      past_key_values=out.past_key_values)
+        return causal_lm_output(self, out, labels, logits_to_keep, **kwargs)
 
     @property
     def decoder_layers(self) -> nn.ModuleList:

@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 
 from ..spec import LayerSpec
 from .attention import apply_rope, eager_attention, rope_index
+from .lm_head import causal_lm_output
 from .configuration_ecospa import EcospaLlamaConfig
 from .remote_code import RemoteCodeSaveMixin
 
@@ -240,14 +241,7 @@ class EcospaLlamaForCausalLM(RemoteCodeSaveMixin, EcospaLlamaPreTrainedModel, Ge
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, past_key_values=past_key_values,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(out.last_hidden_state[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels,
-                                      vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      past_key_values=out.past_key_values)
+        return causal_lm_output(self, out, labels, logits_to_keep, **kwargs)
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
