@@ -175,10 +175,6 @@ class EcospaGPT2Model(EcospaGPT2PreTrainedModel):
 
 class EcospaGPT2LMHeadModel(RemoteCodeSaveMixin, EcospaGPT2PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
-    _modeling_file = "modeling_ecospa_gpt2.py"
-    _auto_map = {"AutoConfig": "configuration_ecospa.EcospaGPT2Config",
-                 "AutoModel": "modeling_ecospa_gpt2.EcospaGPT2Model",
-                 "AutoModelForCausalLM": "modeling_ecospa_gpt2.EcospaGPT2LMHeadModel"}
 
     def __init__(self, config: EcospaGPT2Config):
         super().__init__(config)

@@ -219,10 +219,6 @@ class EcospaLlamaModel(EcospaLlamaPreTrainedModel):
 
 class EcospaLlamaForCausalLM(RemoteCodeSaveMixin, EcospaLlamaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    _modeling_file = "modeling_ecospa_llama.py"
-    _auto_map = {"AutoConfig": "configuration_ecospa.EcospaLlamaConfig",
-                 "AutoModel": "modeling_ecospa_llama.EcospaLlamaModel",
-                 "AutoModelForCausalLM": "modeling_ecospa_llama.EcospaLlamaForCausalLM"}
 
     def __init__(self, config: EcospaLlamaConfig):
         super().__init__(config)

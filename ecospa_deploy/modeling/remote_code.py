@@ -8,6 +8,7 @@ generated, so what runs remotely is exactly what runs here.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 from pathlib import Path
@@ -33,14 +34,20 @@ def write_remote_code(directory: str | os.PathLike, modeling_file: str) -> None:
 
 
 class RemoteCodeSaveMixin:
-    """``save_pretrained`` that also writes the modeling sources and ``auto_map``."""
+    """``save_pretrained`` that also writes the modeling sources and ``auto_map``.
 
-    _modeling_file: str = ""
-    _auto_map: dict[str, str] = {}
+    The modeling file and ``auto_map`` entries are derived from the classes themselves.
+    """
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any,
                         **kwargs: Any) -> None:
-        self.config.auto_map = dict(self._auto_map)
+        modeling_file = Path(inspect.getfile(type(self))).name
+        module = modeling_file.removesuffix(".py")
+        self.config.auto_map = {
+            "AutoConfig": f"configuration_ecospa.{type(self.config).__name__}",
+            "AutoModel": f"{module}.{type(self.base_model).__name__}",
+            "AutoModelForCausalLM": f"{module}.{type(self).__name__}",
+        }
         self.config.architectures = [type(self).__name__]
         super().save_pretrained(save_directory, *args, **kwargs)
-        write_remote_code(save_directory, self._modeling_file)
+        write_remote_code(save_directory, modeling_file)
