@@ -1,7 +1,9 @@
 """The physical floor: measured device ceilings and the bytes/FLOPs a step must move/compute.
 
-Decode is bound by memory: a step reads every weight once plus each sequence's KV cache, so
-``floor = (weight bytes + KV bytes read) / measured bandwidth``. Prefill is bound by arithmetic:
+Decode is bound by memory: a step reads every weight it uses once plus each sequence's KV
+cache, so ``floor = (weight bytes read + KV bytes read) / measured bandwidth``. The input
+embedding (and GPT-2's position table) is not read whole: a step gathers one row per sequence,
+so an untied embedding table does not count (a tied one is read whole as the LM head). Prefill is bound by arithmetic:
 ``floor = 2 * params * tokens + attention FLOPs`` over the measured matmul rate. Both ceilings
 are measured on the device (a large device-to-device copy, a large GEMM), not taken from a
 datasheet.
@@ -82,10 +84,17 @@ def kv_bytes_per_token(spec: ModelSpec, element_size: int) -> int:
     return sum(layer.kv_cache_width for layer in spec.layers) * element_size
 
 
-def decode_floor_s(weight_bytes: int, kv_per_token: int, batch: int, context: float,
+def decode_read_bytes(weight_bytes: int, vocab: int, hidden: int, tied: bool, positions: int,
+                      element_size: int) -> int:
+    """Weight bytes one decode step reads: all but the gathered embedding tables."""
+    skip = (0 if tied else vocab * hidden) + positions * hidden
+    return weight_bytes - skip * element_size
+
+
+def decode_floor_s(read_bytes: int, kv_per_token: int, batch: int, context: float,
                    ceilings: Ceilings) -> float:
-    """Seconds per decode step: read all weights once and ``batch`` KV caches of ``context``."""
-    return (weight_bytes + kv_per_token * batch * context) / ceilings.bandwidth
+    """Seconds per decode step: read the weights once and ``batch`` KV caches of ``context``."""
+    return (read_bytes + kv_per_token * batch * context) / ceilings.bandwidth
 
 
 def prefill_flops(spec: ModelSpec, params_no_embed: int, batch: int, tokens: int) -> float:
@@ -100,4 +109,4 @@ def prefill_floor_s(flops: float, ceilings: Ceilings) -> float:
 
 
 __all__ = ["Ceilings", "measure_ceilings", "model_params", "kv_bytes_per_token",
-           "decode_floor_s", "prefill_flops", "prefill_floor_s"]
+           "decode_read_bytes", "decode_floor_s", "prefill_flops", "prefill_floor_s"]

@@ -18,8 +18,8 @@ import torch
 
 from ecospa_deploy.errors import EcospaError, UnsupportedError
 
-from .floor import (Ceilings, decode_floor_s, kv_bytes_per_token, model_params, prefill_flops,
-                    prefill_floor_s)
+from .floor import (Ceilings, decode_floor_s, decode_read_bytes, kv_bytes_per_token,
+                    model_params, prefill_flops, prefill_floor_s)
 
 BACKENDS = ("hf", "engine", "onnx", "vllm")
 
@@ -35,6 +35,7 @@ class BenchConfig:
     compile: bool = True
     hf_gen_len: int = 16          # HF generate is slow; its TPOT is measured over fewer tokens
     seed: int = 0
+    kernels: bool | None = None   # engine decode: Triton kernels (None = where they run)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -77,7 +78,9 @@ def model_facts(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, Any]:
     elem = torch.finfo(dtype).bits // 8
     layer_params = sum(layer.num_params(spec.hidden_size, spec.gated_mlp, 0) for layer in
                        spec.layers)
-    return dict(params=params, weight_bytes=params * elem, kv_bytes_per_token=
+    read = decode_read_bytes(params * elem, vocab, spec.hidden_size, tied, positions, elem)
+    return dict(params=params, weight_bytes=params * elem, decode_read_bytes=read,
+                kv_bytes_per_token=
                 kv_bytes_per_token(spec, elem), vocab_size=vocab, matmul_params=layer_params,
                 spec=spec)
 
@@ -90,7 +93,8 @@ class EngineBackend:
         from ecospa_deploy.engine import Engine
 
         self.engine = Engine(model, max_batch_size=max_batch, max_seq_len=max_seq,
-                             device=cfg.device, dtype=cfg.dtype, compile=cfg.compile)
+                             device=cfg.device, dtype=cfg.dtype, compile=cfg.compile,
+                             kernels=cfg.kernels)
         self.device = cfg.device
 
     def weights_kv(self) -> tuple[int, int]:
@@ -208,13 +212,14 @@ def _row(label, backend, batch, plen, gen, ttft, steps, facts, weights_b, kv_b, 
          ceilings: Ceilings) -> dict[str, Any]:
     spec = facts["spec"]
     context = plen + gen / 2
-    floor_step = decode_floor_s(facts["weight_bytes"], facts["kv_bytes_per_token"], batch,
+    floor_step = decode_floor_s(facts["decode_read_bytes"], facts["kv_bytes_per_token"], batch,
                                 context, ceilings)
     flops = prefill_flops(spec, facts["matmul_params"], batch, plen)
     floor_prefill = prefill_floor_s(flops, ceilings)
     tpot = statistics.median(steps) if steps else None
     row = dict(model=label, backend=backend, batch=batch, prompt_len=plen, gen_len=gen,
                params=facts["params"], weight_bytes=facts["weight_bytes"],
+               decode_read_bytes=facts["decode_read_bytes"],
                kv_bytes_per_token=facts["kv_bytes_per_token"],
                mem_weights=weights_b, mem_kv=kv_b, mem_peak=peak,
                mem_activations=None if peak is None else max(0, peak - weights_b - kv_b),

@@ -14,6 +14,7 @@ import json
 import torch
 
 from .floor import decode_floor_s, measure_ceilings
+from .harness import model_facts
 from .shapes import build_model, load_shape
 
 
@@ -74,7 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, nargs="+", default=[256])
     ap.add_argument("--compile", default="", help="'' (graphs only), 'default', "
                     "'max-autotune-no-cudagraphs'")
-    ap.add_argument("--kernels", action="store_true")
+    ap.add_argument("--kernels", action="store_true", help="print the top kernels of a step")
+    ap.add_argument("--decode", choices=["fused", "torch"], default="fused",
+                    help="the Triton decode step (default) or the PyTorch one")
     ap.add_argument("--which", default="dense,pruned")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -88,10 +91,11 @@ def main(argv=None) -> int:
         max_seq = max(args.context) + 128
         compile_mode = (True if args.compile == "default" else args.compile) or False
         eng = Engine(model, max_batch_size=max(args.batch), max_seq_len=max_seq,
-                     compile=compile_mode)
+                     compile=compile_mode, kernels=args.decode == "fused")
+        facts = model_facts(model, dtype)
         del model
         torch.cuda.empty_cache()
-        wb, kvb = eng.weight_bytes(), eng.kv_bytes_per_token()
+        wb, kvb = facts["decode_read_bytes"], facts["kv_bytes_per_token"]
         for b in args.batch:
             for c in args.context:
                 t = step_time(eng, b, c)

@@ -42,7 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--no-compile", action="store_true",
-                        help="engine: CUDA graphs only, no torch.compile")
+                        help="engine: no torch.compile of the PyTorch decode step / prefill")
+    parser.add_argument("--engine-decode", choices=["auto", "fused", "torch"], default="auto",
+                        help="engine decode step: the Triton kernels (fused; auto = where they "
+                        "run) or PyTorch")
     parser.add_argument("--out", default="bench-out", help="output directory")
 
 
@@ -93,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = harness.BenchConfig(backends=backends, batch_sizes=args.batch_sizes,
                               prompt_lens=args.prompt_lens, gen_len=args.gen_len, dtype=dtype,
                               device=device, compile=not args.no_compile and
-                              device.type == "cuda", hf_gen_len=args.hf_gen_len)
+                              device.type == "cuda", hf_gen_len=args.hf_gen_len,
+                              kernels={"auto": None, "fused": True, "torch": False}[
+                                  args.engine_decode])
     ceilings = measure_ceilings(device, dtype)
     total = len(builders) * len(backends) * len(args.batch_sizes) * len(args.prompt_lens)
     rows = []

@@ -1,9 +1,10 @@
 """``Engine``: fast generation for our per-layer-shaped models and stock HF Llama/GPT-2.
 
 Static per-layer KV cache, exact zero padding, fused projections, batched prefill and a decode
-step that replays as one CUDA graph per (batch bucket, KV-length bucket, greedy/sampled) and
-may be compiled with ``torch.compile(fullgraph=True)`` (kept on the engine object). Two ways to
-use it:
+step that replays as one CUDA graph per (batch bucket, KV-length bucket, greedy/sampled). On
+CUDA the decode step is built from the Triton kernels of ``engine/fused.py`` (five launches per
+layer; ``kernels=False`` keeps the PyTorch step, which ``compile=`` may pass through
+``torch.compile(fullgraph=True)``). Two ways to use it:
 
 - ``generate(prompts, params)``: whole batches, no host sync between decode steps except every
   ``sync_every`` steps to look for stop tokens;
@@ -27,6 +28,8 @@ from ecospa_deploy.errors import UnsupportedError
 
 from .cache import KVCache
 from .forward import Forward
+from .fused import FusedDecode, unsupported_reason
+from .kernels import runtime as kernel_runtime
 from .sampling import SamplingParams, sample_tokens
 from .weights import ModelWeights, build_weights
 
@@ -54,6 +57,9 @@ def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch
     if dev.type not in ("cpu", "cuda"):
         raise UnsupportedError(f"device={str(device)!r} is not supported; expected cpu or cuda")
     return dev
+
+
+FUSED_MAX_BATCH = 1     # batch buckets decoded by the fused kernels unless kernels=True
 
 
 def kv_bucket(n: int, max_seq: int) -> int:
@@ -85,7 +91,7 @@ class Engine:
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  pad_multiple: int = 64, cuda_graphs: bool = True, compile: bool | str = False,
                  head_multiple: int = 8, max_prefill_tokens: int = 16384, sync_every: int = 16,
-                 compile_prefill: bool = False):
+                 compile_prefill: bool = False, kernels: bool | None = None):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r}; expected an int >= 1")
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
@@ -121,6 +127,8 @@ class Engine:
         self.timing: list | None = None   # set to [] to record a mark per token (bench)
         self._decode = self.forward.decode
         self._prefill = self.forward.prefill
+        self.kernels = self._use_kernels(kernels)
+        self._fused = FusedDecode(self.forward).decode if self.kernels else None
         if compile:
             mode = compile if isinstance(compile, str) else None
             # Dynamo caches compiled code per code object: every engine in a process (each
@@ -133,6 +141,29 @@ class Engine:
             self._decode = torch.compile(self.forward.decode, fullgraph=True, mode=mode)
             if compile_prefill:
                 self._prefill = torch.compile(self.forward.prefill, fullgraph=True)
+
+    def _step_fn(self, nb: int):
+        """The decode step for a batch bucket: the fused kernels at batch 1 (or always when
+        forced), PyTorch/cuBLAS above, where the kernels' 16-row MMA path measured slower
+        (bench/results/kernel_roofline_llama-1b.json: 0.7-1.8 vs 1.9-4.0 TB/s at 32 rows)."""
+        if self._fused is not None and (nb <= FUSED_MAX_BATCH or self._force_kernels):
+            return self._fused
+        return self._decode
+
+    def _use_kernels(self, kernels: bool | None) -> bool:
+        """Fused Triton decode: on by default where it can run; a clear error if forced."""
+        self._force_kernels = False
+        if kernels is False:
+            return False
+        reason = None
+        if not kernel_runtime.available(self.device, interpreter=bool(kernels)):
+            reason = (f"the fused decode kernels need Triton and a CUDA device (or "
+                      f"TRITON_INTERPRET=1 on the CPU); device is {self.device}")
+        reason = reason or unsupported_reason(self.weights, self.max_batch_size)
+        self._force_kernels = bool(kernels)
+        if reason and kernels:
+            raise UnsupportedError(f"kernels=True: {reason}; pass kernels=False or None")
+        return reason is None
 
     # -- introspection --------------------------------------------------------------------
     @property
@@ -219,13 +250,13 @@ class Engine:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._decode(nb, kv_len, sample, *self._buffers())
+                self._step_fn(nb)(nb, kv_len, sample, *self._buffers())
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self._decode(nb, kv_len, sample, *self._buffers())
+            out = self._step_fn(nb)(nb, kv_len, sample, *self._buffers())
         for buf, old in zip(self._buffers(), saved):
             buf.copy_(old)
         return graph, out
@@ -234,7 +265,7 @@ class Engine:
     def _run_decode(self, nb: int, kv_len: int, sample: bool) -> torch.Tensor:
         with _sdpa_context(self.device):
             if not self.cuda_graphs:
-                return self._decode(nb, kv_len, sample, *self._buffers())
+                return self._step_fn(nb)(nb, kv_len, sample, *self._buffers())
             key = (nb, kv_len, sample)
             if key not in self._graphs:
                 self._graphs[key] = self._capture(nb, kv_len, sample)

@@ -17,9 +17,10 @@ from .sampling import sample_tokens
 from .weights import LayerWeights, ModelWeights
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """HF's ``rotate_half`` for the engine's interleaved layout: pair ``(2p, 2p+1)`` -> ``(-x[2p+1], x[2p])``."""
+    x2 = x.unflatten(-1, (-1, 2))
+    return torch.stack((-x2[..., 1], x2[..., 0]), dim=-1).flatten(-2)
 
 
 class Forward:
@@ -31,7 +32,6 @@ class Forward:
         self.cache = cache
         self.dtype, self.device = dtype, device
         self.cos = self.sin = None
-        self._rope_identity: list[bool] = []
         if weights.rotary is not None:
             self._rope_tables(cache.max_seq)
 
@@ -46,19 +46,11 @@ class Forward:
         cos, sin = rotary(x, pos)
         self.cos = cos[0].to(self.device, self.dtype).contiguous()
         self.sin = sin[0].to(self.device, self.dtype).contiguous()
-        d = self.cos.shape[-1]
-        ident = torch.arange(d, device=self.device)
-        self._rope_identity = [
-            lw.rope_shared and lw.qk_dim == d and bool((lw.k_rope[0] == ident).all())
-            for lw in self.w.layers]
 
     def _rope(self, i: int, lw: LayerWeights, q: torch.Tensor, k: torch.Tensor,
               cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q [B,H,T,d]``, ``k [B,Hkv,T,d]``; ``cos/sin [B,T,D]`` at the dense head dim."""
-        if self._rope_identity[i]:
-            cq = ck = cos[:, None]
-            sq = sk = sin[:, None]
-        elif lw.rope_shared:
+        if lw.rope_shared:
             idx = lw.k_rope[0]
             cq = ck = cos[..., idx][:, None]
             sq = sk = sin[..., idx][:, None]
@@ -67,7 +59,7 @@ class Forward:
             sk = sin[:, :, lw.k_rope].transpose(1, 2)
             cq = cos[:, :, lw.q_rope].transpose(1, 2)
             sq = sin[:, :, lw.q_rope].transpose(1, 2)
-        return q * cq + _rotate_half(q) * sq, k * ck + _rotate_half(k) * sk
+        return q * cq + _rotate_pairs(q) * sq, k * ck + _rotate_pairs(k) * sk
 
     # -- pieces ---------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -95,8 +87,9 @@ class Forward:
 
     def _mlp(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(x, lw.up_w, lw.up_b)
-        if self.w.gated:
-            h = self.w.act(h[..., :lw.ffn]) * h[..., lw.ffn:]
+        if self.w.gated:                                        # rows interleave gate_i, up_i
+            h = h.unflatten(-1, (lw.ffn, 2))
+            h = self.w.act(h[..., 0]) * h[..., 1]
         else:
             h = self.w.act(h)
         return F.linear(h, lw.down_w, lw.down_b)
@@ -182,6 +175,15 @@ class Forward:
         for i, lw in enumerate(self.w.layers):
             x = self._layer(i, lw, x, cos, sin, attend)
         logits = self._logits(x[:, 0])                                 # [nb, V]
+        return self.advance(nb, logits, sample, tokens, positions, history, temperature, top_k,
+                            top_p, seeds)
+
+    def advance(self, nb: int, logits: torch.Tensor, sample: bool, tokens: torch.Tensor,
+                positions: torch.Tensor, history: torch.Tensor, temperature: torch.Tensor,
+                top_k: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Pick the next tokens from ``logits [nb, V]`` and advance the step buffers in place."""
+        pos = positions[:nb]
+        rows = torch.arange(nb, device=pos.device)
         if sample:
             nxt = sample_tokens(logits, temperature[:nb], top_k[:nb], top_p[:nb], seeds[:nb],
                                 pos + 1)

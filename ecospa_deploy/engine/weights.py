@@ -8,7 +8,11 @@ attribute names in our classes and in stock HF Llama/Mistral/Qwen2/GPT-2), then
   zero q/k dims add nothing to q·k, zero v dims meet zero o_proj columns),
 - pads the FFN width to a multiple of ``pad_multiple`` (zero gate/up rows, zero down columns),
 - fuses ``q|k|v`` and ``gate|up`` into one matrix each, padding the fused output rows to a
-  multiple of ``pad_multiple`` (cuBLAS is up to 8× slower on unaligned widths, DESIGN.md §5).
+  multiple of ``pad_multiple`` (cuBLAS is up to 8× slower on unaligned widths, DESIGN.md §5),
+- interleaves pairs that an epilogue combines: each head's rotary pairs ``(p, p + d/2)`` become
+  rows ``(2p, 2p+1)`` of q and k (q·k is unchanged when q and k share the permutation; the
+  cache stores K in this order), and gate/up rows alternate ``gate_i, up_i``, so one block of
+  output rows holds both members of every pair (engine/kernels/linear.py).
 
 K is kept at the (padded) q/k head dim, not the v head dim, so the KV cache stores what the
 pruned model needs and long-context decode reads fewer bytes.
@@ -40,20 +44,21 @@ class LayerWeights:
     qk_dim: int                       # padded q/k head dim (what K is stored at)
     v_dim: int                        # padded v head dim
     ffn: int                          # padded FFN width
+    hidden: int
     scale: float
     window: int | None
     qkv_w: torch.Tensor               # [rows (>= q+k+v widths, aligned), hidden]
     qkv_b: torch.Tensor | None
     o_w: torch.Tensor                 # [hidden, H * v_dim]
     o_b: torch.Tensor | None
-    up_w: torch.Tensor                # [2*ffn (gate|up) or ffn, hidden]
+    up_w: torch.Tensor                # [2*ffn (gate_i, up_i interleaved) or ffn, hidden]
     up_b: torch.Tensor | None
     down_w: torch.Tensor              # [hidden, ffn]
     down_b: torch.Tensor | None
     norm1: tuple[torch.Tensor, torch.Tensor | None]
     norm2: tuple[torch.Tensor, torch.Tensor | None]
-    q_rope: torch.Tensor | None       # [H, qk_dim] positions in the dense cos/sin; None = no RoPE
-    k_rope: torch.Tensor | None       # [Hkv, qk_dim]
+    q_rope: torch.Tensor | None       # [H, qk_dim] columns of the dense cos/sin (pairs interleaved)
+    k_rope: torch.Tensor | None       # [Hkv, qk_dim]; None = no RoPE
     rope_shared: bool                 # every head uses the same positions (gather once)
     gqa: bool = False                 # query heads share KV heads (a plain bool for compile)
 
@@ -80,6 +85,7 @@ class ModelWeights:
     norm_eps: float
     rms_norm: bool
     act: Any                          # HF activation module (exact same function as HF)
+    act_name: str                     # its HF name (the fused kernels compute a few of them)
     gated: bool
     rotary: nn.Module | None          # HF rotary module at the dense head dim
     max_positions: int
@@ -119,6 +125,23 @@ def _pad_heads(w: torch.Tensor | None, heads: int, old: int, new: int, dim: int,
         zshape[1] = new - old
         blocks = torch.cat([blocks, blocks.new_zeros(zshape)], dim=1)
     return blocks.reshape(heads * new, *moved.shape[1:]).movedim(0, dim)
+
+
+def _interleave_pairs(w: torch.Tensor | None, heads: int, dim: int) -> torch.Tensor | None:
+    """Per head block of ``d`` rows along ``dim``: order ``0, d/2, 1, d/2+1, ...``."""
+    if w is None:
+        return w
+    moved = w.movedim(dim, 0)
+    d = moved.shape[0] // heads
+    blocks = moved.reshape(heads, 2, d // 2, *moved.shape[1:]).transpose(1, 2)
+    return blocks.reshape(heads * d, *moved.shape[1:]).movedim(0, dim)
+
+
+def _interleave_rows(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """Rows ``a_0, b_0, a_1, b_1, ...`` (gate/up pairs)."""
+    if a is None:
+        return None
+    return torch.stack([a, b], 1).reshape(2 * a.shape[0], *a.shape[1:])
 
 
 def _pad_to(w: torch.Tensor | None, size: int, dim: int) -> torch.Tensor | None:
@@ -198,6 +221,9 @@ def _layer_weights(layer_mod: nn.Module, layer: LayerSpec, family: str, rope_hea
 
     qw, qb = heads("q", H, layer.qk_head_dim, qk, rope)
     kw, kb = heads("k", Hkv, layer.qk_head_dim, qk, rope)
+    if rope:
+        qw, qb = _interleave_pairs(qw, H, 0), _interleave_pairs(qb, H, 0)
+        kw, kb = _interleave_pairs(kw, Hkv, 0), _interleave_pairs(kb, Hkv, 0)
     vw, vb = heads("v", Hkv, layer.v_head_dim, v, False)
     rows = round_up(qw.shape[0] + kw.shape[0] + vw.shape[0], pad_multiple)
     qkv_w = _pad_to(torch.cat([qw, kw, vw], 0), rows, 0)
@@ -208,14 +234,14 @@ def _layer_weights(layer_mod: nn.Module, layer: LayerSpec, family: str, rope_hea
     up_w, up_b = _pad_to(up_w, ffn, 0), _pad_to(up_b, ffn, 0)
     if gated:
         gate_w, gate_b = c["gate"]
-        up_w = torch.cat([_pad_to(gate_w, ffn, 0), up_w], 0)
-        up_b = None if up_b is None else torch.cat([_pad_to(gate_b, ffn, 0), up_b], 0)
+        up_w = _interleave_rows(_pad_to(gate_w, ffn, 0), up_w)
+        up_b = _interleave_rows(_pad_to(gate_b, ffn, 0), up_b)
     dw, db = c["down"]
     down_w = _pad_to(dw, ffn, 1)
     q_rope = k_rope = None
     shared = False
     if rope:
-        k_rope = _rope_positions(layer, qk, rope_head_dim)
+        k_rope = _interleave_pairs(_rope_positions(layer, qk, rope_head_dim), 1, 1)
         q_rope = k_rope.repeat_interleave(H // Hkv, dim=0)
         shared = bool((k_rope == k_rope[:1]).all())
         k_rope, q_rope = k_rope.to(device), q_rope.to(device)
@@ -225,7 +251,8 @@ def _layer_weights(layer_mod: nn.Module, layer: LayerSpec, family: str, rope_hea
         return None if t is None else t.to(device=device, dtype=dtype).contiguous()
 
     return LayerWeights(
-        num_heads=H, num_kv_heads=Hkv, qk_dim=qk, v_dim=v, ffn=ffn, scale=layer.softmax_scale,
+        num_heads=H, num_kv_heads=Hkv, qk_dim=qk, v_dim=v, ffn=ffn, hidden=o_w.shape[0],
+        scale=layer.softmax_scale,
         window=layer.sliding_window, qkv_w=put(qkv_w), qkv_b=put(qkv_b), o_w=put(o_w),
         o_b=put(ob), up_w=put(up_w), up_b=put(up_b), down_w=put(down_w), down_b=put(db),
         norm1=(put(norm1[0]), put(norm1[1])), norm2=(put(norm2[0]), put(norm2[1])),
@@ -262,18 +289,19 @@ def build_weights(model: nn.Module, *, dtype: torch.dtype, device: torch.device,
         base = model.transformer
         embed, pos = put(base.wte.weight), put(base.wpe.weight)
         final = (put(base.ln_f.weight), put(base.ln_f.bias))
-        eps, rms, act = config.layer_norm_epsilon, False, ACT2FN[config.activation_function]
+        eps, rms, act_name = config.layer_norm_epsilon, False, config.activation_function
         rotary, max_pos = None, config.n_positions
     else:
         base = model.model
         embed, pos = put(base.embed_tokens.weight), None
         final = (put(base.norm.weight), None)
-        eps, rms, act = config.rms_norm_eps, True, ACT2FN[config.hidden_act]
+        eps, rms, act_name = config.rms_norm_eps, True, config.hidden_act
         rotary, max_pos = base.rotary_emb, config.max_position_embeddings
     emb_mod = base.wte if family == "gpt2" else base.embed_tokens
     tied = model.lm_head.weight.data_ptr() == emb_mod.weight.data_ptr()
     lm_head = embed if tied else put(model.lm_head.weight)
     return ModelWeights(family=family, spec=spec, layers=layers, embed=embed, pos_embed=pos,
-                        final_norm=final, lm_head=lm_head, norm_eps=eps, rms_norm=rms, act=act,
+                        final_norm=final, lm_head=lm_head, norm_eps=eps, rms_norm=rms,
+                        act=ACT2FN[act_name], act_name=act_name,
                         gated=spec.gated_mlp, rotary=rotary, max_positions=max_pos,
                         vocab_size=embed.shape[0])
