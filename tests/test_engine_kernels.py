@@ -3,6 +3,7 @@
 Without a GPU the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set here
 before any kernel is defined) in fp32, where they must match PyTorch to rounding; the engine
 with ``kernels=True`` must then give HF's greedy tokens. With a GPU the same tests run compiled.
+(conftest.py sets ``TRITON_INTERPRET=1`` without a GPU, before the kernels are defined.)
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 
