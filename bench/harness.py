@@ -85,6 +85,30 @@ def model_facts(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, Any]:
                 spec=spec)
 
 
+def shape_engines(shape: dict[str, Any], which: list[str], dtype: torch.dtype,
+                  device: torch.device, **engine_kwargs):
+    """``(label, engine, facts)`` for each of ``which`` (dense, pruned) twin of a shape.
+
+    One at a time: each engine is dropped before the next model is built, so a pair of
+    7B-class models never has to fit at once. Used by the GPU profiling tools.
+    """
+    from ecospa_deploy.engine import Engine
+
+    from .shapes import build_model
+
+    for label in which:
+        model = build_model(shape, label == "pruned", dtype, device)
+        facts = model_facts(model, dtype)
+        engine = Engine(model, device=device, dtype=dtype, **engine_kwargs)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        yield label, engine, facts
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 # -- backends ------------------------------------------------------------------------------
 class EngineBackend:
     name = "engine"

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .floor import measure_ceilings
-from .shapes import build_model, load_shape
+from .harness import shape_engines
+from .shapes import load_shape
 
 
 def _time(fn) -> float:
@@ -32,14 +33,18 @@ def _time(fn) -> float:
 
 
 def _linear_rows(eng, rows: int):
-    from ecospa_deploy.engine.kernels.linear import ACT_SILU, NORM_RMS, fused_linear
+    from ecospa_deploy.engine.kernels.linear import (ACTIVATIONS, NORM_LAYER, NORM_RMS,
+                                                     fused_linear)
 
+    mw = eng.weights
+    norm = dict(norm_kind=NORM_RMS if mw.rms_norm else NORM_LAYER, eps=mw.norm_eps)
     seen = set()
-    for lw in eng.weights.layers:
-        for name, w, kw in (("qkv", lw.qkv_w, dict(norm=lw.norm1, norm_kind=NORM_RMS, eps=1e-5)),
+    for lw in mw.layers:
+        for name, w, kw in (("qkv", lw.qkv_w, dict(norm=lw.norm1, **norm)),
                             ("o", lw.o_w, {}),
-                            ("gate_up", lw.up_w, dict(norm=lw.norm2, norm_kind=NORM_RMS,
-                                                      eps=1e-5, act=ACT_SILU, gated=True)),
+                            ("gate_up", lw.up_w, dict(norm=lw.norm2, **norm,
+                                                      act=ACTIVATIONS[mw.act_name],
+                                                      gated=mw.gated)),
                             ("down", lw.down_w, {})):
             if (name, tuple(w.shape)) in seen:
                 continue
@@ -51,7 +56,6 @@ def _linear_rows(eng, rows: int):
 
 
 def main(argv=None) -> int:
-    from ecospa_deploy.engine import Engine
     from ecospa_deploy.engine.kernels.attention import decode_attention
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -66,11 +70,9 @@ def main(argv=None) -> int:
     print(f"copy bandwidth {ceil.bandwidth / 1e12:.2f} TB/s")
     shape = load_shape(args.shape)
     out = []
-    for which in args.which.split(","):
-        model = build_model(shape, which == "pruned", dtype, dev)
-        eng = Engine(model, max_batch_size=max(args.rows), max_seq_len=max(args.contexts) + 8,
-                     kernels=False)
-        del model
+    for which, eng, _ in shape_engines(shape, args.which.split(","), dtype, dev,
+                                       max_batch_size=max(args.rows),
+                                       max_seq_len=max(args.contexts) + 8, kernels=False):
         for rows in args.rows:
             for name, wshape, nbytes, ref, fused in _linear_rows(eng, rows):
                 t_ref, t_fused = _time(ref), _time(fused)
@@ -102,8 +104,6 @@ def main(argv=None) -> int:
                                fused_us=t_fused * 1e6)
                     out.append(row)
                     print(json.dumps(row))
-        del eng
-        torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(ceilings=ceil.to_dict(), rows=out), f, indent=1)

@@ -14,8 +14,8 @@ import json
 import torch
 
 from .floor import decode_floor_s, measure_ceilings
-from .harness import model_facts
-from .shapes import build_model, load_shape
+from .harness import shape_engines
+from .shapes import load_shape
 
 
 def step_time(engine, batch: int, context: int, iters: int = 50) -> float:
@@ -67,8 +67,6 @@ def top_kernels(engine, batch: int, context: int, n: int = 15) -> list[tuple[str
 
 
 def main(argv=None) -> int:
-    from ecospa_deploy.engine import Engine
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-1b")
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
@@ -86,15 +84,12 @@ def main(argv=None) -> int:
     print(f"bandwidth {ceil.bandwidth / 1e12:.2f} TB/s  matmul {ceil.matmul / 1e12:.0f} TFLOP/s")
     shape = load_shape(args.shape)
     out = []
-    for which in args.which.split(","):
-        model = build_model(shape, which == "pruned", dtype, dev)
-        max_seq = max(args.context) + 128
-        compile_mode = (True if args.compile == "default" else args.compile) or False
-        eng = Engine(model, max_batch_size=max(args.batch), max_seq_len=max_seq,
-                     compile=compile_mode, kernels=args.decode == "fused")
-        facts = model_facts(model, dtype)
-        del model
-        torch.cuda.empty_cache()
+    compile_mode = (True if args.compile == "default" else args.compile) or False
+    for which, eng, facts in shape_engines(shape, args.which.split(","), dtype, dev,
+                                           max_batch_size=max(args.batch),
+                                           max_seq_len=max(args.context) + 128,
+                                           compile=compile_mode,
+                                           kernels=args.decode == "fused"):
         wb, kvb = facts["decode_read_bytes"], facts["kv_bytes_per_token"]
         for b in args.batch:
             for c in args.context:
@@ -107,8 +102,6 @@ def main(argv=None) -> int:
                 if args.kernels:
                     for k in top_kernels(eng, b, c):
                         print(f"   {k[1] * 1e3:8.1f} us x{k[2]:<4d} {k[0]}")
-        del eng
-        torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(ceilings=ceil.to_dict(), rows=out), f, indent=1)

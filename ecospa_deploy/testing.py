@@ -228,3 +228,21 @@ def write_llm_pruner_pickle(path: Path):
 __all__ = ["FAMILIES", "tiny_hf_config", "tiny_hf", "tiny_dense", "tiny_pruned", "random_masks",
            "randomize", "tiny_tokenizer", "whole_head_masks", "write_foreign_checkpoint",
            "write_llm_pruner_pickle"]
+
+
+def slot_join_tokens(engine, first: tuple[int, list[int]], second: tuple[int, list[int]],
+                     max_new_tokens: int, steps_before_join: int) -> dict[int, list[int]]:
+    """Drive the engine's slot API: ``first = (slot, prompt)`` runs alone for
+    ``steps_before_join`` steps, then ``second`` joins; tokens of each slot until both stop."""
+    from ecospa_deploy.engine import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    got = {first[0]: [engine.add(first[0], first[1], params)]}
+    for _ in range(steps_before_join):
+        for slot, tok in engine.step().items():
+            got[slot].append(tok)
+    got[second[0]] = [engine.add(second[0], second[1], params)]
+    while engine.active_slots:
+        for slot, tok in engine.step().items():
+            got[slot].append(tok)
+    return got

@@ -7,7 +7,7 @@ import torch
 
 from ecospa_deploy.engine import Engine, SamplingParams, kv_bucket
 from ecospa_deploy.errors import UnsupportedError
-from ecospa_deploy.testing import tiny_dense, tiny_hf, tiny_pruned
+from ecospa_deploy.testing import slot_join_tokens, tiny_dense, tiny_hf, tiny_pruned
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [3, 4] * 5]
 BUILDERS = {"hf": tiny_hf, "dense": tiny_dense, "pruned": tiny_pruned}
@@ -52,14 +52,7 @@ def test_slot_api_join_mid_batch_and_stop_tokens():
     model = tiny_pruned("llama", seed=5)
     eng = Engine(model, max_batch_size=3, max_seq_len=48)
     ref = eng.generate(PROMPTS[:2], SamplingParams(max_new_tokens=10))
-    got = {1: [eng.add(1, PROMPTS[0], SamplingParams(max_new_tokens=10))]}
-    for _ in range(4):
-        for s, t in eng.step().items():
-            got[s].append(t)
-    got[0] = [eng.add(0, PROMPTS[1], SamplingParams(max_new_tokens=10))]
-    while eng.active_slots:
-        for s, t in eng.step().items():
-            got[s].append(t)
+    got = slot_join_tokens(eng, (1, PROMPTS[0]), (0, PROMPTS[1]), 10, steps_before_join=4)
     assert got[1] == ref[0] and got[0] == ref[1]
     with pytest.raises(ValueError, match="slot 0 is in use"):
         eng.add(0, [1, 2], SamplingParams())

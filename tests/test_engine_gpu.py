@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ecospa_deploy.engine import Engine, SamplingParams
-from ecospa_deploy.testing import tiny_dense, tiny_pruned
+from ecospa_deploy.testing import slot_join_tokens, tiny_dense, tiny_pruned
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -30,15 +30,7 @@ def test_graph_greedy_matches_hf(family, build, compile):
     out = eng.generate(PROMPTS, SamplingParams(max_new_tokens=10))
     assert out == [_hf_greedy(model, p, 10) for p in PROMPTS]
     # slot API with a request joining mid-way gives the same tokens
-    first = eng.add(2, PROMPTS[0], SamplingParams(max_new_tokens=10))
-    got = {2: [first]}
-    for _ in range(3):
-        for s, t in eng.step().items():
-            got[s].append(t)
-    got[0] = [eng.add(0, PROMPTS[1], SamplingParams(max_new_tokens=10))]
-    while eng.active_slots:
-        for s, t in eng.step().items():
-            got[s].append(t)
+    got = slot_join_tokens(eng, (2, PROMPTS[0]), (0, PROMPTS[1]), 10, steps_before_join=3)
     assert got[2] == out[0] and got[0] == out[1]
 
 

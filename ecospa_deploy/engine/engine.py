@@ -128,6 +128,7 @@ class Engine:
         self._decode = self.forward.decode
         self._prefill = self.forward.prefill
         self.kernels = self._use_kernels(kernels)
+        self._force_kernels = bool(kernels)
         self._fused = FusedDecode(self.forward).decode if self.kernels else None
         if compile:
             mode = compile if isinstance(compile, str) else None
@@ -152,7 +153,6 @@ class Engine:
 
     def _use_kernels(self, kernels: bool | None) -> bool:
         """Fused Triton decode: on by default where it can run; a clear error if forced."""
-        self._force_kernels = False
         if kernels is False:
             return False
         reason = None
@@ -160,7 +160,6 @@ class Engine:
             reason = (f"the fused decode kernels need Triton and a CUDA device (or "
                       f"TRITON_INTERPRET=1 on the CPU); device is {self.device}")
         reason = reason or unsupported_reason(self.weights, self.max_batch_size)
-        self._force_kernels = bool(kernels)
         if reason and kernels:
             raise UnsupportedError(f"kernels=True: {reason}; pass kernels=False or None")
         return reason is None

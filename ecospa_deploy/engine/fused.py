@@ -27,9 +27,6 @@ def unsupported_reason(weights: ModelWeights, max_batch: int) -> str | None:
                 f"{sorted(ACTIVATIONS)}")
     if max_batch > MAX_ROWS:
         return f"max_batch_size={max_batch} exceeds the fused decode's {MAX_ROWS} rows"
-    for i, lw in enumerate(weights.layers):
-        if lw.qk_dim % 2 or (lw.qkv_w.shape[0] % 2):
-            return f"layer {i}: q/k head dim {lw.qk_dim} is odd; the RoPE epilogue needs pairs"
     return None
 
 

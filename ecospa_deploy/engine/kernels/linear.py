@@ -52,6 +52,21 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _row_sum(x_rows, m_ok, K, center, SQUARE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+        """Per row of x: sum of (x - center), or of its square (LayerNorm statistics)."""
+        total = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk[None, :] < K
+            xk = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & k_ok, other=0.0)
+            d = tl.where(k_ok, xk.to(tl.float32) - center[:, None], 0.0)
+            if SQUARE:
+                d = d * d
+            total += tl.sum(d, 1)
+        return total
+
+    @triton.jit
     def _fused_linear_kernel(
             x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, nw_ptr, nb_ptr,
             pos_ptr, cos_ptr, sin_ptr, ridx_ptr, kc_ptr, vc_ptr,
@@ -77,22 +92,8 @@ if triton is not None:
         rstd = tl.full([BLOCK_M], 1.0, tl.float32)
         sq = tl.zeros([BLOCK_M], tl.float32)
         if NORM == 2:
-            s1 = tl.zeros([BLOCK_M], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                rk = k0 + rk0
-                xk = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & (rk[None, :] < K),
-                             other=0.0).to(tl.float32)
-                s1 += tl.sum(xk, 1)
-            mean = s1 / K
-        if NORM == 2:
-            s2 = tl.zeros([BLOCK_M], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                rk = k0 + rk0
-                xk = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & (rk[None, :] < K),
-                             other=0.0).to(tl.float32)
-                d = tl.where(rk[None, :] < K, xk - mean[:, None], 0.0)
-                s2 += tl.sum(d * d, 1)
-            rstd = 1.0 / tl.sqrt(s2 / K + eps)
+            mean = _row_sum(x_rows, m_ok, K, mean, False, BLOCK_M, BLOCK_K) / K
+            rstd = 1.0 / tl.sqrt(_row_sum(x_rows, m_ok, K, mean, True, BLOCK_M, BLOCK_K) / K + eps)
 
         w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
         if USE_DOT:
