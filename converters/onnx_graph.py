@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from ecospa_deploy.modeling.kv_cache import cache_kwargs
 from ecospa_deploy.spec import ModelSpec
 
 
@@ -99,7 +100,7 @@ class DecoderGraph(nn.Module):
             for i in range(self.spec.num_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=self.io.use_past)
+                         use_cache=self.io.use_past, **cache_kwargs(cache))
         if cache is None:
             return (out.logits,)
         present: list[torch.Tensor] = []

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ecospa_deploy.errors import EcospaError
+from ecospa_deploy.modeling.kv_cache import cache_kwargs, output_cache
 
 from .onnx_runtime import OrtGenerator, position_ids
 
@@ -82,7 +83,7 @@ def verify(model: torch.nn.Module, generator: OrtGenerator, dtype: str, *, steps
     keep = mask.astype(bool)
     errors.append(float(np.abs(got.astype(np.float32) - ref_logits)[keep].max()))
     peak = float(np.abs(ref_logits[keep]).max())
-    cache = ref.past_key_values
+    cache = output_cache(ref)
     all_ids = ids
     for _ in range(steps):
         nxt = ref_logits[:, -1].argmax(-1)[:, None].astype(np.int64)
@@ -91,8 +92,8 @@ def verify(model: torch.nn.Module, generator: OrtGenerator, dtype: str, *, steps
         step_pos = position_ids(mask)[:, -1:]
         if generator.use_past:
             ref = model(input_ids=torch_t(nxt), attention_mask=torch_t(mask),
-                        position_ids=torch_t(step_pos), past_key_values=cache, use_cache=True)
-            cache = ref.past_key_values
+                        position_ids=torch_t(step_pos), use_cache=True, **cache_kwargs(cache))
+            cache = output_cache(ref)
             got, present = generator.forward(nxt, mask, step_pos, present)
             ref_logits = ref.logits.float().cpu().numpy()
             errors.append(float(np.abs(got.astype(np.float32) - ref_logits).max()))

@@ -24,15 +24,17 @@ def reference_greedy(model, prompts: list[list[int]], max_tokens: int) -> list[l
     import torch
     from transformers import DynamicCache
 
+    from ecospa_deploy.modeling.kv_cache import cache_kwargs
+
     results = []
     with torch.no_grad():
         for prompt in prompts:
             cache, out = DynamicCache(), []
-            logits = model(torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits
+            logits = model(torch.tensor([prompt]), use_cache=True, **cache_kwargs(cache)).logits
             for _ in range(max_tokens):
                 out.append(int(logits[0, -1].argmax()))
-                logits = model(torch.tensor([[out[-1]]]), past_key_values=cache,
-                               use_cache=True).logits
+                logits = model(torch.tensor([[out[-1]]]), use_cache=True,
+                               **cache_kwargs(cache)).logits
             results.append(out)
     return results
 

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from ecospa_deploy.engine import Engine, SamplingParams  # noqa: E402
+from ecospa_deploy.engine import forward as forward_module  # noqa: E402
 from ecospa_deploy.engine.kernels import linear as kl  # noqa: E402
 from ecospa_deploy.engine.kernels.attention import decode_attention  # noqa: E402
+from ecospa_deploy.engine.kernels.attention import decode_attention_op as attention_op  # noqa: E402
 from ecospa_deploy.errors import UnsupportedError  # noqa: E402
 from ecospa_deploy.testing import tiny_hf, tiny_pruned  # noqa: E402
 
@@ -146,6 +148,27 @@ def test_engine_on_fused_kernels_gives_hf_greedy_tokens(family):
                  dtype=torch.float32)
     assert eng.generate(prompts[:1], SamplingParams(max_new_tokens=6)) == \
         [_hf_greedy(dense.cpu(), prompts[0], 6)]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_pytorch_step_with_kernel_attention_gives_hf_greedy_tokens(family, monkeypatch):
+    """Batches above the fused step's run the PyTorch step with the Triton attention op."""
+    model = tiny_pruned(family, seed=5)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [11, 12, 13]]     # mistral: window < length
+    eng = Engine(model.to(DEVICE), max_batch_size=2, max_seq_len=32, kernels=False,
+                 dtype=torch.float32)
+    assert not eng.forward.kernel_attention
+    eng.forward.kernel_attention = True
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return attention_op(*args)
+
+    monkeypatch.setattr(forward_module, "decode_attention_op", counted)
+    out = eng.generate(prompts, SamplingParams(max_new_tokens=8))
+    assert len(calls) >= 7 * len(model.config.ecospa_spec.layers)
+    assert out == [_hf_greedy(model.cpu(), p, 8) for p in prompts]
 
 
 def test_engine_refuses_kernels_it_cannot_run():

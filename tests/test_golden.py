@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
+from ecospa_deploy.modeling.kv_cache import cache_kwargs, output_cache
 from ecospa_deploy.prune.mask import LayerMask
 from ecospa_deploy.prune.surgery import pad_model, slice_model, zero_out
 from ecospa_deploy.spec import SpecError
@@ -68,10 +69,10 @@ def test_cached_decode_matches(family, cache):
             pkv = StaticCache(config=model.config, max_cache_len=32)
         out = []
         with torch.no_grad():
-            o = model(x, past_key_values=pkv, use_cache=True)
+            o = model(x, use_cache=True, **cache_kwargs(pkv))
             out.append(o.logits[:, -1])
             for t in range(steps.shape[1]):
-                o = model(steps[:, t:t + 1], past_key_values=o.past_key_values, use_cache=True)
+                o = model(steps[:, t:t + 1], use_cache=True, **cache_kwargs(output_cache(o)))
                 out.append(o.logits[:, -1])
         logits.append(torch.stack(out, 1))
     torch.testing.assert_close(logits[0], logits[1], atol=ATOL, rtol=0)

@@ -161,20 +161,38 @@ def test_text_stream_equals_full_decode(tok):
     assert text == tok.decode(ids)
 
 
-def test_text_stream_holds_partial_utf8():
+@pytest.fixture(scope="module")
+def byte_tok():
+    """One token per byte, no merges: any id sequence may leave a UTF-8 character unfinished."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()  # every byte, no merges
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
     bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
-    ids = tok("é").input_ids
+    return PreTrainedTokenizerFast(tokenizer_object=bpe)
+
+
+def test_text_stream_holds_partial_utf8(byte_tok):
+    ids = byte_tok("é").input_ids
     assert len(ids) == 2  # 0xC3 0xA9: one token per byte
-    stream = TextStream(tok, [])
+    stream = TextStream(byte_tok, [])
     assert stream.push(ids[0]) == ""
     assert stream.push(ids[1]) + stream.flush() == "é"
+
+
+@pytest.mark.parametrize("stop,want", [("b\ufffd", ("a", "stop")), ("zz", ("ab\ufffd", "length"))])
+def test_text_stream_stop_string_found_only_at_the_end(byte_tok, stop, want):
+    """Generation ends on a dangling UTF-8 byte: its U+FFFD (and a stop string ending in it)
+    only exists once the stream is closed, and the finish reason must say which one ended it."""
+    ids = byte_tok("ab").input_ids + byte_tok("é").input_ids[:1]
+    stream = TextStream(byte_tok, [stop])
+    streamed = "".join(stream.push(t) for t in ids)
+    assert not stream.stopped
+    text, reason = stream.close("length")
+    assert (streamed + text, reason) == want
+    assert (streamed + text) == byte_tok.decode(ids)[:len(streamed + text)]
 
 
 def test_text_stream_stop_string_across_tokens(tok):

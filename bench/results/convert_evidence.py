@@ -81,12 +81,14 @@ def padding(args: argparse.Namespace) -> None:
 def _torch_generate(model, prompt: list[int], new: int) -> None:
     from transformers import DynamicCache
 
+    from ecospa_deploy.modeling.kv_cache import cache_kwargs
+
     cache = DynamicCache()
     with torch.no_grad():
-        logits = model(torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits
+        logits = model(torch.tensor([prompt]), use_cache=True, **cache_kwargs(cache)).logits
         for _ in range(new):
             nxt = logits[:, -1:].argmax(-1)
-            logits = model(nxt, past_key_values=cache, use_cache=True).logits
+            logits = model(nxt, use_cache=True, **cache_kwargs(cache)).logits
 
 
 def _timed(fn, repeats: int) -> float:

@@ -2,9 +2,10 @@
 
 Static per-layer KV cache, exact zero padding, fused projections, batched prefill and a decode
 step that replays as one CUDA graph per (batch bucket, KV-length bucket, greedy/sampled). On
-CUDA the decode step is built from the Triton kernels of ``engine/fused.py`` (five launches per
-layer; ``kernels=False`` keeps the PyTorch step, which ``compile=`` may pass through
-``torch.compile(fullgraph=True)``). Two ways to use it:
+CUDA the decode step of batch 1 is built from the Triton kernels of ``engine/fused.py`` (five
+launches per layer); larger batches run the PyTorch step (cuBLAS linears, which ``compile=`` may
+pass through ``torch.compile(fullgraph=True)``) with the Triton decode attention;
+``kernels=False`` keeps plain PyTorch (SDPA) throughout. Two ways to use it:
 
 - ``generate(prompts, params)``: whole batches, no host sync between decode steps except every
   ``sync_every`` steps to look for stop tokens;
@@ -130,6 +131,9 @@ class Engine:
         self.kernels = self._use_kernels(kernels)
         self._force_kernels = bool(kernels)
         self._fused = FusedDecode(self.forward).decode if self.kernels else None
+        # Above the fused step's batches the PyTorch step still attends with the Triton kernel.
+        self.forward.kernel_attention = kernels is not False and kernel_runtime.available(
+            self.device, interpreter=bool(kernels))
         if compile:
             mode = compile if isinstance(compile, str) else None
             # Dynamo caches compiled code per code object: every engine in a process (each

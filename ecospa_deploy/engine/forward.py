@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import KVCache
+from .kernels.attention import decode_attention_op
 from .sampling import sample_tokens
 from .weights import LayerWeights, ModelWeights
 
@@ -32,6 +33,9 @@ class Forward:
         self.cache = cache
         self.dtype, self.device = dtype, device
         self.cos = self.sin = None
+        # Decode attention on the Triton kernel (each row's own length, K read at the stored
+        # q/k dim) instead of SDPA over the masked bucket; the engine sets it where Triton runs.
+        self.kernel_attention = False
         if weights.rotary is not None:
             self._rope_tables(cache.max_seq)
 
@@ -166,6 +170,10 @@ class Forward:
         def attend(i, lw, q, k, v):
             kc[i][rows, :, pos] = k[:, :, 0]
             vc[i][rows, :, pos] = v[:, :, 0]
+            if self.kernel_attention:
+                out = decode_attention_op(q.reshape(nb, -1), kc[i], vc[i], pos, lw.num_heads,
+                                          lw.scale, lw.window, kv_len)
+                return out.view(nb, 1, lw.num_heads, lw.v_dim).transpose(1, 2)
             if lw.window not in masks:
                 masks[lw.window] = full & (span[None] > pos[:, None] - lw.window)[:, None, None]
             return F.scaled_dot_product_attention(

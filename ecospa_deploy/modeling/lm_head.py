@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .kv_cache import cache_kwargs, output_cache
+
 
 def causal_lm_output(model: Any, out: BaseModelOutputWithPast, labels: torch.Tensor | None,
                      logits_to_keep: int | torch.Tensor, **kwargs: Any) -> CausalLMOutputWithPast:
@@ -16,4 +18,4 @@ def causal_lm_output(model: Any, out: BaseModelOutputWithPast, labels: torch.Ten
     if labels is not None:
         loss = model.loss_function(logits=logits, labels=labels,
                                    vocab_size=model.config.vocab_size, **kwargs)
-    return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+    return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_kwargs(output_cache(out)))

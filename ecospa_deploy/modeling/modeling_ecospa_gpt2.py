@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..spec import LayerSpec
 from .attention import eager_attention
+from .kv_cache import cache_kwargs, one_cache, start_decode
 from .lm_head import causal_lm_output
 from .configuration_ecospa import EcospaGPT2Config
 from .remote_code import RemoteCodeSaveMixin
@@ -47,14 +48,14 @@ class EcospaGPT2Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: Cache | None = None, **kwargs: Any) -> torch.Tensor:
+                cache: Cache | None = None, **kwargs: Any) -> torch.Tensor:
         bsz, seq = hidden_states.shape[:2]
         q, k, v = self.c_attn(hidden_states).split(self.split, dim=-1)
         q = q.view(bsz, seq, self.num_heads, self.qk_head_dim).transpose(1, 2)
         k = k.view(bsz, seq, self.num_heads, self.qk_head_dim).transpose(1, 2)
         v = v.view(bsz, seq, self.num_heads, self.v_head_dim).transpose(1, 2)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         # Looked up per call: set_attn_implementation on the shared config reaches every layer.
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                        eager_attention)
@@ -89,9 +90,9 @@ class EcospaGPT2Block(GradientCheckpointingLayer):
         self.mlp = EcospaGPT2MLP(config, layer)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: Cache | None = None, **kwargs: Any) -> torch.Tensor:
+                cache: Cache | None = None, **kwargs: Any) -> torch.Tensor:
         hidden_states = hidden_states + self.attn(self.ln_1(hidden_states), attention_mask,
-                                                  past_key_values, **kwargs)
+                                                  cache, **kwargs)
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
     def canonical(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -145,32 +146,28 @@ class EcospaGPT2Model(EcospaGPT2PreTrainedModel):
         self.wte = value
 
     def forward(self, input_ids: torch.LongTensor | None = None,
-                past_key_values: Cache | None = None,
+                cache: Cache | None = None,
                 attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None,
                 inputs_embeds: torch.FloatTensor | None = None,
-                use_cache: bool | None = None, **kwargs: Any) -> BaseModelOutputWithPast:
+                use_cache: bool | None = None, past_key_values: Cache | None = None,
+                **kwargs: Any) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
-                            + past).unsqueeze(0)
+        cache, position_ids, use_cache = start_decode(
+            self.config, inputs_embeds, one_cache(cache, past_key_values), position_ids, use_cache)
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask.view(inputs_embeds.shape[0], -1)
         mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
-                                  attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+                                  attention_mask=attention_mask, position_ids=position_ids,
+                                  **cache_kwargs(cache))
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
         for block in self.h:
-            hidden_states = block(hidden_states, mask, past_key_values, **kwargs)
+            hidden_states = block(hidden_states, mask, cache, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden_states),
-                                       past_key_values=past_key_values if use_cache else None)
+                                       **cache_kwargs(cache if use_cache else None))
 
 
 class EcospaGPT2LMHeadModel(RemoteCodeSaveMixin, EcospaGPT2PreTrainedModel, GenerationMixin):
@@ -183,14 +180,15 @@ class EcospaGPT2LMHeadModel(RemoteCodeSaveMixin, EcospaGPT2PreTrainedModel, Gene
         self.post_init()
 
     def forward(self, input_ids: torch.LongTensor | None = None,
-                past_key_values: Cache | None = None,
+                cache: Cache | None = None,
                 attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None,
                 inputs_embeds: torch.FloatTensor | None = None,
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int | torch.Tensor = 0, **kwargs: Any) -> CausalLMOutputWithPast:
+                logits_to_keep: int | torch.Tensor = 0, past_key_values: Cache | None = None,
+                **kwargs: Any) -> CausalLMOutputWithPast:
         kwargs.pop("token_type_ids", None)
-        out = self.transformer(input_ids=input_ids, past_key_values=past_key_values,
+        out = self.transformer(input_ids=input_ids, cache=one_cache(cache, past_key_values),
                                attention_mask=attention_mask, position_ids=position_ids,
                                inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         return causal_lm_output(self, out, labels, logits_to_keep, **kwargs)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 
 from ..spec import LayerSpec
 from .attention import apply_rope, eager_attention, rope_index
+from .kv_cache import CACHE_KWARG, cache_kwargs, one_cache, start_decode
 from .lm_head import causal_lm_output
 from .configuration_ecospa import EcospaLlamaConfig
 from .remote_code import RemoteCodeSaveMixin
@@ -68,7 +69,7 @@ class EcospaLlamaAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None,
-                past_key_values: Cache | None = None, **kwargs: Any
+                cache: Cache | None = None, **kwargs: Any
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         bsz, seq = hidden_states.shape[:2]
         q = self.q_proj(hidden_states).view(bsz, seq, self.num_heads, self.qk_head_dim)
@@ -77,8 +78,8 @@ class EcospaLlamaAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rope(q, k, cos, sin, self.rope_index, self.num_key_value_groups)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         # Looked up per call: set_attn_implementation on the shared config reaches every layer.
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                        eager_attention)
@@ -117,14 +118,14 @@ class EcospaLlamaDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: Cache | None = None,
+                cache: Cache | None = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 **kwargs: Any) -> torch.Tensor:
         residual = hidden_states
         hidden_states, _ = self.self_attn(self.input_layernorm(hidden_states),
                                           position_embeddings=position_embeddings,
                                           attention_mask=attention_mask,
-                                          past_key_values=past_key_values, **kwargs)
+                                          cache=cache, **kwargs)
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -152,7 +153,7 @@ class EcospaLlamaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["EcospaLlamaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_KWARG]
     _supports_sdpa = True
     _supports_flash_attn = False    # flash kernels refuse q/k dim != v dim
     _supports_flex_attn = False
@@ -183,26 +184,22 @@ class EcospaLlamaModel(EcospaLlamaPreTrainedModel):
     def forward(self, input_ids: torch.LongTensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None,
-                past_key_values: Cache | None = None,
+                cache: Cache | None = None,
                 inputs_embeds: torch.FloatTensor | None = None,
-                use_cache: bool | None = None, **kwargs: Any) -> BaseModelOutputWithPast:
+                use_cache: bool | None = None, past_key_values: Cache | None = None,
+                **kwargs: Any) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
-                            + past).unsqueeze(0)
+        cache, position_ids, use_cache = start_decode(
+            self.config, inputs_embeds, one_cache(cache, past_key_values), position_ids, use_cache)
         if isinstance(attention_mask, dict):
             masks = attention_mask
         else:
             mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds,
-                               attention_mask=attention_mask, past_key_values=past_key_values,
-                               position_ids=position_ids)
+                               attention_mask=attention_mask, position_ids=position_ids,
+                               **cache_kwargs(cache))
             masks = {"full_attention": create_causal_mask(**mask_kwargs)}
             if "sliding_attention" in self.config.layer_types:
                 masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
@@ -210,11 +207,10 @@ class EcospaLlamaModel(EcospaLlamaPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention_mask=masks[layer.attention_type],
-                                  past_key_values=past_key_values,
-                                  position_embeddings=position_embeddings,
+                                  cache=cache, position_embeddings=position_embeddings,
                                   position_ids=position_ids, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
-                                       past_key_values=past_key_values if use_cache else None)
+                                       **cache_kwargs(cache if use_cache else None))
 
 
 class EcospaLlamaForCausalLM(RemoteCodeSaveMixin, EcospaLlamaPreTrainedModel, GenerationMixin):
@@ -230,12 +226,13 @@ class EcospaLlamaForCausalLM(RemoteCodeSaveMixin, EcospaLlamaPreTrainedModel, Ge
     def forward(self, input_ids: torch.LongTensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None,
-                past_key_values: Cache | None = None,
+                cache: Cache | None = None,
                 inputs_embeds: torch.FloatTensor | None = None,
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int | torch.Tensor = 0, **kwargs: Any) -> CausalLMOutputWithPast:
+                logits_to_keep: int | torch.Tensor = 0, past_key_values: Cache | None = None,
+                **kwargs: Any) -> CausalLMOutputWithPast:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past_key_values,
+                         position_ids=position_ids, cache=one_cache(cache, past_key_values),
                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         return causal_lm_output(self, out, labels, logits_to_keep, **kwargs)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 _HERE = Path(__file__).resolve().parent
-_COMMON = ("configuration_ecospa.py", "attention.py", "lm_head.py", "remote_code.py")
+_COMMON = ("configuration_ecospa.py", "attention.py", "kv_cache.py", "lm_head.py", "remote_code.py")
 
 
 def _spec_source() -> Path:

@@ -40,6 +40,15 @@ class TextStream:
             return self._take(len(self.text))
         return self._advance(final=True)
 
+    def close(self, reason: str) -> tuple[str, str]:
+        """The last delta and the finish reason once the model stopped for ``reason``.
+
+        Held-back text (an unfinished UTF-8 sequence, a possible stop-string prefix) is only
+        decoded here, so a stop string can first appear now; the choice then ended on it.
+        """
+        text = self.flush()
+        return text, "stop" if self.stopped else reason
+
     def _advance(self, final: bool) -> str:
         prefix_text = self._decode(self.ids[self._prefix:self._read])
         new_text = self._decode(self.ids[self._prefix:])

@@ -184,7 +184,7 @@ class Generation:
                         yield Delta(index, text)
                 elif event.finish in ("stop", "length"):
                     open_.discard(index)
-                    yield Delta(index, stream.flush(), event.finish)
+                    yield Delta(index, *stream.close(event.finish))
                 elif event.finish == "cancelled":
                     raise ClientGone()
                 else:

@@ -17,6 +17,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 from ecospa_deploy.engine.sampling import SamplingParams
+from ecospa_deploy.modeling.kv_cache import cache_kwargs, output_cache
 
 
 def _warpers(params: SamplingParams) -> LogitsProcessorList:
@@ -72,8 +73,8 @@ class HFBackend:
             generator = torch.Generator(self.device).manual_seed(params.seed)
         cache = DynamicCache(config=self.model.config)
         ids = torch.tensor([list(prompt_ids)], device=self.device)
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        state = _Slot(out.past_key_values, -1, params, _warpers(params), generator,
+        out = self.model(input_ids=ids, use_cache=True, **cache_kwargs(cache))
+        state = _Slot(output_cache(out), -1, params, _warpers(params), generator,
                       list(prompt_ids))
         token = self._sample(state, out.logits[0, -1])
         state.last = token
@@ -86,8 +87,8 @@ class HFBackend:
         tokens = {}
         for slot, state in self._slots.items():
             ids = torch.tensor([[state.last]], device=self.device)
-            out = self.model(input_ids=ids, past_key_values=state.cache, use_cache=True)
-            state.cache = out.past_key_values
+            out = self.model(input_ids=ids, use_cache=True, **cache_kwargs(state.cache))
+            state.cache = output_cache(out)
             token = self._sample(state, out.logits[0, -1])
             state.last = token
             state.ids.append(token)

@@ -165,3 +165,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         _combine_kernel[(m, num_heads)](part_o, part_ml, out, num_heads, out.stride(0), VD=vd,
                                         BLOCK_V=np2(vd), SPLITS=splits)
     return out
+
+
+@torch.library.custom_op("ecospa::decode_attention", mutates_args=())
+def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        positions: torch.Tensor, num_heads: int, scale: float,
+                        window: int | None, kv_len: int) -> torch.Tensor:
+    """``decode_attention`` as an opaque op, so the compiled PyTorch decode step (batches above
+    the fused step's) can call it: Dynamo does not trace into the launcher, and Inductor keeps
+    the cache writes before it in place."""
+    return decode_attention(q.contiguous(), k_cache, v_cache, positions, num_heads=num_heads,
+                            scale=scale, window=window, kv_len=kv_len)
+
+
+@decode_attention_op.register_fake
+def _(q, k_cache, v_cache, positions, num_heads, scale, window, kv_len):
+    return q.new_empty(q.shape[0], num_heads * v_cache.shape[3])
