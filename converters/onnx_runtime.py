@@ -8,6 +8,7 @@ with ``--no-past`` recomputes the whole sequence each step instead. Sampling fol
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -89,6 +90,7 @@ class OrtGenerator:
                                     providers, threads)
         self.providers = self.session.get_providers()
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.timing: list[float] | None = None   # set to [] to record a time per forward (bench)
 
     # -- one forward ---------------------------------------------------------------------
     def empty_past(self, batch: int) -> list[np.ndarray]:
@@ -108,6 +110,8 @@ class OrtGenerator:
                  "position_ids": positions.astype(np.int64)}
         feeds.update(zip(self.input_names[3:], past))
         logits, *present = self.session.run(None, feeds)
+        if self.timing is not None:
+            self.timing.append(time.perf_counter())
         return logits, present
 
     # -- generation ----------------------------------------------------------------------

@@ -48,6 +48,57 @@ def test_bench_tiny_shape_writes_json_markdown_png(tmp_path, capsys):
     assert "| pruned | engine | 2 | 8 |" in md and "Pruned / dense" in md
     for png in ("throughput.png", "latency.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["complete"] is True
+
+
+def _tiny_shape(tmp_path):
+    shape = tmp_path / "tiny.json"
+    shape.write_text(json.dumps(TINY))
+    return str(shape)
+
+
+def test_bench_onnx_backend_runs_the_verified_export(tmp_path):
+    out = tmp_path / "out"
+    rc = main(["bench", "--shape", _tiny_shape(tmp_path), "--device", "cpu", "--dtype",
+               "float32", "--backends", "engine,onnx", "--batch-sizes", "2",
+               "--prompt-lens", "6", "--gen-len", "5", "--out", str(out)])
+    assert rc == 0
+    result = json.loads((out / "results.json").read_text())
+    onnx = {r["model"]: r for r in result["rows"] if r["backend"] == "onnx"}
+    assert set(onnx) == {"dense", "pruned"}
+    for r in onnx.values():
+        assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["gen_len"] == 5
+    assert onnx["pruned"]["params"] < onnx["dense"]["params"]
+    assert any(r["backend"] == "onnx" for r in result["ratios"])
+
+
+def test_bench_onnx_backend_refuses_bfloat16(tmp_path, capsys):
+    rc = main(["bench", "--shape", _tiny_shape(tmp_path), "--device", "cpu", "--dtype",
+               "bfloat16", "--backends", "onnx", "--out", str(tmp_path / "out")])
+    assert rc == 2
+    assert "float32 or float16" in capsys.readouterr().err
+
+
+def test_a_failing_run_keeps_the_rows_measured_before_it(tmp_path, monkeypatch, capsys):
+    from ecospa_deploy.bench import shapes
+
+    real = shapes.build_model
+
+    def build(shape, pruned, *args, **kwargs):
+        if pruned:
+            raise MemoryError("out of memory building the pruned twin")
+        return real(shape, pruned, *args, **kwargs)
+
+    monkeypatch.setattr(shapes, "build_model", build)
+    out = tmp_path / "out"
+    with pytest.raises(MemoryError):
+        main(["bench", "--shape", _tiny_shape(tmp_path), "--device", "cpu", "--dtype",
+              "float32", "--backends", "engine", "--batch-sizes", "1,2", "--prompt-lens", "6",
+              "--gen-len", "3", "--out", str(out)])
+    result = json.loads((out / "results.json").read_text())
+    assert result["complete"] is False
+    assert [(r["model"], r["batch"]) for r in result["rows"]] == [("dense", 1), ("dense", 2)]
+    assert "| dense | engine | 2 | 6 |" in (out / "results.md").read_text()
 
 
 def test_unknown_shape_is_a_clear_error(capsys):

@@ -82,6 +82,25 @@ def test_cached_decode_matches(family, cache):
     torch.testing.assert_close(logits[0], full, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cache_argument_under_either_spelling(family):
+    """transformers renamed ``past_key_values`` to ``cache`` (5.24); ``generate`` passes the
+    installed spelling, and a model deaf to it would silently decode without its cache."""
+    _, sliced = _pair(family, 4)
+    x = _tokens(4)
+    with torch.no_grad():
+        full = sliced(x).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            kv = DynamicCache(config=sliced.config)
+            sliced(x[:, :-1], use_cache=True, **{name: kv})
+            step = sliced(x[:, -1:], use_cache=True, **{name: kv})
+            assert kv.get_seq_length() == x.shape[1]
+            assert output_cache(step) is kv
+            torch.testing.assert_close(step.logits[:, -1], full, atol=ATOL, rtol=0)
+        with pytest.raises(ValueError, match="once"):
+            sliced(x, cache=kv, past_key_values=kv)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_greedy_tokens_identical(family):
     ref, sliced = _pair(family, 5, "sdpa")

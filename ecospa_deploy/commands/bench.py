@@ -101,15 +101,23 @@ def run(args: argparse.Namespace) -> int:
                                   args.engine_decode])
     ceilings = measure_ceilings(device, dtype)
     total = len(builders) * len(backends) * len(args.batch_sizes) * len(args.prompt_lens)
-    rows = []
-    with tqdm(total=total, desc="bench", unit="run", file=sys.stderr) as progress:
-        for label, build in builders.items():
-            rows += harness.bench_model(label, build, cfg, ceilings, progress)
+    rows: list[dict] = []
     result = dict(title=title, command="ecospa bench " + shlex.join(sys.argv[2:] if
                   sys.argv[1:2] == ["bench"] else sys.argv[1:]),
                   dtype=args.dtype, device=str(device), ceilings=ceilings.to_dict(),
-                  rows=rows, ratios=harness.add_ratios(rows))
-    files = report.write(result, Path(args.out))
+                  rows=rows, ratios=[], complete=False)
+
+    def save(row: dict | None = None) -> list[Path]:
+        if row is not None:
+            rows.append(row)
+        result["ratios"] = harness.add_ratios(rows)
+        return report.write(result, Path(args.out), with_plots=row is None)
+
+    with tqdm(total=total, desc="bench", unit="run", file=sys.stderr) as progress:
+        for label, build in builders.items():
+            harness.bench_model(label, build, cfg, ceilings, progress, on_row=save)
+    result["complete"] = True
+    files = save()
     print(report.markdown(result))
     print("wrote " + ", ".join(str(f) for f in files))
     return 0
