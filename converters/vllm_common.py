@@ -1,4 +1,5 @@
-"""Pieces both vLLM model classes share: the spec check, per-head kept rotary, weight loading.
+"""Pieces both vLLM model classes share: the spec check, per-head kept rotary, weight loading,
+and the top-level causal LM around each family's inner model.
 
 Imported only inside vLLM's process (it imports vLLM).
 """
@@ -9,9 +10,15 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
-from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.config import VllmConfig
+from vllm.distributed import (get_pp_group, get_tensor_model_parallel_rank,
+                              get_tensor_model_parallel_world_size)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import is_pp_missing_parameter
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import PPMissingLayer, is_pp_missing_parameter, maybe_prefix
+from vllm.sequence import IntermediateTensors
 
 from ecospa_deploy.errors import UnsupportedError
 from ecospa_deploy.spec import LayerSpec, ModelSpec
@@ -104,4 +111,54 @@ def load_mapped(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
     return loaded
 
 
-__all__ = ["check_spec", "KeptRotary", "load_mapped", "tp_rank_and_size"]
+class CausalLMForVLLM(nn.Module, SupportsPP):
+    """Inner model + LM head (tied when the config says so) + logits, and weight loading through
+    the family's ``_expand`` (checkpoint name -> vLLM parameters). A family sets ``inner_cls``,
+    ``inner_name`` (our checkpoint's prefix: ``model``, ``transformer``) and ``embedding_name``."""
+
+    inner_cls: type[nn.Module]
+    inner_name: str
+    embedding_name: str
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        inner = self.inner_cls(vllm_config=vllm_config,
+                               prefix=maybe_prefix(prefix, self.inner_name))
+        setattr(self, self.inner_name, inner)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                          quant_config=vllm_config.quant_config,
+                                          prefix=maybe_prefix(prefix, "lm_head"))
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(getattr(inner, self.embedding_name))
+            self.logits_processor = LogitsProcessor(config.vocab_size)
+        else:
+            self.lm_head = PPMissingLayer()
+        self.make_empty_intermediate_tensors = inner.make_empty_intermediate_tensors
+
+    @property
+    def inner(self) -> nn.Module:
+        return getattr(self, self.inner_name)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.embed_input_ids(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None
+                ) -> torch.Tensor | IntermediateTensors:
+        return self.inner(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def _expand(self, name: str, tensor: torch.Tensor) -> Iterator[Loadable]:
+        raise NotImplementedError
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return load_mapped(self, weights, self._expand)
+
+
+__all__ = ["check_spec", "CausalLMForVLLM", "KeptRotary", "load_mapped", "tp_rank_and_size"]

@@ -8,7 +8,7 @@ Conv1D weights are transposed to vLLM's ``[out, in]`` on load. Expects a checkpo
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -19,19 +19,16 @@ from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import (ColumnParallelLinear, QKVParallelLinear,
                                                RowParallelLinear)
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
-from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead,
-                                                                 VocabParallelEmbedding)
-from vllm.model_executor.models.interfaces import SupportsPP
-from vllm.model_executor.models.utils import (PPMissingLayer, extract_layer_index,
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm.model_executor.models.utils import (extract_layer_index,
                                               make_empty_intermediate_tensors_factory,
-                                              make_layers, maybe_prefix)
+                                              make_layers)
 from vllm.sequence import IntermediateTensors
 
 from ecospa_deploy.spec import LayerSpec
 
-from .vllm_common import Loadable, check_spec, load_mapped, tp_rank_and_size
+from .vllm_common import CausalLMForVLLM, Loadable, check_spec, tp_rank_and_size
 
 # Conv1D weights stored [in, out] in the checkpoint.
 CONV1D = ("attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -134,36 +131,15 @@ class EcospaVLLMGPT2Model(nn.Module):
         return self.ln_f(hidden_states)
 
 
-class EcospaGPT2ForVLLM(nn.Module, SupportsPP):
+class EcospaGPT2ForVLLM(CausalLMForVLLM):
     """Registered as vLLM architecture ``EcospaGPT2LMHeadModel``."""
 
+    inner_cls, inner_name, embedding_name = EcospaVLLMGPT2Model, "transformer", "wte"
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__()
-        config = vllm_config.model_config.hf_config
-        self.config = config
-        self.transformer = EcospaVLLMGPT2Model(vllm_config=vllm_config,
-                                               prefix=maybe_prefix(prefix, "transformer"))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.n_embd,
-                                      quant_config=vllm_config.quant_config,
-                                      prefix=maybe_prefix(prefix, "lm_head"))
-        if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.transformer.wte)
-        self.logits_processor = LogitsProcessor(config.vocab_size)
-        self.make_empty_intermediate_tensors = self.transformer.make_empty_intermediate_tensors
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._splits = [(layer.q_width, layer.k_width, layer.v_width)
-                        for layer in config.ecospa_spec.layers]
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.transformer.embed_input_ids(input_ids)
-
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: torch.Tensor | None = None
-                ) -> torch.Tensor | IntermediateTensors:
-        return self.transformer(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+                        for layer in self.config.ecospa_spec.layers]
 
     def _expand(self, name: str, tensor: torch.Tensor) -> Iterator[Loadable]:
         if name.endswith(IGNORED) or (name == "lm_head.weight"
@@ -179,9 +155,6 @@ class EcospaGPT2ForVLLM(nn.Module, SupportsPP):
         if name.endswith(CONV1D):
             tensor = tensor.t()
         yield name, tensor, None
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_mapped(self, weights, self._expand)
 
 
 __all__ = ["EcospaGPT2ForVLLM"]

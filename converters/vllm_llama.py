@@ -9,7 +9,7 @@ size) and says so otherwise. Weight names are our checkpoint's (HF ``LlamaForCau
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -21,20 +21,17 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                                RowParallelLinear)
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead,
-                                                                 VocabParallelEmbedding)
-from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.models.utils import (PPMissingLayer, extract_layer_index,
                                               make_empty_intermediate_tensors_factory,
-                                              make_layers, maybe_prefix)
+                                              make_layers)
 from vllm.sequence import IntermediateTensors
 
 from ecospa_deploy.spec import LayerSpec
 
-from .vllm_common import KeptRotary, Loadable, check_spec, load_mapped, tp_rank_and_size
+from .vllm_common import CausalLMForVLLM, KeptRotary, Loadable, check_spec, tp_rank_and_size
 
 # Our checkpoint's projection names -> (fused vLLM parameter, shard id).
 STACKED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
@@ -162,40 +159,12 @@ class EcospaVLLMLlamaModel(nn.Module):
         return hidden_states
 
 
-class EcospaLlamaForVLLM(nn.Module, SupportsPP):
+class EcospaLlamaForVLLM(CausalLMForVLLM):
     """Registered as vLLM architecture ``EcospaLlamaForCausalLM``."""
 
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
                               "gate_up_proj": ["gate_proj", "up_proj"]}
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__()
-        config = vllm_config.model_config.hf_config
-        self.config = config
-        self.model = EcospaVLLMLlamaModel(vllm_config=vllm_config,
-                                          prefix=maybe_prefix(prefix, "model"))
-        if get_pp_group().is_last_rank:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
-                                          quant_config=vllm_config.quant_config,
-                                          prefix=maybe_prefix(prefix, "lm_head"))
-            if config.tie_word_embeddings:
-                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-            self.logits_processor = LogitsProcessor(config.vocab_size)
-        else:
-            self.lm_head = PPMissingLayer()
-        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_input_ids(input_ids)
-
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: torch.Tensor | None = None
-                ) -> torch.Tensor | IntermediateTensors:
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+    inner_cls, inner_name, embedding_name = EcospaVLLMLlamaModel, "model", "embed_tokens"
 
     def _expand(self, name: str, tensor: torch.Tensor) -> Iterator[Loadable]:
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
@@ -207,9 +176,6 @@ class EcospaLlamaForVLLM(nn.Module, SupportsPP):
                 yield ".".join(parts[:i] + [fused] + parts[i + 1:]), tensor, shard
                 return
         yield name, tensor, None
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_mapped(self, weights, self._expand)
 
 
 __all__ = ["EcospaLlamaForVLLM"]
