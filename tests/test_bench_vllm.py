@@ -25,7 +25,7 @@ def test_bench_vllm_backend(tmp_path):
     # vLLM starts engine processes: the command runs in its own process, as a user runs it.
     cmd = [sys.executable, "-m", "ecospa_deploy.cli", "bench", "--shape", str(shape),
            "--device", "cpu", "--dtype", "float32", "--backends", "engine,vllm",
-           "--batch-sizes", "2", "--prompt-lens", "6", "--gen-len", "4", "--out", str(out)]
+           "--batch-sizes", "2", "--prompt-lens", "6", "--gen-len", "16", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
