@@ -41,3 +41,20 @@ def test_bf16_close_to_hf():
     ref = _hf_greedy(model, PROMPTS[0], 8)
     # bf16 rounding may flip a near-tie late in the sequence; the first tokens must agree.
     assert out[:3] == ref[:3]
+
+
+def test_prefill_graphs_warmed_for_every_length():
+    """After ``warmup`` no prompt length captures again, and the padded graphs give the tokens
+    of the eager prefill."""
+    from ecospa_deploy.engine.engine import prefill_buckets
+
+    model = tiny_pruned("llama", seed=5).cuda()
+    eng = Engine(model, max_batch_size=2, max_seq_len=64)
+    n = eng.warmup([1, 2], max_prompt_len=40)
+    assert n == 2 * len(prefill_buckets(40, 64))
+    eager = Engine(model, max_batch_size=2, max_seq_len=64, prefill_graphs=False)
+    params = SamplingParams(max_new_tokens=6)
+    for p in PROMPTS + [[7] * 33]:
+        assert eng.generate([p], params) == eager.generate([p], params)
+    assert eng.generate(PROMPTS[:2], params) == eager.generate(PROMPTS[:2], params)
+    assert len(eng._prefill_graphs) == n

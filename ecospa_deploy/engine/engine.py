@@ -35,16 +35,20 @@ from .sampling import SamplingParams, sample_tokens
 from .weights import ModelWeights, build_weights
 
 # Decode attention: cuDNN runs q/k dim != v dim at the bytes floor (DESIGN.md §5); flash
-# refuses it; the default dispatch may fall to the slower mem-efficient kernel.
-_SDPA_PRIORITY = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+# refuses it; the default dispatch may fall to the slower mem-efficient kernel. cuDNN builds a
+# graph per new shape, which a captured decode graph (fixed shapes) pays once per bucket.
+_DECODE_SDPA = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+# Prefill sees a new length on nearly every request: never cuDNN there (a build per length cost
+# 0.1-0.7 s per first-seen prompt length on the H200), flash first (q/k padded to v, forward.py).
+_PREFILL_SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
-def _sdpa_context(device: torch.device):
+def _sdpa_context(device: torch.device, backends: tuple[str, ...] = _DECODE_SDPA):
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([getattr(SDPBackend, n) for n in _SDPA_PRIORITY], set_priority=True)
+    return sdpa_kernel([getattr(SDPBackend, n) for n in backends], set_priority=True)
 
 
 def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
@@ -67,6 +71,22 @@ def kv_bucket(n: int, max_seq: int) -> int:
     """Smallest bucket >= ``n``: multiples of max(128, 2^floor(log2 n)/8) (<= 12.5% extra)."""
     step = max(128, (1 << max(n - 1, 1).bit_length()) // 16)
     return min(-(-n // step) * step, max_seq)
+
+
+def prefill_bucket(n: int, max_seq: int) -> int:
+    """Padded prompt length of a captured prefill: multiples of max(16, 2^ceil(log2 n)/16)
+    (< 12.5% extra above 128 tokens; 40 buckets up to 2048)."""
+    step = max(16, (1 << max(n - 1, 1).bit_length()) // 16)
+    return min(-(-n // step) * step, max_seq)
+
+
+def prefill_buckets(max_len: int, max_seq: int) -> list[int]:
+    """Every ``prefill_bucket`` a prompt of 1..``max_len`` tokens can land in."""
+    out, n = [], 1
+    while n <= max_len:
+        out.append(prefill_bucket(n, max_seq))
+        n = out[-1] + 1
+    return out
 
 
 def batch_bucket(n: int, max_batch: int) -> int:
@@ -92,7 +112,8 @@ class Engine:
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  pad_multiple: int = 64, cuda_graphs: bool = True, compile: bool | str = False,
                  head_multiple: int = 8, max_prefill_tokens: int = 16384, sync_every: int = 16,
-                 compile_prefill: bool = False, kernels: bool | None = None):
+                 compile_prefill: bool = False, kernels: bool | None = None,
+                 prefill_graphs: bool | None = None):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r}; expected an int >= 1")
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
@@ -124,6 +145,11 @@ class Engine:
         self._seeds = torch.zeros(max_batch_size, dtype=torch.long, **kw)
         self._slots: dict[int, _Slot] = {}
         self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Prefill replays one graph per (rows, padded length): eager prefill is launch-bound
+        # (~1200 small launches, 33 ms flat from 97 to 513 tokens on the H200).
+        self.prefill_graphs = self.cuda_graphs if prefill_graphs is None else \
+            bool(prefill_graphs) and self.cuda_graphs
+        self._prefill_graphs: dict[tuple[int, int], tuple] = {}
         self._pool = None
         self.timing: list | None = None   # set to [] to record a mark per token (bench)
         self._decode = self.forward.decode
@@ -225,21 +251,92 @@ class Engine:
                     break
                 t_max, end = t, end + 1
             rows = slots[start:end]
-            batch = torch.zeros(len(rows), t_max, dtype=torch.long)
+            width = prefill_bucket(t_max, self.max_seq_len) if self.prefill_graphs else t_max
+            batch = torch.zeros(len(rows), width, dtype=torch.long)
             for j, p in enumerate(prompts[start:end]):
                 batch[j, :len(p)] = torch.tensor(p, dtype=torch.long)
-            lengths = torch.tensor([len(p) for p in prompts[start:end]], device=self.device)
-            idx = torch.tensor(rows, device=self.device)
-            with _sdpa_context(self.device):
-                logits = self._prefill(batch.to(self.device), lengths, idx)
-            nxt = sample_tokens(logits, self._temperature[idx], self._top_k[idx],
-                                self._top_p[idx], self._seeds[idx], lengths)
-            self._tokens[idx] = nxt
-            self._positions[idx] = lengths
-            self._history[idx, lengths] = nxt
-            firsts.append(nxt)
+            lengths = torch.tensor([len(p) for p in prompts[start:end]])
+            firsts.append(self._run_prefill(batch, lengths, torch.tensor(rows)))
             start = end
         return torch.cat(firsts)
+
+    def _prefill_step(self, tokens: torch.Tensor, lengths: torch.Tensor, idx: torch.Tensor
+                      ) -> torch.Tensor:
+        """Prefill rows ``idx`` and pick their first tokens; device tensors in, no host sync."""
+        with _sdpa_context(self.device, _PREFILL_SDPA):
+            logits = self._prefill(tokens, lengths, idx)
+        nxt = sample_tokens(logits, self._temperature[idx], self._top_k[idx],
+                            self._top_p[idx], self._seeds[idx], lengths)
+        self._tokens[idx] = nxt
+        self._positions[idx] = lengths
+        self._history[idx, lengths] = nxt
+        return nxt
+
+    def _run_prefill(self, batch: torch.Tensor, lengths: torch.Tensor, idx: torch.Tensor
+                     ) -> torch.Tensor:
+        """``_prefill_step`` on host tensors: eager, or the graph of (rows, padded length).
+
+        Right padding to the bucket is exact: a real token never attends to a later position,
+        and the padding's K/V land at positions decode overwrites before it reads them."""
+        dev = self.device
+        if not self.prefill_graphs:
+            return self._prefill_step(batch.to(dev), lengths.to(dev), idx.to(dev))
+        key = tuple(batch.shape)
+        if key not in self._prefill_graphs:
+            self._prefill_graphs[key] = self._capture_prefill(batch, lengths, idx)
+        graph, tokens, lens, rows, out = self._prefill_graphs[key]
+        tokens.copy_(batch)
+        lens.copy_(lengths)
+        rows.copy_(idx)
+        graph.replay()
+        return out
+
+    def _capture_prefill(self, batch: torch.Tensor, lengths: torch.Tensor, idx: torch.Tensor):
+        """Warm up and capture ``_prefill_step`` on these very rows and tokens: the warm-up
+        writes only what the replay that follows writes again."""
+        tokens, lens, rows = (t.to(self.device) for t in (batch, lengths, idx))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._prefill_step(tokens, lens, rows)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._prefill_step(tokens, lens, rows)
+        return graph, tokens, lens, rows, out
+
+    @torch.no_grad()
+    def warmup(self, batch_sizes: Sequence[int] = (1,), max_prompt_len: int | None = None
+               ) -> int:
+        """Capture the prefill graphs of every length bucket up to ``max_prompt_len`` (default:
+        ``max_seq_len - 1``) for each row count in ``batch_sizes``, so that no request pays a
+        capture at a first-seen length. Needs every slot free; returns the graphs captured."""
+        if not self.prefill_graphs:
+            return 0
+        if self._slots:
+            raise UnsupportedError(f"warmup() needs every slot free; slots {sorted(self._slots)}"
+                                   " are in use")
+        max_len = min(max_prompt_len or self.max_seq_len - 1, self.max_seq_len - 1)
+        saved = [b.clone() for b in self._buffers()]
+        before = len(self._prefill_graphs)
+        for n in batch_sizes:
+            if not 1 <= n <= self.max_batch_size:
+                raise ValueError(f"warmup batch size {n!r}; expected ints in "
+                                 f"[1, {self.max_batch_size}]")
+            for width in prefill_buckets(max_len, self.max_seq_len):
+                if n > 1 and n * width > self.max_prefill_tokens:
+                    break
+                if (n, width) not in self._prefill_graphs:
+                    batch = torch.zeros(n, width, dtype=torch.long)
+                    self._run_prefill(batch, torch.full((n,), min(width, self.max_seq_len - 1)),
+                                     torch.arange(n))
+        for buf, old in zip(self._buffers(), saved):
+            buf.copy_(old)
+        torch.cuda.synchronize(self.device)
+        return len(self._prefill_graphs) - before
 
     # -- decode ---------------------------------------------------------------------------
     def _buffers(self):

@@ -36,6 +36,9 @@ class Forward:
         # Decode attention on the Triton kernel (each row's own length, K read at the stored
         # q/k dim) instead of SDPA over the masked bucket; the engine sets it where Triton runs.
         self.kernel_attention = False
+        # Prefill pads q/k (or v) to one head dim so flash attention runs (it refuses q/k dim !=
+        # v dim); zero dims add nothing to q.k and padded v columns are sliced off. Exact.
+        self.prefill_pad = device.type == "cuda"
         if weights.rotary is not None:
             self._rope_tables(cache.max_seq)
 
@@ -137,9 +140,17 @@ class Forward:
                     d = pos[:, None] - pos[None, :]
                     windows[lw.window] = (d >= 0) & (d < lw.window)
                 mask = windows[lw.window]
-            return F.scaled_dot_product_attention(
+            d = max(lw.qk_dim, lw.v_dim)
+            if not self.prefill_pad or mask is not None or lw.qk_dim == lw.v_dim:
+                d = None
+            elif lw.qk_dim < d:
+                q, k = F.pad(q, (0, d - lw.qk_dim)), F.pad(k, (0, d - lw.qk_dim))
+            else:
+                v = F.pad(v, (0, d - lw.v_dim))
+            out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=lw.scale,
                 enable_gqa=lw.gqa)
+            return out if d is None else out[..., :lw.v_dim]
 
         for i, lw in enumerate(self.w.layers):
             x = self._layer(i, lw, x, cos, sin, attend)

@@ -7,10 +7,32 @@ because transformers enables ``set_attn_implementation`` by finding it there.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from ..spec import LayerSpec, rope_dim_index
+
+
+# SDPA backends our models may use on CUDA. Left to itself, PyTorch (2.11, sm90) prefers cuDNN,
+# which builds a new graph for every new (batch, heads, length, dims) tuple: a pruned model has a
+# dozen layer shapes and a cache that grows every step, so nearly every call is a build (plain
+# ``generate`` ran 6x slower than dense). Flash, memory-efficient and math never rebuild.
+CUDA_SDPA_BACKENDS: tuple[str, ...] | None = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def sdpa_backends(device: torch.device):
+    """Context that restricts SDPA to ``CUDA_SDPA_BACKENDS`` on CUDA (a no-op elsewhere, under
+    ``torch.compile``, whose fixed shapes build once, and when the tuple is set to None).
+
+    Entered around our models' layer loop, so only our attention calls feel it, not a user's
+    other models."""
+    if device.type != "cuda" or CUDA_SDPA_BACKENDS is None or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, n) for n in CUDA_SDPA_BACKENDS])
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -25,13 +47,35 @@ def rope_index(layer: LayerSpec, rope_head_dim: int) -> torch.Tensor:
                         dtype=torch.long)
 
 
+def rope_layout(layer: LayerSpec, rope_head_dim: int) -> str:
+    """``"dense"``: every head keeps every frequency in order (use cos/sin as they are);
+    ``"shared"``: every KV head keeps the same ones (gather once, broadcast over heads);
+    ``"per_head"``: each head gathers its own."""
+    assert layer.rope_kept is not None
+    kept = set(layer.rope_kept)
+    if len(kept) > 1:
+        return "per_head"
+    if layer.qk_head_dim == rope_head_dim and list(layer.rope_kept[0]) == \
+            list(range(rope_head_dim // 2)):
+        return "dense"
+    return "shared"
+
+
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               index: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+               index: torch.Tensor, groups: int, layout: str = "per_head"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate ``q [B,H,T,d]`` and ``k [B,Hkv,T,d]`` with dense ``cos/sin [B,T,D]`` gathered per head.
 
     A pruned head stores its kept frequencies in rotate-half layout, so HF's rotation applies
-    unchanged once cos/sin are gathered at the dense positions the head kept.
+    unchanged once cos/sin are gathered at the dense positions the head kept. ``layout`` (from
+    ``rope_layout``) skips the gather where every head keeps the same frequencies: the same
+    numbers with fewer kernels, which is what keeps plain ``generate`` launch-light.
     """
+    if layout != "per_head":
+        if layout == "shared":
+            cos, sin = cos[..., index[0]], sin[..., index[0]]
+        cos, sin = cos[:, None], sin[:, None]           # [B, 1, T, d]: broadcast over heads
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     cos_k = cos[:, :, index].transpose(1, 2)          # [B, Hkv, T, d]
     sin_k = sin[:, :, index].transpose(1, 2)
     if groups == 1:

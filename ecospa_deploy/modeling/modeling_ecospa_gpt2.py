@@ -23,7 +23,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ..spec import LayerSpec
-from .attention import eager_attention
+from .attention import eager_attention, sdpa_backends
 from .kv_cache import cache_kwargs, one_cache, start_decode
 from .lm_head import causal_lm_output
 from .configuration_ecospa import EcospaGPT2Config
@@ -164,8 +164,9 @@ class EcospaGPT2Model(EcospaGPT2PreTrainedModel):
                                   attention_mask=attention_mask, position_ids=position_ids,
                                   **cache_kwargs(cache))
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
-        for block in self.h:
-            hidden_states = block(hidden_states, mask, cache, **kwargs)
+        with sdpa_backends(hidden_states.device):
+            for block in self.h:
+                hidden_states = block(hidden_states, mask, cache, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden_states),
                                        **cache_kwargs(cache if use_cache else None))
 

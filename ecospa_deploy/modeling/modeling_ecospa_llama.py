@@ -25,7 +25,7 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
 from ..spec import LayerSpec
-from .attention import apply_rope, eager_attention, rope_index
+from .attention import apply_rope, eager_attention, rope_index, rope_layout, sdpa_backends
 from .kv_cache import CACHE_KWARG, cache_kwargs, one_cache, start_decode
 from .lm_head import causal_lm_output
 from .configuration_ecospa import EcospaLlamaConfig
@@ -62,6 +62,7 @@ class EcospaLlamaAttention(nn.Module):
         self._layer = layer
         self._rope_head_dim = rope_head_dim
         self.register_buffer("rope_index", rope_index(layer, rope_head_dim), persistent=False)
+        self.rope_layout = rope_layout(layer, rope_head_dim)
 
     def reset_rope_index(self) -> None:
         init.copy_(self.rope_index, rope_index(self._layer, self._rope_head_dim))
@@ -77,7 +78,8 @@ class EcospaLlamaAttention(nn.Module):
         v = self.v_proj(hidden_states).view(bsz, seq, self.num_key_value_heads, self.v_head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = position_embeddings
-        q, k = apply_rope(q, k, cos, sin, self.rope_index, self.num_key_value_groups)
+        q, k = apply_rope(q, k, cos, sin, self.rope_index, self.num_key_value_groups,
+                          self.rope_layout)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         # Looked up per call: set_attn_implementation on the shared config reaches every layer.
@@ -205,10 +207,11 @@ class EcospaLlamaModel(EcospaLlamaPreTrainedModel):
                 masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask=masks[layer.attention_type],
-                                  cache=cache, position_embeddings=position_embeddings,
-                                  position_ids=position_ids, **kwargs)
+        with sdpa_backends(hidden_states.device):
+            for layer in self.layers:
+                hidden_states = layer(hidden_states, attention_mask=masks[layer.attention_type],
+                                      cache=cache, position_embeddings=position_embeddings,
+                                      position_ids=position_ids, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
                                        **cache_kwargs(cache if use_cache else None))
 
