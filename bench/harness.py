@@ -36,6 +36,7 @@ class BenchConfig:
     hf_gen_len: int = 16          # HF generate is slow; its TPOT is measured over fewer tokens
     seed: int = 0
     kernels: bool | None = None   # engine decode: Triton kernels (None = where they run)
+    repeats: int = 3              # measured runs per row (after the first, first-seen one)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -134,6 +135,9 @@ class EngineBackend(Backend):
         self.engine = Engine(model, max_batch_size=max_batch, max_seq_len=max_seq,
                              device=cfg.device, dtype=cfg.dtype, compile=cfg.compile,
                              kernels=cfg.kernels)
+        # As the server does: every batch-1 prompt-length bucket captured before any request,
+        # so a first-seen length costs no capture (a no-op off CUDA).
+        self.engine.warmup([1], max(cfg.prompt_lens))
         self.device = cfg.device
 
     def weights_kv(self) -> tuple[int, int]:
@@ -343,12 +347,27 @@ def bench_model(label: str, build: Callable[[], torch.nn.Module], cfg: BenchConf
                     progress.update(1)
                     continue
                 prompts = _prompts(batch, plen, facts["vocab_size"], cfg.seed)
-                backend.run(prompts, min(gen, 4))            # warm-up: graphs, compile
+                # The first run is the first request of this length (and warms graphs/compile).
+                ttft_first, _ = backend.run(prompts, min(gen, 4))
                 _reset_peak(cfg.device)
-                ttft, steps = backend.run(prompts, gen)
+                ttfts, tpots, steps = [], [], []
+                for _ in range(max(1, cfg.repeats)):
+                    ttft, run_steps = backend.run(prompts, gen)
+                    ttfts.append(ttft)
+                    steps += run_steps
+                    if run_steps:
+                        tpots.append(statistics.median(run_steps))
                 peak = _peak(cfg.device) if backend.torch_memory else None
-                rows.append(_row(label, backend_name, batch, plen, gen, ttft, steps, facts,
-                                 weights_b, kv_b, peak, ceilings))
+                row = _row(label, backend_name, batch, plen, gen, statistics.median(ttfts),
+                           steps, facts, weights_b, kv_b, peak, ceilings)
+                row.update(repeats=len(ttfts), ttft_first_ms=ttft_first * 1e3,
+                           ttft_min_ms=min(ttfts) * 1e3,
+                           tpot_ms=statistics.median(tpots) * 1e3 if tpots else None,
+                           tpot_min_ms=min(tpots) * 1e3 if tpots else None)
+                if tpots:
+                    row["decode_tok_s"] = batch / (row["tpot_ms"] / 1e3)
+                    row["decode_pct_floor"] = 100 * row["decode_floor_ms"] / row["tpot_ms"]
+                rows.append(row)
                 if on_row is not None:
                     on_row(rows[-1])
                 progress.update(1)
@@ -414,6 +433,27 @@ def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r["mem_peak"] and r["weight_bytes"]:
             r["mem_peak_over_bytes_ratio"] = r["mem_peak"] / r["weight_bytes"]
     return out
+
+
+CPU_NOTE = ("CPU run: these numbers are indicative only, not the GPU's. A small pruned model can "
+            "be slower than dense here, because on a CPU each step is bound by per-operation "
+            "overhead (launches, Python) that pruning does not shrink; see the min/median "
+            "spread over the repeats below.")
+
+
+def spread_markdown(rows: list[dict[str, Any]]) -> str:
+    """TTFT first-seen vs repeated and the min/median spread of each row (markdown)."""
+    def f(v):
+        return "—" if v is None else f"{v:.2f}"
+
+    out = ["| model | backend | batch | prompt | TTFT first-seen ms | TTFT min / median ms "
+           "| TPOT min / median ms | runs |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['prompt_len']} | "
+                   f"{f(r.get('ttft_first_ms'))} | {f(r.get('ttft_min_ms'))} / "
+                   f"{f(r['ttft_ms'])} | {f(r.get('tpot_min_ms'))} / {f(r['tpot_ms'])} | "
+                   f"{r.get('repeats', 1)} |")
+    return "\n".join(out)
 
 
 def check_pair(dense: torch.nn.Module, pruned: torch.nn.Module) -> None:

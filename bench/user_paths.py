@@ -51,6 +51,35 @@ def _stock_dispatch():
         attention.CUDA_SDPA_BACKENDS = saved
 
 
+@contextlib.contextmanager
+def _no_pad():
+    """Our HF models without the q/k padding that lets flash run (pruned layers)."""
+    from ecospa_deploy.modeling import attention
+
+    saved = attention.PAD_FOR_FLASH
+    attention.PAD_FOR_FLASH = False
+    try:
+        yield
+    finally:
+        attention.PAD_FOR_FLASH = saved
+
+
+def _top_ops(fn, n: int = 8) -> list[dict]:
+    """Top ops by host self time and top kernels by device time of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    cpu = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:n]
+    dev = sorted(ev, key=lambda e: -(e.self_device_time_total or 0))[:n]
+    return ([dict(op=e.key[:70], host_us=round(e.self_cpu_time_total), count=e.count)
+             for e in cpu] +
+            [dict(kernel=e.key[:70], device_us=round(e.self_device_time_total or 0),
+                  count=e.count) for e in dev])
+
+
 def _no_cudnn():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -93,6 +122,8 @@ def hf_rows(shape, dtype, dev, args, emit) -> None:
         variants = [("ours", model, contextlib.nullcontext)]
         if args.baseline:
             variants.append(("ours_stock_dispatch", model, _stock_dispatch))
+            if label == "pruned":
+                variants.append(("ours_no_pad", model, _no_pad))
         stock = None
         if label == "dense" and shape["family"] == "llama":
             stock = _stock_llama(model, shape, dtype, dev)
@@ -109,10 +140,12 @@ def hf_rows(shape, dtype, dev, args, emit) -> None:
             cudnn = sorted({n[:80] for n in names if "cudnn" in n.lower()})
             attn = sorted({n[:80] for n in names if any(s in n.lower() for s in
                                                          ("flash", "fmha", "attention"))})
+                prof = _top_ops(lambda: backend.run(prompt, 4)) if args.kernels else []
             emit(dict(section="hf", model=label, variant=name, prompt_len=args.hf_prompt,
                       gen=gen, tpot_ms=1e3 * statistics.median(steps), ttft_ms=1e3 * ttft,
+                      tpot_min_ms=1e3 * min(steps),
                       cudnn_kernels=len(cudnn), attention_kernels=attn[:6],
-                      cudnn_examples=cudnn[:3]))
+                      cudnn_examples=cudnn[:3], profile=prof))
         del model, stock, variants, backend
         _free()
 

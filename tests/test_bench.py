@@ -29,6 +29,13 @@ def test_bench_tiny_shape_writes_json_markdown_png(tmp_path, capsys):
     for r in engine:
         assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["decode_pct_floor"] > 0
         assert r["decode_floor_ms"] > 0 and r["prefill_floor_ms"] > 0
+    for r in rows:      # first-seen TTFT and the spread over the repeated runs
+        assert r["repeats"] == 3 and r["ttft_first_ms"] > 0
+        assert 0 < r["ttft_min_ms"] <= r["ttft_ms"]
+        assert r["backend"] == "hf" or 0 < r["tpot_min_ms"] <= r["tpot_ms"]
+    printed = capsys.readouterr().out
+    assert "TTFT first-seen ms" in printed and "indicative only" in printed
+    assert result["note"].startswith("CPU run")
     dense, pruned = (next(r for r in engine if r["model"] == m and r["batch"] == 1)
                      for m in ("dense", "pruned"))
     assert pruned["params"] < dense["params"]

@@ -19,7 +19,7 @@ import torch
 
 from ecospa_deploy.loading import load_model, load_tokenizer
 from ecospa_deploy.serve.backend import engine_available
-from ecospa_deploy.serve.loadtest import run_load
+from ecospa_deploy.serve.loadtest import run_load, run_stream_load, token_prompts
 from ecospa_deploy.serve.process import ServerProcess
 from ecospa_deploy.testing import tiny_pruned, tiny_tokenizer
 
@@ -272,6 +272,17 @@ def test_load_64_concurrent_requests_are_batched(server, reference):
     assert summary["batch_size"]["steps_with_more_than_one"] > 0
     assert summary["batch_size"]["mean"] > 1.5
     print("\nload:", json.dumps({k: v for k, v in summary.items() if k != "results"}))
+
+
+def test_streamed_load_with_distinct_prompt_lengths(server):
+    prompts = token_prompts(12, 2, 40, vocab=90)
+    assert len({len(p) for p in prompts}) == 12
+    summary = asyncio.run(run_stream_load(server.url, prompts, [3, 6], api_key=KEY,
+                                          time_cap=120))
+    assert summary["ok"] == 12 and summary["distinct_prompt_lens"] == 12
+    for i, r in enumerate(summary["results"]):
+        assert r["ttft_s"] > 0 and 0 < r["completion_tokens"] <= (3, 6)[i % 2]
+    assert summary["ttft_p50_ms"] > 0 and summary["output_tokens_per_s"] > 0
 
 
 def test_sigterm_finishes_in_flight_requests(model_dir):

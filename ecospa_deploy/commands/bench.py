@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-decode", choices=["auto", "fused", "torch"], default="auto",
                         help="engine decode step: the Triton kernels (fused; auto = where they "
                         "run) or PyTorch")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measured runs per row after the first-seen one (min/median shown)")
     parser.add_argument("--out", default="bench-out", help="output directory")
 
 
@@ -65,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not backends:
         raise CLIError(f"--backends {args.backends!r}: unknown {unknown}; expected a comma-"
                        f"separated subset of {list(harness.BACKENDS)}")
+    if args.repeats < 1:
+        raise CLIError(f"--repeats {args.repeats}; expected an integer >= 1")
     if args.gen_len < 2:
         raise CLIError(f"--gen-len {args.gen_len}; expected >= 2 (TPOT needs two tokens)")
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,14 +102,15 @@ def run(args: argparse.Namespace) -> int:
                               device=device, compile=not args.no_compile and
                               device.type == "cuda", hf_gen_len=args.hf_gen_len,
                               kernels={"auto": None, "fused": True, "torch": False}[
-                                  args.engine_decode])
+                                  args.engine_decode], repeats=args.repeats)
     ceilings = measure_ceilings(device, dtype)
     total = len(builders) * len(backends) * len(args.batch_sizes) * len(args.prompt_lens)
     rows: list[dict] = []
     result = dict(title=title, command="ecospa bench " + shlex.join(sys.argv[2:] if
                   sys.argv[1:2] == ["bench"] else sys.argv[1:]),
                   dtype=args.dtype, device=str(device), ceilings=ceilings.to_dict(),
-                  rows=rows, ratios=[], complete=False)
+                  rows=rows, ratios=[], complete=False,
+                  note=harness.CPU_NOTE if device.type == "cpu" else None)
 
     def save(row: dict | None = None) -> list[Path]:
         if row is not None:
@@ -119,5 +124,9 @@ def run(args: argparse.Namespace) -> int:
     result["complete"] = True
     files = save()
     print(report.markdown(result))
+    print("\nTTFT of the first request at each prompt length vs repeated; spread over "
+          f"{args.repeats} runs:\n" + harness.spread_markdown(rows))
+    if device.type == "cpu":
+        print("\nNote: " + harness.CPU_NOTE)
     print("wrote " + ", ".join(str(f) for f in files))
     return 0

@@ -35,6 +35,24 @@ def sdpa_backends(device: torch.device):
     return sdpa_kernel([getattr(SDPBackend, n) for n in CUDA_SDPA_BACKENDS])
 
 
+# On CUDA, pad q/k (or v) of a pruned layer to one head dim so SDPA's flash kernel runs: it
+# refuses q/k dim != v dim, and the memory-efficient kernel it falls back to measured slower.
+PAD_FOR_FLASH = True
+
+
+def pad_for_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]:
+    """``(q, k, v, v_dim)`` with q/k and v at one head dim (exact: zero q/k dims add nothing to
+    q.k); ``v_dim`` is the width to slice the output back to, None when nothing was padded."""
+    qk, vd = query.shape[-1], value.shape[-1]
+    if qk == vd or not PAD_FOR_FLASH or not query.is_cuda or max(qk, vd) > 256:
+        return query, key, value, None
+    if qk < vd:
+        pad = (0, vd - qk)
+        return nn.functional.pad(query, pad), nn.functional.pad(key, pad), value, None
+    return query, key, nn.functional.pad(value, (0, qk - vd)), vd
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

@@ -23,7 +23,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ..spec import LayerSpec
-from .attention import eager_attention, sdpa_backends
+from .attention import eager_attention, pad_for_flash, sdpa_backends
 from .kv_cache import cache_kwargs, one_cache, start_decode
 from .lm_head import causal_lm_output
 from .configuration_ecospa import EcospaGPT2Config
@@ -57,10 +57,15 @@ class EcospaGPT2Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         # Looked up per call: set_attn_implementation on the shared config reaches every layer.
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                       eager_attention)
+        impl = self.config._attn_implementation
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention)
+        v_dim = None
+        if impl == "sdpa":
+            q, k, v, v_dim = pad_for_flash(q, k, v)
         out, _ = attend(self, q, k, v, attention_mask, scaling=self.scaling,
                         dropout=self.attn_dropout if self.training else 0.0, **kwargs)
+        if v_dim is not None:
+            out = out[..., :v_dim]
         out = out.reshape(bsz, seq, self.num_heads * self.v_head_dim)
         return self.resid_dropout(self.c_proj(out))
 

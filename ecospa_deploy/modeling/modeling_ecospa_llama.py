@@ -25,7 +25,8 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
 from ..spec import LayerSpec
-from .attention import apply_rope, eager_attention, rope_index, rope_layout, sdpa_backends
+from .attention import (apply_rope, eager_attention, pad_for_flash, rope_index, rope_layout,
+                        sdpa_backends)
 from .kv_cache import CACHE_KWARG, cache_kwargs, one_cache, start_decode
 from .lm_head import causal_lm_output
 from .configuration_ecospa import EcospaLlamaConfig
@@ -83,11 +84,16 @@ class EcospaLlamaAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         # Looked up per call: set_attn_implementation on the shared config reaches every layer.
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                       eager_attention)
+        impl = self.config._attn_implementation
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention)
+        v_dim = None
+        if impl == "sdpa":
+            q, k, v, v_dim = pad_for_flash(q, k, v)
         out, weights = attend(self, q, k, v, attention_mask,
                               dropout=self.attention_dropout if self.training else 0.0,
                               scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
+        if v_dim is not None:
+            out = out[..., :v_dim]
         out = out.reshape(bsz, seq, self.num_heads * self.v_head_dim)
         return self.o_proj(out), weights
 

@@ -73,6 +73,75 @@ async def run_load(url: str, prompts: list[str], *, requests: int = 64, max_toke
     }
 
 
+async def _one_stream(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    """One streamed completion: arrival-to-first-token and the time between later tokens."""
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    status = 0
+    async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
+        status = resp.status_code
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if choices[0].get("text"):       # the closing delta may carry no text
+                    stamps.append(time.perf_counter())
+    out: dict[str, Any] = {"status": status, "latency_s": time.perf_counter() - t0,
+                           "prompt_tokens": len(body["prompt"]), "completion_tokens": len(stamps)}
+    if stamps:
+        out["ttft_s"] = stamps[0] - t0
+    if len(stamps) > 1:
+        out["tpot_s"] = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    return out
+
+
+def token_prompts(requests: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """``requests`` token-id prompts of distinct lengths spread over [lo, hi] (seeded ids)."""
+    import random
+
+    rng = random.Random(seed)
+    span = max(hi - lo, 0)
+    lengths = sorted({lo + (span * i) // max(requests - 1, 1) for i in range(requests)})
+    lengths += [lo + rng.randrange(span + 1) for _ in range(requests - len(lengths))]
+    rng.shuffle(lengths)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+async def run_stream_load(url: str, prompts: list[list[int]], max_tokens: list[int], *,
+                          time_cap: float = 300.0, model: str | None = None,
+                          api_key: str | None = None) -> dict[str, Any]:
+    """All ``prompts`` at once, streamed (``max_tokens`` cycled): TTFT, TPOT and tokens/s.
+
+    A token counts when its stream event carries text, so a tokenizer that decodes some ids to
+    nothing under-counts them (bench/serve_gpu.py uses one where every id is a word)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=time_cap, limits=limits,
+                                 headers=headers) as client:
+        bodies = [{"prompt": p, "max_tokens": max_tokens[i % len(max_tokens)],
+                   "temperature": 0, "ignore_eos": True, **({"model": model} if model else {})}
+                  for i, p in enumerate(prompts)]
+        t0 = time.perf_counter()
+        results = await asyncio.wait_for(
+            asyncio.gather(*(_one_stream(client, b) for b in bodies)), time_cap)
+        wall = time.perf_counter() - t0
+        metrics = (await client.get("/metrics")).text
+    ok = [r for r in results if r["status"] == 200]
+    ttft = [r["ttft_s"] for r in ok if "ttft_s" in r] or [float("nan")]
+    tpot = [r["tpot_s"] for r in ok if "tpot_s" in r] or [float("nan")]
+    tokens = sum(r["completion_tokens"] for r in ok)
+    ms = lambda v: round(1e3 * v, 2)  # noqa: E731
+    return {
+        "requests": len(prompts), "ok": len(ok), "max_tokens": sorted(set(max_tokens)),
+        "prompt_lens": [min(len(p) for p in prompts), max(len(p) for p in prompts)],
+        "distinct_prompt_lens": len({len(p) for p in prompts}),
+        "wall_s": round(wall, 3), "output_tokens": tokens,
+        "output_tokens_per_s": round(tokens / wall, 1),
+        "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
+        "tpot_p50_ms": ms(percentile(tpot, 50)), "tpot_p99_ms": ms(percentile(tpot, 99)),
+        "batch_size": batch_size_stats(metrics), "results": results,
+    }
+
+
 def batch_size_stats(metrics_text: str) -> dict[str, float]:
     """Decode steps, mean sequences per step and steps with more than one sequence."""
     def value(pattern: str) -> float:
@@ -101,7 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", default=None)
     p.add_argument("--time-cap", type=float, default=300.0)
     p.add_argument("--out", type=Path, help="write the summary JSON here")
+    p.add_argument("--prompt-lens", default=None, metavar="LO:HI",
+                   help="streamed run: token-id prompts of distinct lengths in [LO, HI]; "
+                   "reports TTFT/TPOT p50/p99 and output tokens/s")
+    p.add_argument("--max-tokens-mix", default=None, metavar="A,B,...",
+                   help="with --prompt-lens: max_tokens cycled over the requests")
+    p.add_argument("--vocab", type=int, default=1000, help="with --prompt-lens: ids < this")
     args = p.parse_args(argv)
+    if args.prompt_lens:
+        return _stream_main(args, server_args)
     prompts = args.prompt or ["To be, or not to be", "The slings and arrows",
                               "Whether 'tis nobler in the mind", "that is the question"]
     if args.target.startswith(("http://", "https://")):
@@ -121,6 +198,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         summary["statuses"] = sorted({r["status"] for r in summary.pop("results")})
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0 if summary["ok"] == args.requests else 1
+
+
+def _stream_main(args, server_args: list[str]) -> int:
+    try:
+        lo, hi = (int(x) for x in args.prompt_lens.split(":"))
+        mix = [int(x) for x in (args.max_tokens_mix or str(args.max_tokens)).split(",")]
+    except ValueError:
+        raise SystemExit(f"--prompt-lens {args.prompt_lens!r} / --max-tokens-mix "
+                         f"{args.max_tokens_mix!r}; expected LO:HI and A,B,... integers")
+    if not 1 <= lo <= hi or min(mix) < 1:
+        raise SystemExit(f"--prompt-lens {lo}:{hi}, --max-tokens-mix {mix}; expected "
+                         "1 <= LO <= HI and max_tokens >= 1")
+    prompts = token_prompts(args.requests, lo, hi, args.vocab)
+
+    async def go(url: str) -> dict[str, Any]:
+        return await run_stream_load(url, prompts, mix, time_cap=args.time_cap,
+                                     api_key=args.api_key)
+
+    if args.target.startswith(("http://", "https://")):
+        summary = asyncio.run(go(args.target))
+    else:
+        from ecospa_deploy.serve.process import ServerProcess
+
+        with ServerProcess(args.target, *server_args, startup_timeout=600.0) as srv:
+            asyncio.run(run_stream_load(srv.url, prompts[:4], [4], time_cap=args.time_cap,
+                                        api_key=args.api_key))
+            summary = asyncio.run(go(srv.url))
+    summary["server_args"] = server_args
+    print(json.dumps({k: v for k, v in summary.items() if k != "results"}, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
     return 0 if summary["ok"] == args.requests else 1
 

@@ -112,8 +112,12 @@ def build_backend(name: str, model, max_batch_size: int, max_seq_len: int, devic
     if name == "engine":
         from ecospa_deploy.engine import Engine
 
-        return Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                      device=device, dtype=dtype)
+        engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                        device=device, dtype=dtype)
+        # Requests are prefilled one at a time: capture every prompt-length bucket now, so no
+        # request pays a capture (CUDA only; a no-op elsewhere).
+        engine.warmup([1])
+        return engine
     from ecospa_deploy.serve.hf_backend import HFBackend
 
     return HFBackend(model.to(device=device, dtype=dtype), max_batch_size, max_seq_len)

@@ -1,0 +1,82 @@
+"""``ecospa serve`` (engine backend) under load, dense vs pruned twin of a shape, on one GPU.
+
+``python -m ecospa_deploy.bench.serve_gpu --shape llama-1b --out DIR``: saves each twin (random
+weights, a word-level tokenizer whose every id decodes to text, so each streamed token is one
+event) to a temporary directory, starts the server on it, sends ``--requests`` streamed
+completions at once with distinct prompt lengths and mixed ``max_tokens``, and writes
+``serve_<shape>.json`` with TTFT/TPOT p50/p99 and output tokens/s per model, plus their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def word_tokenizer(vocab: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab)}
+    words.update({"<pad>": 0, "<s>": 1, "</s>": 2})
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")        # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def main(argv=None) -> int:
+    from ecospa_deploy.serve.loadtest import run_stream_load, token_prompts
+    from ecospa_deploy.serve.process import ServerProcess
+
+    from .shapes import build_model, load_shape
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="llama-1b")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt-lens", default="16:1024")
+    ap.add_argument("--max-tokens-mix", default="32,64,128")
+    ap.add_argument("--max-model-len", type=int, default=1280)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    shape = load_shape(args.shape)
+    vocab = shape["dense"]["vocab_size"]
+    lo, hi = (int(x) for x in args.prompt_lens.split(":"))
+    mix = [int(x) for x in args.max_tokens_mix.split(",")]
+    prompts = token_prompts(args.requests, lo, hi, vocab)
+    server_args = ["--backend", "engine", "--dtype", "bfloat16", "--device", "cuda",
+                   "--max-batch-size", str(args.requests), "--max-model-len",
+                   str(args.max_model_len), "--max-queue", str(4 * args.requests)]
+    result = dict(shape=args.shape, server_args=server_args, requests=args.requests,
+                  prompt_lens=args.prompt_lens, max_tokens_mix=mix, runs={})
+    for label in ("dense", "pruned"):
+        with tempfile.TemporaryDirectory(prefix=f"ecospa-serve-{label}-") as tmp:
+            model = build_model(shape, label == "pruned", torch.bfloat16, torch.device("cuda"))
+            model.save_pretrained(tmp)
+            word_tokenizer(vocab).save_pretrained(tmp)
+            del model
+            torch.cuda.empty_cache()
+            with ServerProcess(tmp, *server_args, startup_timeout=600.0) as srv:
+                asyncio.run(run_stream_load(srv.url, prompts[:4], [4]))       # warm-up
+                runs = [asyncio.run(run_stream_load(srv.url, prompts, mix)) for _ in range(2)]
+            run = runs[-1]
+            run.pop("results")
+            run["first_run_tokens_per_s"] = runs[0]["output_tokens_per_s"]
+            result["runs"][label] = run
+            print(label, json.dumps(run), flush=True)
+    d, p = result["runs"]["dense"], result["runs"]["pruned"]
+    result["pruned_over_dense_tokens_per_s"] = p["output_tokens_per_s"] / d["output_tokens_per_s"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"serve_{args.shape}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
