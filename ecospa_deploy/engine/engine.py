@@ -1,7 +1,9 @@
 """``Engine``: fast generation for our per-layer-shaped models and stock HF Llama/GPT-2.
 
 Static per-layer KV cache, exact zero padding, fused projections, batched prefill and a decode
-step that replays as one CUDA graph per (batch bucket, KV-length bucket, greedy/sampled). On
+step that replays as one CUDA graph per (batch bucket, KV-length bucket, greedy/sampled); on
+CUDA prefill replays one graph per (rows, prompt-length bucket) too (``warmup()`` captures them
+all up front, so a first-seen prompt length costs what a repeated one does). On
 CUDA the decode step of batch 1 is built from the Triton kernels of ``engine/fused.py`` (five
 launches per layer); larger batches run the PyTorch step (cuBLAS linears, which ``compile=`` may
 pass through ``torch.compile(fullgraph=True)``) with the Triton decode attention;
