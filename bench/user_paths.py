@@ -137,10 +137,10 @@ def hf_rows(shape, dtype, dev, args, emit) -> None:
                 backend.run(prompt, gen)
                 ttft, steps = backend.run(prompt, gen)
                 names = _kernel_names(lambda: backend.run(prompt, 3))
+                prof = _top_ops(lambda: backend.run(prompt, 4)) if args.kernels else []
             cudnn = sorted({n[:80] for n in names if "cudnn" in n.lower()})
             attn = sorted({n[:80] for n in names if any(s in n.lower() for s in
                                                          ("flash", "fmha", "attention"))})
-                prof = _top_ops(lambda: backend.run(prompt, 4)) if args.kernels else []
             emit(dict(section="hf", model=label, variant=name, prompt_len=args.hf_prompt,
                       gen=gen, tpot_ms=1e3 * statistics.median(steps), ttft_ms=1e3 * ttft,
                       tpot_min_ms=1e3 * min(steps),
