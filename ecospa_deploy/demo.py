@@ -50,7 +50,7 @@ class Recipe:
 # long for a first-run command.
 DEMO_RECIPE = "tiny"
 # Measured wall time of a first build of the demo (training + pruning), said before it starts.
-BUILD_COST = "about 2 minutes on 2 idle CPU cores"
+BUILD_COST = "several minutes on 2 CPU cores; the progress bar shows the ETA"
 SAMPLE_PROMPT = "ROMEO:\n"
 
 RECIPES: dict[str, Recipe] = {
