@@ -1,10 +1,25 @@
-"""Write a benchmark's results: ``results.json``, ``results.md`` and PNG plots."""
+"""Write a benchmark's results: ``results.json``, ``results.md`` and PNG plots.
+
+The plots need matplotlib (the 'bench' extra); without it they are skipped, never the
+measurements.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
+
+from ecospa_deploy.atomic import write_text_atomic
+from ecospa_deploy.extras import install_hint
+
+NO_PLOTS = f"matplotlib is not installed, so no plots are drawn; for them: {install_hint('bench')}"
+
+
+def can_plot() -> bool:
+    """Whether matplotlib is importable (checked without importing it)."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _f(v, fmt="{:.2f}"):
@@ -94,12 +109,13 @@ def plots(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 def write(result: dict[str, Any], out: Path, with_plots: bool = True) -> list[Path]:
-    """Write the files; without plots after each row, so a killed run keeps what it measured."""
+    """Write the files; without plots after each row, so a killed run keeps what it measured.
+
+    ``with_plots`` draws them only where matplotlib is installed (see ``can_plot``).
+    """
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("results.json", json.dumps(result, indent=1, default=str)),
                        ("results.md", markdown(result))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)              # atomic: a reader never sees half a file
+        write_text_atomic(out / name, text)   # a reader never sees half a file
     files = [out / "results.json", out / "results.md"]
-    return files + plots(result, out) if with_plots else files
+    return files + plots(result, out) if with_plots and can_plot() else files

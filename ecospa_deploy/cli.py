@@ -65,6 +65,14 @@ def run_verb(verb: str, argv: Sequence[str], prog: str | None = None) -> int:
     except BrokenPipeError:  # `ecospa inspect ... | head`
         sys.stderr.close()
         return 0
+    except ModuleNotFoundError as exc:  # an optional dependency a verb's module imports
+        from ecospa_deploy.extras import explain_missing_module
+
+        message = explain_missing_module(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     except Exception as exc:  # user-facing errors from the library carry their own message
         from ecospa_deploy.errors import USER_ERRORS
 

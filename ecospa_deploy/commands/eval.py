@@ -17,29 +17,37 @@ import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ecospa_deploy.commands.args import positive_int
+
     parser.add_argument("model", help="checkpoint directory (ours or a stock HF directory)")
     parser.add_argument("--data", help="UTF-8 text file to measure perplexity on")
     parser.add_argument("--seq-len", type=int, default=2048, help="window length (2048, or the "
                         "model's maximum if smaller)")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=positive_int, default=1,
+                        help="windows scored per forward pass (default: %(default)s)")
     parser.add_argument("--generate", metavar="PROMPT", help="print a greedy continuation")
-    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=50,
+                        help="tokens --generate adds (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="compute dtype (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ecospa_deploy.cli import CLIError
+    from ecospa_deploy.commands.args import require_paths
+
+    if not args.data and not args.generate:   # before torch loads
+        raise CLIError("nothing to do: give --data TEXTFILE and/or --generate PROMPT")
+    require_paths(("model", args.model), ("--data", args.data))
     import torch
 
-    from ecospa_deploy.cli import CLIError
     from ecospa_deploy.evaluate import text_perplexity
     from ecospa_deploy.loading import load_model, load_tokenizer
     from ecospa_deploy.prune.calibration import read_text
     from ecospa_deploy.prune.tracking import count_params
 
-    if not args.data and not args.generate:
-        raise CLIError("nothing to do: give --data TEXTFILE and/or --generate PROMPT")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     tokenizer = load_tokenizer(args.model)

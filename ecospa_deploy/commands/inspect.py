@@ -1,7 +1,8 @@
 """Per-layer shapes, parameters, bytes and KV-cache size of a checkpoint.
 
-Reads only config.json and the safetensors headers, so it is instant even for large models and
-works on foreign pruned checkpoints (shapes inferred from tensors).
+Reads only config.json and the safetensors headers, never the weights, so it takes about as
+long for a 70B model as for a tiny one, and works on foreign pruned checkpoints (shapes
+inferred from tensors).
 
 examples:
   ecospa inspect ./pruned-llama
@@ -20,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ecospa_deploy.commands.args import require_paths
+
+    require_paths(("checkpoint", args.path))
     from ecospa_deploy.inspect import describe, format_table
 
     info = describe(args.path)

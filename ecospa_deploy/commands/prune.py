@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ecospa_deploy.prune.run import METHODS
+    from ecospa_deploy.prune.methods import METHODS
 
     parser.add_argument("model", help="input checkpoint directory (ours or a stock HF Llama/"
                         "Mistral/Qwen2/GPT-2 directory)")
@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "unless --overwrite)")
     parser.add_argument("--target-size", type=float, default=0.7,
                         help="fraction of the input's parameters to keep, in (0, 1) (default 0.7)")
-    parser.add_argument("--method", choices=METHODS, default="ecospa")
+    parser.add_argument("--method", choices=METHODS, default="ecospa",
+                        help="pruning method (default: %(default)s; see above)")
     parser.add_argument("--calib", required=True, help="UTF-8 text file for calibration windows")
     parser.add_argument("--samples", type=int, default=128, help="calibration windows (128)")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per window (2048)")
@@ -44,13 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="round every pruned width (heads*dims, FFN) to a multiple of N")
     parser.add_argument("--recover-steps", type=int, default=0,
                         help="AdamW recovery fine-tuning steps on the calibration windows")
-    parser.add_argument("--recover-lr", type=float, default=1e-4)
+    parser.add_argument("--recover-lr", type=float, default=1e-4,
+                        help="AdamW learning rate of the recovery steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="compute dtype while pruning (default float32)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the calibration-window sampling and the recovery steps "
+                        "(default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUTPUT if it is empty or an earlier ecospa output (never "
+                        "the input, a file or a symbolic link)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -66,11 +72,12 @@ def _check_args(args: argparse.Namespace) -> None:
                            "expected an integer >= 1")
     if args.recover_steps < 0:
         raise CLIError(f"--recover-steps={args.recover_steps} is invalid; expected >= 0")
-    if Path(args.output).exists() and not args.overwrite:
-        raise CLIError(f"{args.output} already exists; choose another output path or pass "
-                       "--overwrite")
     if not Path(args.calib).is_file():
         raise CLIError(f"--calib {args.calib}: no such file")
+    from ecospa_deploy.commands.args import check_output, require_paths
+
+    require_paths(("model", args.model))
+    check_output(args.output, args.overwrite, sources=(args.model, args.calib))
 
 
 def _layer_rows(spec_before, spec_after) -> list[list]:
@@ -105,6 +112,7 @@ def format_summary(s: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_args(args)    # before torch loads: a bad argument answers at once
     import torch
 
     from ecospa_deploy.atomic import atomic_directory
@@ -113,7 +121,6 @@ def run(args: argparse.Namespace) -> int:
     from ecospa_deploy.prune.calibration import calibration_windows
     from ecospa_deploy.prune.run import PruneOptions, check_supported, prune_model
 
-    _check_args(args)
     opts = PruneOptions(method=args.method, target_size=args.target_size, top_k=args.top_k,
                         theta=args.theta, align=args.align, batch_size=args.batch_size,
                         seed=args.seed).validate()
@@ -149,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                                "first_loss": losses[0], "last_loss": losses[-1]}
         spec = model.config.ecospa_spec
         model.config.set_spec(spec.replace_layers(spec.layers, recovery=summary["recovery"]))
-    with atomic_directory(args.output, overwrite=args.overwrite) as tmp:
+    with atomic_directory(args.output, overwrite=args.overwrite, sources=(args.model,)) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     summary["seconds"] = time.perf_counter() - start

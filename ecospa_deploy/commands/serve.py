@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra arguments for vLLM's server with --backend vllm, one "
                         "string (e.g. \"--enforce-eager --kv-cache-memory-bytes 67108864\")")
     parser.add_argument("--log-level", default=D.log_level,
-                        choices=["debug", "info", "warning", "error"])
+                        choices=["debug", "info", "warning", "error"],
+                        help="server log level (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

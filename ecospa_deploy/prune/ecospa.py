@@ -248,7 +248,8 @@ def prune_ecospa(model: nn.Module, windows: torch.Tensor, target: int,
                                         desc=f"round {round_idx + 1} gradients")
             report, _ = ecospa_round(work, fisher, counter, target, cfg, kept)
             reports.append(report)
-            bar.update(report.params_before - report.params_after)
+            # the last round may overshoot the target: the bar stops at its total, exactly
+            bar.update(min(start - report.params_after, bar.total) - bar.n)
             bar.set_postfix(round=round_idx + 1, params=report.params_after)
             if on_round:
                 on_round(round_idx, report)

@@ -21,7 +21,7 @@ from ecospa_deploy.prune.mask import LayerMask
 from ecospa_deploy.prune.surgery import slice_model
 from ecospa_deploy.prune.tracking import count_params, masks_to_json
 
-METHODS = ("ecospa", "numerical", "uncoupled", "magnitude")
+from ecospa_deploy.prune.methods import METHODS  # noqa: E402  (torch-free, for the CLI)
 
 
 @dataclass

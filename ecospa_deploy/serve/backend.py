@@ -13,9 +13,10 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
-from ecospa_deploy.engine.sampling import SamplingParams
+if TYPE_CHECKING:   # an annotation only: `ecospa serve --help` must not import torch
+    from ecospa_deploy.engine.sampling import SamplingParams
 
 log = logging.getLogger("ecospa_deploy.serve")
 

