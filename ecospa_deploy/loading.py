@@ -357,6 +357,14 @@ def _our_spec(raw: dict[str, Any], path: Path, layers_key: str) -> ModelSpec:
         raise SpecError(f"{path}: {exc}") from None
 
 
+def _no_spec_in_stock(raw: dict[str, Any], path: Path, ours: str) -> None:
+    """A stock model_type with our per-layer block is a half-edited config: say which it is."""
+    if "ecospa" in raw:
+        raise CheckpointError(f"{path}: model_type={raw['model_type']!r} is a stock type but the "
+                              f"config has an 'ecospa' block; set model_type to {ours!r} for "
+                              "our format, or remove the block for a foreign checkpoint")
+
+
 def check_layer_count(found: dict[str, "TensorInfo"], num_layers: int, source: Path) -> None:
     """The tensors hold exactly layers ``0 .. num_layers-1`` (names ``...layers.i.``/``h.i.``)."""
     seen = {int(p) for name in found for p in _layer_indices(name)}
@@ -384,6 +392,7 @@ def resolve_config(path: str | os.PathLike) -> tuple[Any, type[PreTrainedModel],
         layers_key = "n_layer" if family == "gpt2" else "num_hidden_layers"
         _our_spec(raw, directory / "config.json", layers_key)
         return _config_object(fam.load("config").from_pretrained, directory), model_cls, False
+    _no_spec_in_stock(raw, directory / "config.json", fam.model_type)
     stock = _config_object(AutoConfig.from_pretrained, directory)
     found = read_checkpoint_index(directory)
     check_layer_count(found, _num_layers(stock), directory)
