@@ -119,4 +119,8 @@ convert_main = _alias("convert")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's module, not this __main__ copy: verbs raise ecospa_deploy.cli.CLIError,
+    # which a second copy of the class here would not catch.
+    from ecospa_deploy.cli import main as _main
+
+    sys.exit(_main())

@@ -12,6 +12,11 @@ Accepted inputs:
 
 Every tensor name and shape is checked against the model the spec describes before any weight
 is loaded, so a bad checkpoint fails with the file, layer and tensor in the message.
+
+Files are treated as untrusted input: safetensors headers, config.json and the shard index are
+validated field by field (types, signs, nesting), weight files must lie inside the model
+directory (no absolute or ``..`` shard paths, no symlink leading out), and every failure is a
+one-line ``CheckpointError`` or ``SpecError``, never a traceback from deeper down.
 """
 
 from __future__ import annotations
@@ -44,6 +49,51 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def _load_json(data: bytes | str, where: Path, what: str) -> Any:
+    """JSON from an untrusted file; any parse failure is a one-line ``CheckpointError``."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise CheckpointError(f"{where}: corrupt {what} (JSON nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, 4300-digit integers
+        raise CheckpointError(f"{where}: corrupt {what} ({_one_line(exc)})") from None
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _header_entry(path: Path, name: str, meta: Any) -> tuple[TensorInfo, int, int]:
+    """One tensor's (info, start, stop) from a header entry whose every field is checked."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt safetensors header entry for tensor "
+                               f"{name[:100]!r}: {why}")
+
+    if not isinstance(meta, dict):
+        raise bad(f"expected an object, got {type(meta).__name__}")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise bad(f"dtype is {type(dtype).__name__}; expected a string such as 'F32'")
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape) or len(shape) > 8:
+        raise bad("shape must be a list of at most 8 non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise bad("data_offsets must be [start, stop] with 0 <= start <= stop")
+    start, stop = offsets
+    numel = 1
+    for s in shape:
+        numel *= s
+    if dtype in _DTYPES and stop - start != numel * _DTYPES[dtype]:
+        raise CheckpointError(f"{path}: tensor {name[:100]!r} declares shape {shape} ({dtype}) "
+                              f"but spans {stop - start} bytes")
+    return TensorInfo(str(path), dtype, tuple(shape)), start, stop
+
+
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     """Names, dtypes and shapes of a .safetensors file from its header alone; checks truncation."""
     path = Path(path)
@@ -56,10 +106,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         if n > size - 8 or n > 100_000_000:
             raise CheckpointError(f"{path}: corrupt safetensors header (declares {n} header "
                                   f"bytes, file has {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+        header = _load_json(f.read(n), path, "safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     out: dict[str, TensorInfo] = {}
@@ -67,23 +114,28 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, stop) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor "
-                                  f"{name!r}") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if dtype in _DTYPES and stop - start != numel * _DTYPES[dtype]:
-            raise CheckpointError(f"{path}: tensor {name!r} declares shape {list(shape)} "
-                                  f"({dtype}) but spans {stop - start} bytes")
+        out[name], _, stop = _header_entry(path, name, meta)
         end = max(end, stop)
-        out[name] = TensorInfo(str(path), dtype, shape)
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated safetensors file: header declares "
                               f"{8 + n + end} bytes, file has {size}")
     return out
+
+
+def weight_file(directory: Path, name: Any, source: Path) -> Path:
+    """``directory / name`` for a weight file named in ``source``, refused unless it is a plain
+    relative name that stays inside ``directory`` once symlinks are resolved."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{source}: weight file name {str(name)[:100]!r} is not a file name")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{source}: weight file {name[:200]!r} is outside the model "
+                              f"directory {directory}; expected a name relative to it")
+    path = directory / name
+    target = path.resolve()
+    if directory.resolve() not in target.parents:
+        raise CheckpointError(f"{path}: a symlink to {target}, outside the model directory "
+                              f"{directory}; copy the weights into the directory instead")
+    return path
 
 
 def read_checkpoint_index(directory: Path) -> dict[str, TensorInfo]:
@@ -91,15 +143,13 @@ def read_checkpoint_index(directory: Path) -> dict[str, TensorInfo]:
     index = directory / "model.safetensors.index.json"
     single = directory / "model.safetensors"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({exc!r})") from None
+        weight_map = _read_weight_map(weight_file(directory, index.name, directory))
         out: dict[str, TensorInfo] = {}
         for shard in sorted(set(weight_map.values())):
-            if not (directory / shard).exists():
+            path = weight_file(directory, shard, index)
+            if not path.is_file():
                 raise CheckpointError(f"{index}: shard {shard} is missing from {directory}")
-            header = read_safetensors_header(directory / shard)
+            header = read_safetensors_header(path)
             for name, shard_of in weight_map.items():
                 if shard_of == shard and name not in header:
                     raise CheckpointError(f"{directory / shard}: tensor {name!r} listed in the "
@@ -107,11 +157,21 @@ def read_checkpoint_index(directory: Path) -> dict[str, TensorInfo]:
             out.update(header)
         return out
     if single.exists():
-        return read_safetensors_header(single)
+        return read_safetensors_header(weight_file(directory, single.name, directory))
     found = sorted(p.name for p in directory.iterdir())
     raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json "
                           f"(found {found[:10]}); .bin state dicts are not read: re-save as "
                           "safetensors, or pass an LLM-Pruner file with allow_pickle=True")
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    raw = _load_json(index.read_bytes(), index, "safetensors index")
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not (isinstance(weight_map, dict) and weight_map
+            and all(isinstance(v, str) for v in weight_map.values())):
+        raise CheckpointError(f"{index}: not a valid safetensors index; expected "
+                              "{\"weight_map\": {tensor name: shard file name, ...}}")
+    return weight_map
 
 
 # -- spec inference from tensor shapes -----------------------------------------------------
@@ -124,8 +184,12 @@ def _div(n: int, d: int, what: str, layer: int, tensor: str) -> int:
 
 
 def _shape(shapes: dict[str, tuple[int, ...]], name: str, layer: int) -> tuple[int, ...]:
+    """A weight matrix's shape; shape inference needs both of its dims."""
     if name not in shapes:
         raise CheckpointError(f"layer {layer}: missing tensor {name!r}")
+    if len(shapes[name]) != 2:
+        raise CheckpointError(f"layer {layer}: tensor {name!r} has shape {list(shapes[name])}; "
+                              "expected a 2-D weight matrix")
     return shapes[name]
 
 
@@ -189,8 +253,13 @@ _INFER = {"llama": infer_llama_spec, "gpt2": infer_gpt2_spec}
 # -- shape check against the model the spec describes --------------------------------------
 def expected_shapes(model_cls: type[PreTrainedModel], config: Any) -> tuple[dict[str, tuple], set]:
     """Parameter shapes of ``model_cls(config)`` built on the meta device, and tied names."""
-    with torch.device("meta"):
-        model = model_cls(config)
+    try:
+        with torch.device("meta"):
+            model = model_cls(config)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, ArithmeticError,
+            RuntimeError) as exc:
+        raise CheckpointError(f"the config cannot build {model_cls.__name__} "
+                              f"({type(exc).__name__}: {_one_line(exc)})") from None
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return shapes, set(model.all_tied_weights_keys)
 
@@ -236,10 +305,79 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{directory}: no such directory")
     if not path.exists():
         raise CheckpointError(f"{directory}: no config.json; expected a HF model directory")
+    raw = _load_json(path.read_bytes(), path, "config.json")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: config.json is a JSON {type(raw).__name__}; expected an "
+                              "object")
+    check_config_dims(raw, path)
+    return raw
+
+
+# Size keys of HF decoder configs (Llama-like and GPT-2 names): each, when set, must be an
+# integer >= 1. A zero or negative size would divide by zero, build empty layers, or (head_dim)
+# be replaced by a default and load with wrong logits.
+CONFIG_SIZE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                    "num_hidden_layers", "intermediate_size", "vocab_size", "head_dim",
+                    "max_position_embeddings", "n_embd", "n_head", "n_layer", "n_inner",
+                    "n_positions", "n_ctx")
+
+
+def check_config_dims(raw: dict[str, Any], path: Path) -> None:
+    for key in CONFIG_SIZE_KEYS:
+        value = raw.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and value >= 1):
+            shown = repr(value)[:60]
+            raise CheckpointError(f"{path}: {key}={shown} is invalid; expected an integer >= 1")
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str):
+        raise CheckpointError(f"{path}: model_type={str(model_type)[:60]!r} is invalid; "
+                              "expected a string such as 'llama'")
+
+
+def _config_object(load, directory: Path) -> Any:
+    """A transformers config from ``directory``; its own errors become one-line ours."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        return load(directory)
+    except Exception as exc:  # transformers and huggingface_hub raise many types here
+
+        raise CheckpointError(f"{directory / 'config.json'}: transformers cannot build this "
+                              f"config ({type(exc).__name__}: {_one_line(exc)})") from None
+
+
+def _our_spec(raw: dict[str, Any], path: Path, layers_key: str) -> ModelSpec:
+    """The ``ecospa`` block of our config.json, validated against its layer count."""
+    if "ecospa" not in raw:
+        raise CheckpointError(f"{path}: model_type={raw.get('model_type')!r} is our format but "
+                              "config.json has no 'ecospa' block (the per-layer spec); it was "
+                              "not written by this package, or the block was removed")
+    try:
+        return ModelSpec.from_dict(raw["ecospa"]).validate(raw.get(layers_key))
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+
+
+def _no_spec_in_stock(raw: dict[str, Any], path: Path, ours: str) -> None:
+    """A stock model_type with our per-layer block is a half-edited config: say which it is."""
+    if "ecospa" in raw:
+        raise CheckpointError(f"{path}: model_type={raw['model_type']!r} is a stock type but the "
+                              f"config has an 'ecospa' block; set model_type to {ours!r} for "
+                              "our format, or remove the block for a foreign checkpoint")
+
+
+def check_layer_count(found: dict[str, "TensorInfo"], num_layers: int, source: Path) -> None:
+    """The tensors hold exactly layers ``0 .. num_layers-1`` (names ``...layers.i.``/``h.i.``)."""
+    seen = {int(p) for name in found for p in _layer_indices(name)}
+    if seen and seen != set(range(num_layers)):
+        got = f"{len(seen)} (indices {min(seen)}..{max(seen)})"
+        raise CheckpointError(f"{source}: the config declares {num_layers} layers but the "
+                              f"tensors hold {got}; expected indices 0..{num_layers - 1}")
+
+
+def _layer_indices(name: str) -> list[str]:
+    parts = name.split(".")
+    return [parts[i + 1] for i, p in enumerate(parts[:-1])
+            if p in ("layers", "h") and parts[i + 1].isdigit() and len(parts[i + 1]) < 7]
 
 
 def resolve_config(path: str | os.PathLike) -> tuple[Any, type[PreTrainedModel], bool]:
@@ -252,14 +390,27 @@ def resolve_config(path: str | os.PathLike) -> tuple[Any, type[PreTrainedModel],
     if model_type == fam.model_type:
         # Validate the spec first, so errors name layer and field (not the config machinery).
         layers_key = "n_layer" if family == "gpt2" else "num_hidden_layers"
-        ModelSpec.from_dict(raw.get("ecospa")).validate(raw.get(layers_key))
-        return fam.load("config").from_pretrained(directory), model_cls, False
-    stock = AutoConfig.from_pretrained(directory)
-    shapes = {n: i.shape for n, i in read_checkpoint_index(directory).items()}
-    spec = _INFER[family](stock, shapes)
+        _our_spec(raw, directory / "config.json", layers_key)
+        return _config_object(fam.load("config").from_pretrained, directory), model_cls, False
+    _no_spec_in_stock(raw, directory / "config.json", fam.model_type)
+    stock = _config_object(AutoConfig.from_pretrained, directory)
+    found = read_checkpoint_index(directory)
+    check_layer_count(found, _num_layers(stock), directory)
+    shapes = {n: i.shape for n, i in found.items()}
+    try:
+        spec = _INFER[family](stock, shapes)
+    except (TypeError, ValueError, ArithmeticError, AttributeError) as exc:
+        if isinstance(exc, SpecError):
+            raise
+        raise CheckpointError(f"{directory / 'config.json'}: cannot derive the per-layer "
+                              f"shapes ({type(exc).__name__}: {_one_line(exc)})") from None
     spec = spec.replace_layers(spec.layers, source=str(directory),
                                source_model_type=model_type)
     return config_from_dense(stock, spec), model_cls, True
+
+
+def _num_layers(config: Any) -> int:
+    return config.num_hidden_layers  # GPT-2's config maps num_hidden_layers onto n_layer
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
@@ -279,6 +430,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                               f"or an LLM-Pruner pickle ({', '.join(PICKLE_SUFFIXES)})")
     config, model_cls, _ = resolve_config(path)
     found = read_checkpoint_index(path)
+    check_layer_count(found, _num_layers(config), path)
     expected, tied = expected_shapes(model_cls, config)
     check_tensors(found, expected, tied, model_cls.base_model_prefix + ".")
     if isinstance(dtype, str):

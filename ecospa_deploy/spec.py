@@ -272,17 +272,45 @@ class ModelSpec:
             if key not in d:
                 raise SpecError(f"ecospa block lacks {key!r}; expected keys hidden_size, "
                                 "dense, layers[, rope, gated_mlp, provenance]")
-        layers = d["layers"]
+        layers, dense = d["layers"], d["dense"]
         if not isinstance(layers, list):
             raise SpecError(f"ecospa.layers is {type(layers).__name__}; expected a list")
-        return cls(
-            hidden_size=int(d["hidden_size"]),
-            layers=tuple(LayerSpec.from_dict(x, i) for i, x in enumerate(layers)),
-            dense=DenseShape(**d["dense"]),
-            rope=bool(d.get("rope", True)),
-            gated_mlp=bool(d.get("gated_mlp", True)),
-            provenance=dict(d.get("provenance", {})),
-        ).validate()
+        hidden = d["hidden_size"]
+        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
+            raise _fail(None, "ecospa.hidden_size", hidden, "an integer >= 1")
+        _check_dense(dense)
+        for i, x in enumerate(layers):
+            if not isinstance(x, dict):
+                raise _fail(i, "ecospa.layers entry", f"<{type(x).__name__}>", "an object")
+        provenance = d.get("provenance", {})
+        if not isinstance(provenance, dict):
+            raise _fail(None, "ecospa.provenance", f"<{type(provenance).__name__}>",
+                        "an object")
+        try:
+            return cls(
+                hidden_size=hidden,
+                layers=tuple(LayerSpec.from_dict(x, i) for i, x in enumerate(layers)),
+                dense=DenseShape(**dense),
+                rope=bool(d.get("rope", True)),
+                gated_mlp=bool(d.get("gated_mlp", True)),
+                provenance=dict(provenance),
+            ).validate()
+        except SpecError:
+            raise
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:
+            # a field of the wrong type deep inside (a rope_kept entry that is not a list...)
+            raise SpecError(f"ecospa block is malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _check_dense(dense: Any) -> None:
+    names = [f.name for f in dataclasses.fields(DenseShape)]
+    if not isinstance(dense, dict) or sorted(dense) != sorted(names):
+        raise _fail(None, "ecospa.dense", f"<{type(dense).__name__}>",
+                    f"an object with exactly {names}")
+    for name in names:
+        v = dense[name]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise _fail(None, f"ecospa.dense.{name}", v, "an integer >= 1")
 
 
 def _round_even(n: int) -> int:

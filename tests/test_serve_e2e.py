@@ -195,6 +195,11 @@ BAD = [
     ({"prompt": "To be", "logprobs": 3}, 400, "logprobs is not supported"),
     ({"prompt": "To be", "model": "gpt-4"}, 404, "does not exist"),
     ({}, 400, "prompt"),
+    (b'{"prompt": "\\ud800"}', 400, "lone UTF-16 surrogate"),
+    ({"prompt": "To be", "seed": 2 ** 63}, 400, "seed"),
+    ({"prompt": "To be", "seed": 2 ** 63, "stream": True}, 400, "seed"),
+    ({"prompt": "To be", "seed": 2 ** 64}, 400, "seed"),
+    ({"prompt": ["To be"] * 300}, 400, "--max-queue"),
 ]
 
 
@@ -205,6 +210,20 @@ def test_bad_input_is_4xx_with_openai_error(server, body, status, fragment):
     err = resp.json()["error"]
     assert fragment in err["message"]
     assert set(err) == {"message", "type", "param", "code"}
+
+
+def test_extreme_seeds_generate(server):
+    """Both ends of int64 are valid seeds on every backend (choice seeds wrap inside int64)."""
+    for seed in (2 ** 63 - 1, -(2 ** 63)):
+        for stream in (False, True):
+            resp = post(server, {"prompt": "To be", "max_tokens": 3, "n": 2, "seed": seed,
+                                 "temperature": 1.0, "stream": stream})
+            assert resp.status_code == 200, resp.text
+            assert "error" not in resp.text
+
+
+def test_head_health(server):
+    assert httpx.head(server.url + "/health").status_code == 200
 
 
 def test_bad_chat_and_routes(server):

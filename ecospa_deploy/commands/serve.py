@@ -16,7 +16,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,9 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="prompt + completion tokens per sequence (default: the model's "
                         "positions, at most 4096)")
-    parser.add_argument("--api-key", default=os.environ.get("ECOSPA_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on every route but /health "
-                        "(default: $ECOSPA_API_KEY, else no key)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every route but /health, "
+                        "/metrics included (default: $ECOSPA_API_KEY, else no key; an empty "
+                        "key is an error)")
     parser.add_argument("--served-model-name", default=None,
                         help="the model id clients send (default: the directory's name)")
     parser.add_argument("--max-body-bytes", type=int, default=D.max_body_bytes,
@@ -55,8 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences that may wait for a slot before requests get HTTP 429 "
                         "(default: %(default)s)")
     parser.add_argument("--shutdown-timeout", type=float, default=D.shutdown_timeout,
-                        help="seconds in-flight requests get to finish after SIGTERM "
+                        help="seconds in-flight requests get to finish after SIGTERM; work "
+                        "still running then ends with a 503 and the exit code is 1 "
                         "(default: %(default)s)")
+    parser.add_argument("--read-timeout", type=float, default=D.read_timeout,
+                        help="seconds a client has to send a whole request, headers and body "
+                        "(else 408 and the connection is closed; default: %(default)s)")
+    parser.add_argument("--max-connections", type=int, default=None,
+                        help="open connections beyond which new ones get 503 (default: 1000, "
+                        "or less under a low file-descriptor limit)")
     parser.add_argument("--vllm-args", default=None,
                         help="extra arguments for vLLM's server with --backend vllm, one "
                         "string (e.g. \"--enforce-eager --kv-cache-memory-bytes 67108864\")")

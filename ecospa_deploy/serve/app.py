@@ -18,8 +18,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ecospa_deploy.serve.body import read_json
 from ecospa_deploy.serve.errors import APIError, error_body
 from ecospa_deploy.serve.generation import ClientGone, Delta, Generation, GenerationService
 from ecospa_deploy.serve.metrics import Metrics
@@ -38,7 +40,11 @@ def _error(status: int, message: str, param: str | None = None,
 
 
 class GuardMiddleware:
-    """API key on every route but /health (constant-time compare), request counting."""
+    """API key on every route but /health (constant-time compare), request counting.
+
+    The scheme is matched case-insensitively ("bearer" works, as RFC 9110 says auth schemes
+    are) and spaces around the token are ignored, deliberately: clients differ there.
+    """
 
     def __init__(self, app: ASGIApp, api_key: str | None, metrics: Metrics) -> None:
         self.app = app
@@ -75,39 +81,6 @@ class GuardMiddleware:
                 if scheme.lower() == b"bearer":
                     return hmac.compare_digest(token.strip(), self.api_key)
         return False
-
-
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The body as JSON, refusing (4xx) anything too large, not UTF-8 or not JSON.
-
-    The Content-Type is not checked: ``curl -d`` sends form encoding by default and OpenAI's
-    clients always send JSON, so the body itself decides.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise APIError(400, f"bad Content-Length header {declared!r}")
-        if int(declared) > max_bytes:
-            raise APIError(413, f"request body is {declared} bytes; the limit is {max_bytes} "
-                           "(--max-body-bytes)")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise APIError(413, f"request body exceeds the limit of {max_bytes} bytes "
-                           "(--max-body-bytes)")
-    try:
-        text = bytes(body).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise APIError(400, f"request body is not valid UTF-8 (byte {exc.start}: "
-                       f"{exc.reason})") from None
-    if not text.strip():
-        raise APIError(400, "request body is empty; expected a JSON object")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
-                       f"column {exc.colno}") from None
 
 
 def parse(model: type[BaseModel], data: Any) -> Any:
@@ -180,12 +153,17 @@ def create_app(service: GenerationService, metrics: Metrics, *, api_key: str | N
                    405: f"method {request.method} not allowed on {request.url.path}"}
         return _error(exc.status_code, message.get(exc.status_code, str(exc.detail)))
 
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        log.debug("client disconnected while sending %s", request.url.path)
+        return Response(status_code=499)  # nobody reads it; counted in the metrics
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
         return _error(500, f"internal error: {type(exc).__name__}")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         if not service.scheduler.alive:
             return _error(503, "the scheduler is not running")
@@ -205,7 +183,8 @@ def create_app(service: GenerationService, metrics: Metrics, *, api_key: str | N
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = parse(CompletionRequest, await read_json(request, max_body_bytes))
-        prompts = service.encode_completion(req)
+        service.precheck_completion(req)
+        prompts = await service.off_loop(service.encode_completion, req)
         gen = service.start(prompts, req, req.max_tokens)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -231,7 +210,8 @@ def create_app(service: GenerationService, metrics: Metrics, *, api_key: str | N
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         req = parse(ChatRequest, await read_json(request, max_body_bytes))
-        prompt = service.encode_chat(req)
+        service.precheck_chat(req)
+        prompt = await service.off_loop(service.encode_chat, req)
         gen = service.start([prompt], req, req.token_limit)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 

@@ -3,22 +3,52 @@
 Shared by both endpoints and by streaming and non-streaming answers: ``Generation`` yields
 ``Delta(index, text, finish_reason)`` as tokens arrive; the routes only shape them into
 OpenAI JSON. Choice ``index`` is ``prompt_index * n + j``, as OpenAI numbers batched prompts.
-With a ``seed``, choice ``j`` samples with ``seed + j`` so ``n`` choices differ but every run
-repeats.
+With a ``seed``, choice ``j`` samples with ``seed + j`` (wrapped into int64) so ``n`` choices
+differ but every run repeats.
+
+Tokenizing runs on one worker thread, never on the event loop (a 500 KB prompt takes most of a
+second), and text longer than ``max_prompt_bytes`` is refused before it is tokenized: no
+tokenizer turns that many bytes into ``max_model_len`` tokens (see ``prompt_byte_limit``).
 """
 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, TypeVar
 
 from ecospa_deploy.engine.sampling import SamplingParams
 from ecospa_deploy.serve.detokenize import TextStream
 from ecospa_deploy.serve.errors import APIError
 from ecospa_deploy.serve.protocol import ChatRequest, CompletionRequest, _Sampling
-from ecospa_deploy.serve.scheduler import (QueueFull, Scheduler, Sequence, ShuttingDown,
-                                           asyncio_sink)
+from ecospa_deploy.serve.scheduler import (NeverFits, QueueFull, Scheduler, Sequence,
+                                           ShuttingDown, asyncio_sink)
+
+T = TypeVar("T")
+# NFKC and similar normalizers can shrink a character to a quarter of its UTF-8 bytes
+# ("\U0001d7cf" -> "1"); the bound below allows for that.
+_NORMALIZER_SHRINK = 4
+
+
+def prompt_byte_limit(tokenizer, max_model_len: int) -> int:
+    """UTF-8 bytes of text past which a prompt cannot fit ``max_model_len`` tokens.
+
+    One token stands for at most as many bytes as its vocabulary entry spells (byte-level
+    BPE spells each byte with one character, SentencePiece a 1-byte space with 3-byte "▁"),
+    times the normalizer's worst shrink. Only a tokenizer that deletes characters outright
+    could fit more; such text is refused all the same (documented limit).
+    """
+    longest = max((len(t.encode("utf-8", "replace")) for t in tokenizer.get_vocab()),
+                  default=16)
+    return max_model_len * max(longest, 1) * _NORMALIZER_SHRINK
+
+
+def choice_seed(seed: int | None, j: int) -> int | None:
+    """``seed + j`` wrapped into int64, the range every backend's generator takes."""
+    if seed is None:
+        return None
+    return (seed + j + (1 << 63)) % (1 << 64) - (1 << 63)
 
 
 @dataclass(frozen=True)
@@ -45,6 +75,45 @@ class GenerationService:
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self.request_timeout = request_timeout
+        self.max_prompt_bytes = prompt_byte_limit(tokenizer, max_model_len)
+        # One thread: a fast tokenizer must not be used from several threads at once.
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="ecospa-tokenize")
+
+    async def off_loop(self, fn: Callable[..., T], *args) -> T:
+        """Run ``fn`` (tokenizing, chat templates) on the tokenizer thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
+
+    def close(self) -> None:
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- cheap checks, on the event loop before any tokenizing ----------------------------------
+    def check_text_size(self, text_bytes: int, where: str, param: str) -> None:
+        if text_bytes > self.max_prompt_bytes:
+            raise APIError(400, f"{where} is {text_bytes} bytes of text; at most "
+                           f"{self.max_prompt_bytes} bytes can fit this model's maximum "
+                           f"context length of {self.max_model_len} tokens", param=param,
+                           code="context_length_exceeded")
+
+    def check_sequences(self, count: int) -> None:
+        limit = self.scheduler.max_queue
+        if count > limit:
+            raise APIError(400, f"this request needs {count} sequences (prompts x n) and the "
+                           f"queue holds at most {limit} (--max-queue); send fewer prompts or "
+                           "a smaller n", param="n")
+
+    def precheck_completion(self, req: CompletionRequest) -> None:
+        p = req.prompt
+        texts = [p] if isinstance(p, str) else [x for x in p if isinstance(x, str)]
+        multi = not isinstance(p, str) and not all(isinstance(x, int) for x in p)
+        self.check_sequences((len(p) if multi else 1) * req.n)
+        for i, text in enumerate(texts):
+            self.check_text_size(len(text.encode("utf-8")),
+                                 f"prompt[{i}]" if multi else "prompt", "prompt")
+
+    def precheck_chat(self, req: ChatRequest) -> None:
+        self.check_sequences(req.n)
+        total = sum(len(m.text().encode("utf-8")) for m in req.messages)
+        self.check_text_size(total, "messages", "messages")
 
     # -- prompts -----------------------------------------------------------------------------
     def encode_completion(self, req: CompletionRequest) -> list[list[int]]:
@@ -141,13 +210,15 @@ class Generation:
             for j in range(req.n):
                 params = SamplingParams(
                     max_new_tokens=budget, temperature=float(req.temperature),
-                    top_p=float(req.top_p), seed=None if req.seed is None else req.seed + j,
+                    top_p=float(req.top_p), seed=choice_seed(req.seed, j),
                     stop_token_ids=tuple(eos))
                 index = len(self.seqs)
                 self.seqs.append(Sequence(ids, params, asyncio_sink(loop, self._queue, index)))
                 self.texts.append(TextStream(service.tokenizer, stops))
         try:
             service.scheduler.submit(self.seqs)
+        except NeverFits as exc:
+            raise APIError(400, str(exc), param="n") from None
         except QueueFull as exc:
             raise APIError(429, str(exc), code="queue_full") from None
         except ShuttingDown as exc:
@@ -187,9 +258,10 @@ class Generation:
                     yield Delta(index, *stream.close(event.finish))
                 elif event.finish == "cancelled":
                     raise ClientGone()
+                elif event.finish == "shutdown":
+                    raise APIError(503, f"{event.error}; the request was cut off after "
+                                   f"{self.completion_tokens} tokens", code="shutting_down")
                 else:
-                    shutting_down = not self.service.scheduler.alive
-                    raise APIError(503 if shutting_down else 500,
-                                   event.error or "generation failed")
+                    raise APIError(500, event.error or "generation failed")
         finally:
             self.cancel()

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 MAX_N = 16
 MAX_STOP = 4
+# OpenAI's seed is a signed 64-bit integer; larger values cannot reach a generator.
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
 
 
 class _Strict(BaseModel):
@@ -37,7 +39,7 @@ class _Sampling(_Strict):
     top_p: Number = Field(default=1.0, gt=0.0, le=1.0)
     n: StrictInt = Field(default=1, ge=1, le=MAX_N)
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None

@@ -7,7 +7,8 @@ next step; nothing is serialised per request. Tokens go back to the asyncio side
 ``loop.call_soon_threadsafe``; the model never runs on the event loop, so the HTTP side
 stays responsive while it computes.
 
-The waiting queue is bounded (``QueueFull`` → HTTP 429). A failing ``add`` fails only its
+The waiting queue is bounded (``QueueFull`` → HTTP 429; a request with more sequences than
+the whole queue holds can never fit: ``NeverFits`` → HTTP 400). A failing ``add`` fails only its
 sequence; a failing ``step`` fails the sequences of that batch. The worker never dies of
 a request.
 """
@@ -34,13 +35,18 @@ class QueueFull(Exception):
     """The waiting queue is at ``max_queue``."""
 
 
+class NeverFits(Exception):
+    """The request has more sequences than ``max_queue``: retrying can never help."""
+
+
 class ShuttingDown(Exception):
     """The scheduler no longer accepts work."""
 
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """What a sequence receives: a token, or the end (``finish`` "stop"/"length"/"error")."""
+    """What a sequence receives: a token, or the end (``finish`` "stop"/"length"/"error"/
+    "cancelled"/"shutdown": the server stopped before the sequence could finish)."""
 
     token: int | None = None
     finish: str | None = None
@@ -112,6 +118,10 @@ class Scheduler:
         with self._cond:
             if self._stopping or not self.alive:
                 raise ShuttingDown("the server is shutting down")
+            if len(seqs) > self.max_queue:
+                raise NeverFits(f"this request needs {len(seqs)} sequences (prompts x n) and "
+                                f"the queue holds at most {self.max_queue} (--max-queue); "
+                                "send fewer prompts or a smaller n")
             if len(self._pending) + len(seqs) > self.max_queue:
                 raise QueueFull(f"{len(self._pending)} sequences are waiting and the queue "
                                 f"holds at most {self.max_queue} (--max-queue); retry later")
@@ -138,11 +148,21 @@ class Scheduler:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Refuse new work, end every sequence (finish "error"), join the worker."""
+    @property
+    def busy(self) -> int:
+        """Sequences waiting or decoding."""
+        return len(self._pending) + len(self._active)
+
+    def abort(self) -> None:
+        """Refuse new work and end every sequence (finish "shutdown") after the current step;
+        does not wait, so the event loop may call it."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """``abort``, then join the worker."""
+        self.abort()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -179,7 +199,7 @@ class Scheduler:
         for slot in list(self._active):
             self._release(slot)
         for seq in leftovers:
-            self._finish(seq, "error", "the server is shutting down")
+            self._finish(seq, "shutdown", "the server is shutting down")
         self.metrics.queue_depth.set(0)
 
     def _reap_cancelled(self) -> None:

@@ -3,12 +3,19 @@ bind the socket, print the URL and a curl example, run uvicorn, shut down on SIG
 
 The socket is bound before the model loads, so a port already in use fails at once, and
 ``--port 0`` lets the OS choose a free port (the printed URL shows which).
+
+Shutdown: SIGTERM stops accepting and lets running requests finish for ``--shutdown-timeout``
+seconds; whatever still runs then is ended with a 503 (an error event and ``[DONE]`` for
+streams), and the process exits with code 1 so supervisors see the cut-off.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import os
+import resource
 import signal
 import socket
 import sys
@@ -18,6 +25,9 @@ from pathlib import Path
 log = logging.getLogger("ecospa_deploy.serve")
 
 DEFAULT_MAX_MODEL_LEN = 4096
+EXIT_CUT_OFF = 1  # exit code when --shutdown-timeout ended requests that were still running
+# uvicorn's own graceful-shutdown deadline, after ours: only a stuck response reaches it.
+_UVICORN_GRACE = 5.0
 
 
 @dataclass
@@ -36,6 +46,8 @@ class ServeOptions:
     request_timeout: float = 600.0
     max_queue: int = 256
     shutdown_timeout: float = 30.0
+    read_timeout: float = 30.0
+    max_connections: int | None = None
     log_level: str = "info"
     vllm_args: str | None = None
 
@@ -57,6 +69,34 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+def resolve_api_key(flag: str | None, environ=os.environ) -> str | None:
+    """``--api-key``, else ``$ECOSPA_API_KEY``, else None (no auth). An empty or blank key is
+    an error, not a silent "no auth": unset the variable to serve without a key."""
+    from ecospa_deploy.cli import CLIError
+
+    source, key = ("--api-key", flag) if flag is not None else \
+        ("ECOSPA_API_KEY", environ.get("ECOSPA_API_KEY"))
+    if key is not None and not key.strip():
+        raise CLIError(f"{source} is {key!r}; expected a non-empty key (leave {source} unset "
+                       "to serve without authentication)")
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def default_max_connections() -> int:
+    """1000, or fewer when the file-descriptor limit leaves less room (model files, logs)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1000
+    return max(8, min(1000, soft - 64))
 
 
 def _url(host: str, port: int) -> str:
@@ -216,8 +256,18 @@ def serve(opts: ServeOptions) -> int:
                         ("--max-body-bytes", opts.max_body_bytes)):
         if value < 1:
             raise CLIError(f"{what} {value}; expected a positive integer")
-    if opts.request_timeout <= 0:
-        raise CLIError(f"--request-timeout {opts.request_timeout}; expected seconds > 0")
+    for what, value in (("--request-timeout", opts.request_timeout),
+                        ("--read-timeout", opts.read_timeout)):
+        if not value > 0:
+            raise CLIError(f"{what} {value}; expected seconds > 0")
+    if not opts.shutdown_timeout >= 0:
+        raise CLIError(f"--shutdown-timeout {opts.shutdown_timeout}; expected seconds >= 0")
+    if opts.max_connections is not None and opts.max_connections < 1:
+        raise CLIError(f"--max-connections {opts.max_connections}; expected a positive integer")
+    opts.api_key = resolve_api_key(opts.api_key)
+    if opts.api_key is None and not is_loopback(opts.host):
+        log.warning("serving on %s without an API key: anyone who can reach this address can "
+                    "use the model; set --api-key or ECOSPA_API_KEY", opts.host)
     if not Path(opts.path).exists():
         raise CLIError(f"{opts.path}: no such model directory")
     name = opts.served_model_name or Path(opts.path).resolve().name
@@ -240,11 +290,38 @@ def _exit_cleanly(signum, frame) -> None:
     raise SystemExit(0)
 
 
+def _draining_server(uvicorn, config, scheduler, drain_timeout: float):
+    """uvicorn's server, but at ``drain_timeout`` after shutdown begins the scheduler ends all
+    running work with "the server is shutting down" (503s that reach their clients) instead
+    of uvicorn cancelling the request tasks (plain 500s, streams cut mid-event)."""
+
+    class DrainingServer(uvicorn.Server):
+        cut_off = 0
+
+        async def shutdown(self, sockets=None) -> None:
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(drain_timeout, self._cut_off)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+        def _cut_off(self) -> None:
+            self.cut_off = scheduler.busy
+            if self.cut_off:
+                log.error("--shutdown-timeout %g s reached: ending %d running sequences with "
+                          "503", drain_timeout, self.cut_off)
+            scheduler.abort()
+
+    return DrainingServer(config)
+
+
 def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket.socket) -> int:
     import uvicorn
 
     from ecospa_deploy.loading import load_model, load_tokenizer
     from ecospa_deploy.serve.app import create_app
+    from ecospa_deploy.serve.connections import guarded_h11
     from ecospa_deploy.serve.generation import GenerationService
     from ecospa_deploy.serve.metrics import Metrics
     from ecospa_deploy.serve.scheduler import Scheduler
@@ -263,16 +340,28 @@ def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket
                                 request_timeout=opts.request_timeout)
     app = create_app(service, metrics, api_key=opts.api_key, max_body_bytes=opts.max_body_bytes,
                      backend_name=backend_name)
+    max_connections = opts.max_connections or default_max_connections()
     host, port = sock.getsockname()[:2]
     log.info("model %s on %s (%s), max_model_len %d, max_batch_size %d", opts.path, device,
              str(dtype).removeprefix("torch."), max_len, opts.max_batch_size)
     print_banner(_url(opts.host, port), name, backend_name, opts.api_key)
     config = uvicorn.Config(app, log_level=opts.log_level, access_log=False,
-                            timeout_graceful_shutdown=opts.shutdown_timeout,
+                            timeout_graceful_shutdown=opts.shutdown_timeout + _UVICORN_GRACE,
+                            http=guarded_h11(opts.read_timeout, max_connections),
                             lifespan="off")
+    server = _draining_server(uvicorn, config, scheduler, opts.shutdown_timeout)
+    # uvicorn re-raises the SIGTERM it caught once shut down; the exit code says whether
+    # running work had to be cut off.
+    signal.signal(signal.SIGTERM,
+                  lambda *_: sys.exit(EXIT_CUT_OFF if server.cut_off else 0))
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         scheduler.stop()
-        log.info("shut down cleanly")
-    return 0
+        service.close()
+        if server.cut_off:
+            log.error("shut down after cutting off %d sequences at --shutdown-timeout",
+                      server.cut_off)
+        else:
+            log.info("shut down cleanly")
+    return EXIT_CUT_OFF if server.cut_off else 0

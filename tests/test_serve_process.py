@@ -1,0 +1,146 @@
+"""`ecospa serve` as a process under stress: oversized prompts while a stream runs, the
+shutdown timeout, and the API-key/binding checks at start-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from ecospa_deploy.serve.backend import engine_available
+from ecospa_deploy.serve.process import ServerProcess
+from ecospa_deploy.testing import tiny_pruned, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("served") / "tiny"
+    tiny_pruned("llama", seed=3).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _stream_gaps(url: str, body: dict, started: threading.Event, flood_over: threading.Event,
+                 out: dict) -> None:
+    """Consume one stream until the flood is over; record the gaps between data events."""
+    gaps, last = [], None
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as resp:
+        for line in resp.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            now = time.monotonic()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+            if len(gaps) == 3:
+                started.set()
+            if flood_over.is_set() or line == "data: [DONE]":
+                out["last"] = line
+                break
+    out["gaps"] = gaps
+
+
+@pytest.mark.skipif(engine_available() is not None, reason=str(engine_available()))
+def test_oversized_prompts_do_not_stall_a_running_stream(model_dir):
+    with ServerProcess(model_dir, "--backend", "engine", "--max-model-len", "16384",
+                       "--max-body-bytes", str(4 << 20)) as srv:
+        started, flood_over, out = threading.Event(), threading.Event(), {}
+        body = {"prompt": "To be", "max_tokens": 16000, "stream": True, "ignore_eos": True,
+                "temperature": 0}
+        reader = threading.Thread(target=_stream_gaps,
+                                  args=(srv.url, body, started, flood_over, out))
+        reader.start()
+        assert started.wait(60)
+        # ~2 MB each: tokenizing one takes seconds, as long as the stall it caused on the loop
+        huge = {"prompt": "To be, or not to be " * 100_000, "max_tokens": 4}
+        statuses: list[int] = []
+
+        def send() -> None:
+            statuses.append(httpx.post(srv.url + "/v1/completions", json=huge,
+                                       timeout=120).status_code)
+
+        senders = [threading.Thread(target=send) for _ in range(12)]
+        for t in senders:
+            t.start()
+        health = httpx.get(srv.url + "/health", timeout=30)
+        for t in senders:
+            t.join()
+        flood_over.set()
+        reader.join(120)
+    assert statuses == [400] * 12 and health.status_code == 200
+    # The stall measured before this fix was 10.9 s; refusing by byte length before
+    # tokenizing (and tokenizing off the loop) keeps the stream flowing.
+    assert max(out["gaps"]) < 1.0, max(out["gaps"])
+    assert out["last"] != "data: [DONE]"  # the stream was still running when the flood ended
+
+
+def test_shutdown_timeout_ends_running_work_with_503(model_dir):
+    srv = ServerProcess(model_dir, "--backend", "hf", "--max-model-len", "100000",
+                        "--shutdown-timeout", "1").start()
+    long = {"prompt": "To be", "max_tokens": 90_000, "ignore_eos": True, "temperature": 0}
+    result: dict = {}
+
+    def non_stream() -> None:
+        result["resp"] = httpx.post(srv.url + "/v1/completions", json=long, timeout=120)
+
+    try:
+        waiter = threading.Thread(target=non_stream)
+        waiter.start()
+        with httpx.stream("POST", srv.url + "/v1/completions", json={**long, "stream": True},
+                          timeout=120) as resp:
+            lines = resp.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            t0 = time.monotonic()
+            srv.terminate()
+            rest = [line for line in lines if line.startswith("data:")]
+        waiter.join(60)
+        code = srv.wait(60)
+    finally:
+        srv.stop()
+    assert time.monotonic() - t0 < 30
+    assert rest[-1] == "data: [DONE]"
+    event = json.loads(rest[-2][5:])
+    assert event["error"]["type"] == "service_unavailable"
+    assert "shutting down" in event["error"]["message"]
+    resp = result["resp"]
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["error"]["code"] == "shutting_down"
+    assert code == 1
+    assert "Traceback" not in srv.log and "cutting off" in srv.log
+
+
+def _serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ecospa_deploy.cli", "serve", *args],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args,env,fragment", [
+    (["--api-key", ""], {}, "--api-key is ''"),
+    (["--api-key", "  "], {}, "--api-key is '  '"),
+    ([], {"ECOSPA_API_KEY": ""}, "ECOSPA_API_KEY is ''"),
+])
+def test_empty_api_key_is_an_error(tmp_path, args, env, fragment):
+    proc = _serve(str(tmp_path / "missing"), "--port", "0", *args, env=env)
+    assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_public_host_without_key_warns(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "ECOSPA_API_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "ecospa_deploy.cli", "serve",
+                           str(tmp_path / "missing"), "--host", "0.0.0.0"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert "serving on 0.0.0.0 without an API key" in proc.stderr
+    quiet = _serve(str(tmp_path / "missing"), "--host", "0.0.0.0", env={"ECOSPA_API_KEY": "k"})
+    assert "without an API key" not in quiet.stderr
+    local = subprocess.run([sys.executable, "-m", "ecospa_deploy.cli", "serve",
+                            str(tmp_path / "missing")], capture_output=True, text=True,
+                           timeout=120, env=env)
+    assert "without an API key" not in local.stderr
+    assert proc.returncode == quiet.returncode == local.returncode == 2  # no such directory
