@@ -83,7 +83,8 @@ def test_plugin_registers_our_architectures():
 
 
 def test_greedy_tokens_equal_hf_modeling(tmp_path):
-    paths, refs = _convert(tmp_path, sorted(HEAD64) + sorted(SMALL_AND_MIXED), tp=1)
+    # Llama/GPT-2 at dense head dim 64 are the "-mixed" entries (seeds whose layers pad to 32/64).
+    paths, refs = _convert(tmp_path, ["qwen2", "mistral", *sorted(SMALL_AND_MIXED)], tp=1)
     code, result, log = run_vllm(paths)
     assert code == 0 and result is not None, log[-4000:]
     for path in paths:
@@ -92,7 +93,7 @@ def test_greedy_tokens_equal_hf_modeling(tmp_path):
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="TP=2 on CPU needs two cores")
 def test_tensor_parallel_2_equals_hf_modeling(tmp_path):
-    paths, refs = _convert(tmp_path, ["llama16", "llama-mixed", "gpt2-mixed"], tp=2)
+    paths, refs = _convert(tmp_path, ["llama-mixed", "gpt2-mixed"], tp=2)
     code, result, log = run_vllm(paths, tp=2)
     assert code == 0 and result is not None, log[-4000:]
     for path in paths:
