@@ -56,14 +56,24 @@ def padding(args: argparse.Namespace) -> None:
 
     rows = []
     for name in args.shapes:
-        shape = load_shape(name)
-        config = config_from_dense(_hf_config(shape))      # shapes only: no weights needed
-        spec = pruned_spec(config.ecospa_spec, shape["pruned"]["layers"])
-        h, vocab = spec.hidden_size, config.vocab_size
-        if shape["family"] == "gpt2":     # tied wte, wpe, ln_f (weight + bias)
-            embedding = vocab * h + config.n_positions * h + 2 * h
-        else:                              # embed_tokens, lm_head unless tied, final RMSNorm
-            embedding = vocab * h * (1 if config.tie_word_embeddings else 2) + h
+        if name.startswith("tiny-pruned-"):   # the tests' pruned model (testing.tiny_pruned)
+            from ecospa_deploy.testing import tiny_pruned
+
+            model = tiny_pruned(name.removeprefix("tiny-pruned-"), 0)
+            spec, vocab = model.config.ecospa_spec, model.config.vocab_size
+            layer_ids = {id(p) for layer in model.decoder_layers for p in layer.parameters()}
+            embedding = sum(p.numel() for p in model.parameters() if id(p) not in layer_ids)
+            shape = {"pruned": {"derivation": "testing.tiny_pruned(family, 0): random tiny "
+                                              "pruned model of the test suite"}}
+        else:
+            shape = load_shape(name)
+            config = config_from_dense(_hf_config(shape))      # shapes only: no weights needed
+            spec = pruned_spec(config.ecospa_spec, shape["pruned"]["layers"])
+            h, vocab = spec.hidden_size, config.vocab_size
+            if shape["family"] == "gpt2":     # tied wte, wpe, ln_f (weight + bias)
+                embedding = vocab * h + config.n_positions * h + 2 * h
+            else:                              # embed_tokens, lm_head unless tied, final RMSNorm
+                embedding = vocab * h * (1 if config.tie_word_embeddings else 2) + h
         for tp in args.tp:
             for backend in args.backends:
                 # "before": one head size for the whole model, the smallest of 64/128/256 that
@@ -207,7 +217,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("padding")
-    p.add_argument("--shapes", nargs="+", default=["gpt2-small", "gpt2-medium", "llama-1b"])
+    p.add_argument("--shapes", nargs="+", default=["tiny-pruned-gpt2", "gpt2-small", "gpt2-medium",
+                                                    "llama-1b"])
     p.add_argument("--tp", nargs="+", type=int, default=[1, 2])
     p.add_argument("--backends", nargs="+", default=["flash_attn", "cpu", "portable"])
     s = sub.add_parser("speed")
