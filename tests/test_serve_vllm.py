@@ -47,7 +47,7 @@ def test_vllm_backend_serves_converted_model(tmp_path):
     so greedy tokens equal the float32 reference."""
     src, prompt, want = _source(tmp_path)
     with ServerProcess(src, "--backend", "vllm", "--max-model-len", "128",
-                       "--vllm-args", "--enforce-eager",
+                       "--vllm-args=--enforce-eager",
                        startup_timeout=600, env={"XDG_CACHE_HOME": str(tmp_path / "cache")}) as srv:
         choice = _complete(srv, prompt)
     # Token ids, not text: vLLM drops a trailing incomplete UTF-8 character from the text.
@@ -59,7 +59,7 @@ def test_vllm_backend_serves_converted_model(tmp_path):
 def test_auto_falls_back_to_the_engine_when_vllm_cannot_start(tmp_path):
     src, prompt, want = _source(tmp_path)
     with ServerProcess(src, "--backend", "auto", "--max-model-len", "128",
-                       "--vllm-args", "--no-such-vllm-flag",
+                       "--vllm-args=--no-such-vllm-flag",
                        startup_timeout=600, env={"XDG_CACHE_HOME": str(tmp_path / "cache")}) as srv:
         assert _complete(srv, prompt)["token_ids"] == want
     assert "auto: vllm cannot serve this model, falling back: vLLM exited with code" in srv.log
