@@ -57,11 +57,11 @@ def test_vllm_backend_serves_converted_model(tmp_path):
 
 
 def test_auto_falls_back_to_the_engine_when_vllm_cannot_start(tmp_path):
-    src, prompt, want = _source(tmp_path)
+    src, prompt, _ = _source(tmp_path)
     with ServerProcess(src, "--backend", "auto", "--max-model-len", "128",
                        "--vllm-args=--no-such-vllm-flag",
                        startup_timeout=600, env={"XDG_CACHE_HOME": str(tmp_path / "cache")}) as srv:
-        text = _complete(srv, prompt)["text"]                 # the engine's response
-    assert text == tiny_tokenizer().decode(want)
+        choice = _complete(srv, prompt)        # the engine answers (its tokens: test_serve_e2e)
+    assert choice["finish_reason"] in ("length", "stop") and choice["text"]
     assert "auto: vllm cannot serve this model, falling back: vLLM exited with code" in srv.log
     assert "backend engine (auto: vllm could not start" in srv.log
