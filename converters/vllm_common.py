@@ -23,7 +23,7 @@ from vllm.sequence import IntermediateTensors
 from ecospa_deploy.errors import UnsupportedError
 from ecospa_deploy.spec import LayerSpec, ModelSpec
 
-from .vllm_plan import HEAD_SIZES
+from .vllm_plan import ACCEPTED_HEAD_SIZES
 
 # (vLLM parameter name, tensor, shard id or None)
 Loadable = tuple[str, torch.Tensor, "str | int | None"]
@@ -34,13 +34,20 @@ def tp_rank_and_size() -> tuple[int, int]:
 
 
 def check_spec(spec: ModelSpec, tp: int) -> None:
-    """Refuse a checkpoint that was not converted for vLLM at this TP size, saying how to fix it."""
-    fix = f"convert it with `ecospa convert vllm SRC -o OUT --tensor-parallel-size {tp}`"
-    sizes = {layer.qk_head_dim for layer in spec.layers} | {l.v_head_dim for l in spec.layers}
-    if len(sizes) != 1 or next(iter(sizes)) not in HEAD_SIZES:
-        raise UnsupportedError(f"per-layer head dims {sorted(sizes)}: vLLM needs q/k and v dims "
-                               f"equal to one of {list(HEAD_SIZES)} in every layer; {fix}")
+    """Refuse a checkpoint that was not converted for vLLM at this TP size and platform, saying
+    how to fix it."""
+    from vllm.platforms import current_platform
+
+    backend = "cpu" if current_platform.is_cpu() else spec.provenance.get(
+        "vllm_attention_backend", "portable")
+    accepted = ACCEPTED_HEAD_SIZES.get(backend, ACCEPTED_HEAD_SIZES["portable"])
+    fix = (f"convert it with `ecospa convert vllm SRC -o OUT --tensor-parallel-size {tp}"
+           f"{' --attention-backend cpu' if backend == 'cpu' else ''}`")
     for i, layer in enumerate(spec.layers):
+        if layer.qk_head_dim != layer.v_head_dim or layer.qk_head_dim not in accepted:
+            raise UnsupportedError(
+                f"layer {i}: head dims {layer.qk_head_dim}/{layer.v_head_dim}: vLLM's {backend} "
+                f"attention backend needs q/k and v dims equal to one of {list(accepted)}; {fix}")
         for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
             value = getattr(layer, name)
             if value % tp:

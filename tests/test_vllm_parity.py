@@ -29,6 +29,11 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41, 42, 43, 44, 45, 46]]
 MAX_TOKENS = 8
 HEAD64 = {"llama": {"head_dim": 64}, "qwen2": {"hidden_size": 256},
           "mistral": {"hidden_size": 256}, "gpt2": {"n_embd": 256}}
+# (family, seed, overrides): RoPE heads of dense dim 16 and 32 (padded to 32, past the rotary
+# dim), and per-layer head sizes 32/64/64 on vLLM's CPU backend (seed 5 / 4 give those shapes).
+SMALL_AND_MIXED = {"llama16": ("llama", 0, {}), "llama32": ("llama", 0, {"head_dim": 32}),
+                   "llama-mixed": ("llama", 5, {"head_dim": 64}),
+                   "gpt2-mixed": ("gpt2", 4, {"n_embd": 256})}
 
 
 def run_vllm(paths, tp: int = 1) -> tuple[int, dict | None, str]:
@@ -46,14 +51,20 @@ def run_vllm(paths, tp: int = 1) -> tuple[int, dict | None, str]:
     return proc.returncode, None, text
 
 
-def _convert(tmp_path, families, tp):
+def _convert(tmp_path, names, tp, dtype=None):
     paths, refs = [], {}
-    for family in families:
-        model = tiny_pruned(family, 0, **HEAD64[family])
+    for name in names:
+        family, seed, overrides = SMALL_AND_MIXED.get(name, (name, 0, HEAD64.get(name, {})))
+        model = tiny_pruned(family, seed, **overrides)
         spec = model.config.ecospa_spec
         assert len({(l.num_attention_heads, l.qk_head_dim, l.v_head_dim) for l in spec.layers}) > 1
-        path = tmp_path / f"{family}-tp{tp}"
-        convert_vllm(model, path, tensor_parallel_size=tp)
+        path = tmp_path / f"{name}-tp{tp}"
+        conv = convert_vllm(model, path, tensor_parallel_size=tp, attention_backend="cpu",
+                            dtype=dtype)
+        if name.endswith("mixed"):
+            assert conv.plan.head_sizes == (32, 64, 64)
+        elif name.startswith("llama") and name[5:].isdigit():
+            assert set(conv.plan.head_sizes) == {32}
         paths.append(path)
         refs[str(path)] = reference_greedy(model, PROMPTS, MAX_TOKENS)
     return paths, refs
@@ -72,7 +83,8 @@ def test_plugin_registers_our_architectures():
 
 
 def test_greedy_tokens_equal_hf_modeling(tmp_path):
-    paths, refs = _convert(tmp_path, sorted(HEAD64), tp=1)
+    # Llama/GPT-2 at dense head dim 64 are the "-mixed" entries (seeds whose layers pad to 32/64).
+    paths, refs = _convert(tmp_path, ["qwen2", "mistral", *sorted(SMALL_AND_MIXED)], tp=1)
     code, result, log = run_vllm(paths)
     assert code == 0 and result is not None, log[-4000:]
     for path in paths:
@@ -81,7 +93,7 @@ def test_greedy_tokens_equal_hf_modeling(tmp_path):
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="TP=2 on CPU needs two cores")
 def test_tensor_parallel_2_equals_hf_modeling(tmp_path):
-    paths, refs = _convert(tmp_path, ["llama", "gpt2"], tp=2)
+    paths, refs = _convert(tmp_path, ["llama-mixed", "gpt2-mixed"], tp=2)
     code, result, log = run_vllm(paths, tp=2)
     assert code == 0 and result is not None, log[-4000:]
     for path in paths:
@@ -94,4 +106,5 @@ def test_unconverted_checkpoint_is_refused_with_the_fix(tmp_path):
     model.save_pretrained(tmp_path / "raw")
     code, result, log = run_vllm([tmp_path / "raw"])
     assert code != 0 and result is None
-    assert "ecospa convert vllm" in log and "vLLM needs q/k and v dims" in log
+    assert "ecospa convert vllm" in log and "needs q/k and v dims equal" in log
+    assert "--attention-backend cpu" in log

@@ -51,29 +51,51 @@ def _write(name: str, payload: dict) -> None:
 # -- padding overhead ------------------------------------------------------------------------
 def padding(args: argparse.Namespace) -> None:
     from ecospa_deploy.bench.shapes import _hf_config, load_shape, pruned_spec
-    from ecospa_deploy.converters.vllm_plan import plan_vllm
+    from ecospa_deploy.converters.vllm_plan import ACCEPTED_HEAD_SIZES, plan_vllm
     from ecospa_deploy.modeling import config_from_dense
 
     rows = []
     for name in args.shapes:
-        shape = load_shape(name)
-        config = config_from_dense(_hf_config(shape))      # shapes only: no weights needed
-        spec = pruned_spec(config.ecospa_spec, shape["pruned"]["layers"])
-        h, vocab = spec.hidden_size, config.vocab_size
-        if shape["family"] == "gpt2":     # tied wte, wpe, ln_f (weight + bias)
-            embedding = vocab * h + config.n_positions * h + 2 * h
-        else:                              # embed_tokens, lm_head unless tied, final RMSNorm
-            embedding = vocab * h * (1 if config.tie_word_embeddings else 2) + h
+        if name.startswith("tiny-pruned-"):   # the tests' pruned model (testing.tiny_pruned)
+            from ecospa_deploy.testing import tiny_pruned
+
+            model = tiny_pruned(name.removeprefix("tiny-pruned-"), 0)
+            spec, vocab = model.config.ecospa_spec, model.config.vocab_size
+            layer_ids = {id(p) for layer in model.decoder_layers for p in layer.parameters()}
+            embedding = sum(p.numel() for p in model.parameters() if id(p) not in layer_ids)
+            shape = {"pruned": {"derivation": "testing.tiny_pruned(family, 0): random tiny "
+                                              "pruned model of the test suite"}}
+        else:
+            shape = load_shape(name)
+            config = config_from_dense(_hf_config(shape))      # shapes only: no weights needed
+            spec = pruned_spec(config.ecospa_spec, shape["pruned"]["layers"])
+            h, vocab = spec.hidden_size, config.vocab_size
+            if shape["family"] == "gpt2":     # tied wte, wpe, ln_f (weight + bias)
+                embedding = vocab * h + config.n_positions * h + 2 * h
+            else:                              # embed_tokens, lm_head unless tied, final RMSNorm
+                embedding = vocab * h * (1 if config.tie_word_embeddings else 2) + h
         for tp in args.tp:
-            plan = plan_vllm(spec, tp)
-            rows.append({"shape": name, "tensor_parallel_size": tp, "head_size": plan.head_size,
-                         "derivation": shape["pruned"].get("derivation", ""),
-                         "params_before": plan.layer_params_before + embedding,
-                         "params_after": plan.layer_params_after + embedding,
-                         **{k: v for k, v in plan.as_dict(embedding).items() if k != "layers"}})
-            print(f"{name:12s} tp={tp} head={plan.head_size}: "
-                  f"+{plan.overhead_pct(embedding):.2f}% model bytes, "
-                  f"+{plan.weight_overhead_pct:.2f}% layer bytes, +{plan.kv_overhead_pct:.2f}% KV")
+            for backend in args.backends:
+                # "before": one head size for the whole model, the smallest of 64/128/256 that
+                # fits every layer (what the converter did before per-layer head sizes).
+                widest = max(max(l.qk_head_dim, l.v_head_dim) for l in spec.layers)
+                one = min(s for s in ACCEPTED_HEAD_SIZES["portable"] if s >= widest)
+                old = plan_vllm(spec, tp, head_size=one, attention_backend="portable",
+                                vocab_size=vocab)
+                plan = plan_vllm(spec, tp, attention_backend=backend, vocab_size=vocab)
+                rows.append({"shape": name, "tensor_parallel_size": tp,
+                             "derivation": shape["pruned"].get("derivation", ""),
+                             "params_before": plan.layer_params_before + embedding,
+                             "params_after": plan.layer_params_after + embedding,
+                             "one_head_size_for_all_layers": {
+                                 "head_size": one,
+                                 "model_weight_overhead_pct": round(old.overhead_pct(embedding), 3),
+                                 "kv_cache_overhead_pct": round(old.kv_overhead_pct, 3)},
+                             **{k: v for k, v in plan.as_dict(embedding).items() if k != "layers"}})
+                print(f"{name:12s} tp={tp} {backend:10s} before (one size {one}): "
+                      f"+{old.overhead_pct(embedding):.2f}% model, +{old.kv_overhead_pct:.2f}% KV"
+                      f" | per layer {sorted(set(plan.head_sizes))}: "
+                      f"+{plan.overhead_pct(embedding):.2f}% model, +{plan.kv_overhead_pct:.2f}% KV")
     _write("vllm_padding", {"results": rows})
 
 
@@ -195,8 +217,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("padding")
-    p.add_argument("--shapes", nargs="+", default=["gpt2-small", "llama-1b"])
-    p.add_argument("--tp", nargs="+", type=int, default=[1, 2, 4, 8])
+    p.add_argument("--shapes", nargs="+", default=["tiny-pruned-gpt2", "gpt2-small", "gpt2-medium",
+                                                    "llama-1b"])
+    p.add_argument("--tp", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--backends", nargs="+", default=["flash_attn", "cpu", "portable"])
     s = sub.add_parser("speed")
     s.add_argument("--shapes", nargs="*", default=["gpt2-small"])
     s.add_argument("--prompt", type=int, default=32)

