@@ -28,7 +28,8 @@ import torch
 
 from ecospa_deploy.atomic import atomic_directory
 from ecospa_deploy.data import cache_dir, load_corpus, tokenized_corpus
-from ecospa_deploy.train import TrainConfig, build_model, count_parameters, perplexity, train
+from ecospa_deploy.evaluate import perplexity
+from ecospa_deploy.train import TrainConfig, build_model, count_parameters, train
 
 log = logging.getLogger(__name__)
 
@@ -136,22 +137,34 @@ def ensure_demo_model(path: str | os.PathLike = "pruned-llama", target_size: flo
     seq = RECIPES[DEMO_RECIPE].train.seq_len
     held = heldout_tokens(dense_dir, tok)
     calib = calibration_windows(tok, dense_dir / "train.txt", samples=64, seq_len=seq)
-    before = perplexity(model, held, seq_len=seq, max_windows=64)
+    before = perplexity(model, held, seq, batch_size=16, progress=False, max_windows=64)
     log.info("EcoSpa-pruning to %d%% of the parameters (64 calibration windows)",
              round(100 * target_size))
     result = prune_model(model, calib.windows, PruneOptions("ecospa", target_size, batch_size=8),
                          calibration={"source": "train.txt", "sha256": calib.sha256,
                                       "samples": 64, "seq_len": seq})
-    after = perplexity(model, held, seq_len=seq, max_windows=64)
+    after = perplexity(model, held, seq, batch_size=16, progress=False, max_windows=64)
     with atomic_directory(path, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "demo.json").write_text(json.dumps({
             "dense": str(dense_dir), "method": "ecospa", "target_size": target_size,
             "params_before": result.params_before, "params_after": result.params_after,
-            "heldout_perplexity_dense": before, "heldout_perplexity_pruned": after,
+            "heldout_perplexity_dense": before.perplexity,
+            "heldout_perplexity_pruned": after.perplexity,
+            "heldout_eval": {"seq_len": after.seq_len, "windows": after.windows,
+                             "tokens": after.tokens, "protocol": "ecospa_deploy.evaluate"},
             "prune_seconds": result.seconds}, indent=1))
     return path
+
+
+def _protocol(info: dict, out: Path) -> str:
+    ev = info.get("heldout_eval")
+    if not ev:
+        return ""
+    return (f" ({ev['windows']} windows x {ev['seq_len']} tokens; `ecospa eval {out} --data "
+            f"{info['dense']}/heldout.txt --seq-len {ev['seq_len']}` scores every window of "
+            "that length)")
 
 
 def sample_text(path: str | os.PathLike, prompt: str = SAMPLE_PROMPT, tokens: int = 60,
@@ -218,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"demo model ready at {out}: {info['params_after']:,} of {info['params_before']:,} "
           f"parameters, held-out perplexity {info['heldout_perplexity_dense']:.1f} dense -> "
-          f"{info['heldout_perplexity_pruned']:.1f} pruned")
+          f"{info['heldout_perplexity_pruned']:.1f} pruned{_protocol(info, out)}")
     print(f"sample (sampled, temperature 0.8):\n{sample}\n")
     print(f"serve it: ecospa-serve {out}   (or .venv/bin/ecospa-serve {out})")
     return 0

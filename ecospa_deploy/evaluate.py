@@ -1,4 +1,5 @@
-"""Held-out perplexity with one stated protocol, used by ``ecospa eval`` and the benchmarks.
+"""Held-out perplexity with one stated protocol, used everywhere: ``ecospa eval``, the training
+loop, the demo, the tests and the benchmarks (there is no second implementation).
 
 Protocol (the fixed-window protocol of GPTQ/SparseGPT/Wanda/LLM-Pruner, stride = window):
 
@@ -8,6 +9,10 @@ Protocol (the fixed-window protocol of GPTQ/SparseGPT/Wanda/LLM-Pruner, stride =
 3. Each window is scored independently (no context carried across windows): every token but the
    window's first is predicted, so each window contributes ``seq_len − 1`` predictions.
 4. ``perplexity = exp(Σ NLL / Σ predictions)`` over all windows (token-weighted, fp32 loss).
+5. ``max_windows`` keeps the first windows only (a quick estimate; results record how many).
+
+The number depends on ``seq_len`` (longer windows give every token more context), so every
+result states its ``seq_len`` and ``windows``.
 """
 
 from __future__ import annotations
@@ -50,16 +55,21 @@ def windows_of(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int = 1,
-               progress: bool = True) -> Perplexity:
-    """Perplexity of ``model`` on the token ids ``ids`` (1-D) under the module's protocol."""
+               progress: bool = True, max_windows: int | None = None, bf16: bool = False
+               ) -> Perplexity:
+    """Perplexity of ``model`` on the token ids ``ids`` (1-D) under the module's protocol;
+    ``bf16`` runs the forward under CUDA bf16 autocast (the loss stays fp32)."""
     from tqdm.auto import tqdm
 
-    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None)
+    config = getattr(model, "config", None)
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None)
     if max_pos and seq_len > max_pos:
         raise EcospaError(f"seq_len={seq_len} exceeds the model's {max_pos} positions; expected "
                           f"--seq-len <= {max_pos}")
     wins = windows_of(ids, seq_len)
+    if max_windows:
+        wins = wins[:max_windows]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -69,7 +79,10 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: in
         for s in tqdm(range(0, wins.shape[0], batch_size), desc="perplexity",
                       disable=not progress, leave=False):
             batch = wins[s:s + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and batch.is_cuda
+                   else torch.autocast("cpu", enabled=False))
+            with ctx:
+                logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
             target = batch[:, 1:]
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                   reduction="sum")
@@ -78,8 +91,8 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: in
     finally:
         model.train(was_training)
     mean = total_nll / count
-    return Perplexity(perplexity=math.exp(mean), nll=mean, windows=wins.shape[0],
-                      seq_len=seq_len, tokens=count, text_tokens=ids.numel(),
+    return Perplexity(perplexity=math.exp(mean), nll=mean, windows=int(wins.shape[0]),
+                      seq_len=seq_len, tokens=count, text_tokens=int(ids.numel()),
                       seconds=time.perf_counter() - start)
 
 

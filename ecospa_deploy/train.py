@@ -23,6 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from ecospa_deploy.evaluate import perplexity
+
 # Named shapes. "tiny" trains on 2 CPU cores in about a minute (tests and the README's main
 # command); "small" is the ~30 M parameter GPU model of the quality tables.
 LLAMA_SHAPES: dict[str, dict[str, int]] = {
@@ -146,41 +148,6 @@ def _autocast(cfg: TrainConfig):
     return torch.autocast("cpu", enabled=False)
 
 
-@torch.no_grad()
-def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int = 256, batch_size: int = 16,
-               max_windows: int | None = None, device: str | torch.device | None = None,
-               bf16: bool = False) -> float:
-    """Held-out perplexity over non-overlapping ``seq_len`` windows (the standard protocol).
-
-    Every window is scored independently from its first token (no context carried over); the
-    result is ``exp`` of the mean next-token loss over all predicted tokens.
-    """
-    device = device or next(model.parameters()).device
-    n = (tokens.numel() - 1) // seq_len
-    if n < 1:
-        raise ValueError(f"{tokens.numel()} tokens is shorter than one window of {seq_len}")
-    if max_windows:
-        n = min(n, max_windows)
-    windows = tokens[: n * seq_len + 1]
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, n, batch_size):
-        idx = torch.arange(start, min(n, start + batch_size))
-        x = torch.stack([windows[i * seq_len: i * seq_len + seq_len + 1] for i in idx.tolist()])
-        x = x.to(device)
-        ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and x.is_cuda
-               else torch.autocast("cpu", enabled=False))
-        with ctx:
-            logits = model(input_ids=x[:, :-1]).logits
-        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(),
-                                           reduction="sum")
-        total += loss.item()
-        count += x[:, 1:].numel()
-    model.train(was_training)
-    return math.exp(total / count)
-
-
 def train(model: nn.Module, tokens: torch.Tensor, cfg: TrainConfig, *,
           eval_tokens: torch.Tensor | None = None,
           callbacks: Sequence[StepCallback] = (),
@@ -222,9 +189,10 @@ def train(model: nn.Module, tokens: torch.Tensor, cfg: TrainConfig, *,
         bar.set_postfix(loss=f"{value:.3f}", refresh=False)
         last = step + 1 == cfg.steps
         if eval_tokens is not None and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-            ppl = perplexity(model, eval_tokens, cfg.seq_len, cfg.batch_size,
-                             cfg.eval_windows, bf16=cfg.bf16)
-            result.eval.append({"step": step + 1, "perplexity": ppl})
+            ppl = perplexity(model, eval_tokens, cfg.seq_len, cfg.batch_size, progress=False,
+                             max_windows=cfg.eval_windows, bf16=cfg.bf16)
+            result.eval.append({"step": step + 1, "perplexity": ppl.perplexity,
+                                "seq_len": ppl.seq_len, "windows": ppl.windows})
             model.train()
     bar.close()
     model.eval()

@@ -17,7 +17,7 @@ from ecospa_deploy.prune.baselines import uniform_masks
 from ecospa_deploy.prune.calibration import calibration_windows
 from ecospa_deploy.prune.run import PruneOptions, prune_model
 from ecospa_deploy.prune.surgery import slice_model
-from ecospa_deploy.train import perplexity
+from ecospa_deploy.evaluate import perplexity
 
 pytestmark = pytest.mark.slow
 SEQ = 128
@@ -35,7 +35,7 @@ def trained():
 
 
 def _ppl(model, held):
-    return perplexity(model, held, seq_len=SEQ, batch_size=16, max_windows=48)
+    return perplexity(model, held, SEQ, batch_size=16, progress=False, max_windows=48).perplexity
 
 
 def test_trained_model_is_far_better_than_chance(trained):

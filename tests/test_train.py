@@ -7,8 +7,14 @@ import math
 import pytest
 import torch
 
-from ecospa_deploy.train import (TrainConfig, build_model, count_parameters, lr_at, perplexity,
-                                 train)
+from ecospa_deploy.errors import EcospaError
+from ecospa_deploy.evaluate import perplexity as _perplexity
+from ecospa_deploy.train import TrainConfig, build_model, count_parameters, lr_at, train
+
+
+def perplexity(model, tokens, seq_len):
+    """The one protocol (ecospa_deploy.evaluate), as a number."""
+    return _perplexity(model, tokens, seq_len, batch_size=16, progress=False).perplexity
 
 VOCAB = 64
 
@@ -73,7 +79,7 @@ def test_perplexity_of_uniform_model_is_vocab_size():
             super().__init__()
             self.p = torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, input_ids):
+        def forward(self, input_ids, **kwargs):
             return type("O", (), {"logits": torch.zeros(*input_ids.shape, VOCAB)})
 
     assert perplexity(Uniform(), _tokens(1000), seq_len=50) == pytest.approx(VOCAB, rel=1e-5)
@@ -84,7 +90,7 @@ def test_bad_inputs_are_rejected():
         build_model("llama", "huge", VOCAB)
     with pytest.raises(ValueError, match="family='bert'"):
         build_model("bert", "tiny", VOCAB)
-    with pytest.raises(ValueError, match="shorter than one window"):
+    with pytest.raises(EcospaError, match="shorter than one window"):
         perplexity(build_model("llama", "tiny", VOCAB), _tokens(10), seq_len=32)
 
 

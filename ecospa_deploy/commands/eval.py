@@ -71,9 +71,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"model {out['model']}  params {out['params']:,}")
         if args.data:
+            capped = "" if out["seq_len"] == args.seq_len else \
+                f"; --seq-len {args.seq_len} capped at the model's {out['seq_len']} positions"
             print(f"perplexity {out['perplexity']:.3f}  (nll {out['nll']:.4f}, {out['windows']} "
-                  f"windows x {out['seq_len']} tokens, {out['tokens']:,} predictions, "
-                  f"{out['seconds']:.1f}s)")
+                  f"non-overlapping windows x {out['seq_len']} tokens, {out['tokens']:,} "
+                  f"predictions, {out['seconds']:.1f}s{capped})")
         if args.generate:
             print(f"{args.generate}{out['generation']}")
     return 0

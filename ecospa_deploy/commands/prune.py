@@ -3,7 +3,8 @@
 Methods: ecospa (coupled Fisher importance + aligned Eq. 10 removal in rounds, the EcoSpa paper),
 numerical (Newton-method score + Eq. 11 compensation, the Numerical Pruning paper), and the
 baselines uncoupled (independent norms, EcoSpa Appendix A) and magnitude. --target-size is the
-fraction of the input's total parameters to keep. Calibration windows come from --calib via the
+fraction of the input's total parameters to keep; --min-keep is the per-layer floor every method
+honours (default: 1/8 of each dense width, one KV group). Calibration windows come from --calib via the
 model's own tokenizer. The output is written to a temporary directory and renamed at the end,
 so a failed run leaves nothing behind; ecospa.provenance in config.json records method, target,
 calibration hash and kept indices.
@@ -41,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "pairs sparsified per round (0.3)")
     parser.add_argument("--theta", type=float, default=0.9, help="EcoSpa: share of each "
                         "selected pair's Eq. 10 score energy kept per round (0.9)")
+    parser.add_argument("--rounds", type=int, default=20, help="EcoSpa: at most this many "
+                        "rounds, whatever the target (geometric schedule; default 20)")
+    parser.add_argument("--min-keep", type=float, default=0.125, metavar="FRACTION",
+                        help="per-layer floor for every method: each layer keeps at least this "
+                        "fraction of its dense FFN width, q/k head dim and v head dim, and one "
+                        "KV group (default 0.125; 0 allows one unit)")
     parser.add_argument("--align", type=int, default=None, metavar="N",
                         help="round every pruned width (heads*dims, FFN) to a multiple of N")
     parser.add_argument("--recover-steps", type=int, default=0,
@@ -123,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
     opts = PruneOptions(method=args.method, target_size=args.target_size, top_k=args.top_k,
                         theta=args.theta, align=args.align, batch_size=args.batch_size,
-                        seed=args.seed).validate()
+                        seed=args.seed, min_keep=args.min_keep, rounds=args.rounds).validate()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ecospa_deploy.prune.floors import Floors
 from ecospa_deploy.prune.mask import LayerMask, resolve
 from ecospa_deploy.prune.tracking import KeptIndices, LayerKeep, ParamCounter
 from ecospa_deploy.prune.units import layer_norms, shrink, unit_counts
@@ -44,20 +45,21 @@ def _steps(spec, lspec, n_kv: int, multiple: int) -> dict[str, int]:
     return {"qk": qk_step, "vo": dim_step, "ffn": multiple}
 
 
-def _nearest(n: int, step: int, limit: int) -> int:
-    """The multiple of ``step`` in ``[step, limit]`` nearest to ``n`` (ties keep more).
-
-    ``n`` itself when no multiple fits."""
-    candidates = range(step, limit + 1, step)
+def _nearest(n: int, step: int, limit: int, floor: int = 1) -> int:
+    """The multiple of ``step`` in ``[max(step, floor), limit]`` nearest to ``n`` (ties keep
+    more). ``n`` itself when no multiple fits."""
+    candidates = [c for c in range(step, limit + 1, step) if c >= min(floor, n)]
     if not candidates:
         return n
     return min(candidates, key=lambda c: (abs(c - n), -c))
 
 
-def align_masks(model: nn.Module, masks: list[LayerMask | None], multiple: int, target: int
-                ) -> tuple[list[LayerMask], AlignReport]:
-    """Masks (relative to ``model``) whose every width is a multiple of ``multiple``."""
+def align_masks(model: nn.Module, masks: list[LayerMask | None], multiple: int, target: int,
+                floors: Floors | None = None) -> tuple[list[LayerMask], AlignReport]:
+    """Masks (relative to ``model``) whose every width is a multiple of ``multiple``; no width
+    is rounded below its floor (nor an FFN cut below it to meet the target)."""
     spec = model.config.ecospa_spec
+    floors = floors or Floors.of(spec)
     counter = ParamCounter(model)
     rope = spec.rope
     before_layers, after_layers, keeps, scores = [], [], [], []
@@ -84,7 +86,7 @@ def align_masks(model: nn.Module, masks: list[LayerMask | None], multiple: int, 
         before_layers.append(cur)
         for block in ("qk", "vo", "ffn"):
             n = len(kept[block][0])
-            want = _nearest(n, steps[block], units[block])
+            want = _nearest(n, steps[block], units[block], floors(i, block))
             if want != n:
                 kept[block] = [_resize(k, want, layer_scores[block][g])
                                for g, k in enumerate(kept[block])]
@@ -98,7 +100,7 @@ def align_masks(model: nn.Module, masks: list[LayerMask | None], multiple: int, 
         best = None
         for i, (groups, kept, r, group) in enumerate(keeps):
             ffn = kept["ffn"][0]
-            if len(ffn) <= multiple:
+            if len(ffn) - multiple < min(floors(i, "ffn"), len(ffn)) or len(ffn) <= multiple:
                 continue
             cost = float(torch.sort(scores[i][ffn]).values[:multiple].sum())
             if best is None or cost < best[0]:

@@ -2,7 +2,8 @@
 
 Both keep the same fraction ``r`` of units in every block of every layer (q/k units per KV
 group, v dims per KV group, FFN neurons), ``r`` solved so the model lands on the target
-parameter count; they differ only in *which* units survive:
+parameter count (no block below its floor, ``floors.Floors``); they differ only in *which*
+units survive:
 
 - ``magnitude``: a unit's score is the squared L2 norm of every weight it owns in both matrices
   (``‖q‖²+‖k‖²``, ``‖v‖²+‖o‖²``, ``‖gate‖²+‖up‖²+‖down‖²``); the lowest go, aligned.
@@ -24,7 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ecospa_deploy.errors import EcospaError
+from ecospa_deploy.prune.floors import Floors
 from ecospa_deploy.prune.mask import LayerMask
 from ecospa_deploy.prune.tracking import KeptIndices, LayerKeep, ParamCounter
 from ecospa_deploy.prune.units import BLOCKS, layer_norms, shrink, unit_counts
@@ -32,37 +33,39 @@ from ecospa_deploy.prune.units import BLOCKS, layer_norms, shrink, unit_counts
 Scorer = Literal["coupled", "magnitude", "uncoupled"]
 
 
-def _kept(n: int, r: float) -> int:
-    return max(1, min(n, round(r * n)))
+def _kept(n: int, r: float, floor: int = 1) -> int:
+    return max(min(floor, n), 1, min(n, round(r * n)))
 
 
-def _specs_at(spec, ratios: dict[str, float]):
+def _specs_at(spec, ratios: dict[str, float], floors: Floors):
     out = []
-    for layer in spec.layers:
+    for i, layer in enumerate(spec.layers):
         units = unit_counts(layer, spec.rope)
         for block, r in ratios.items():
-            layer = shrink(layer, block, _kept(units[block], r), spec.rope)
+            layer = shrink(layer, block, _kept(units[block], r, floors(i, block)), spec.rope)
         out.append(layer)
     return out
 
 
-def solve_ratio(model: nn.Module, target: int, blocks=BLOCKS) -> float:
-    """The uniform keep fraction whose parameter count is closest to ``target`` (bisection)."""
+def solve_ratio(model: nn.Module, target: int, blocks=BLOCKS, floors: Floors | None = None,
+                method: str = "uniform") -> float:
+    """The uniform keep fraction whose parameter count is closest to ``target`` (bisection);
+    no block goes below its floor."""
     spec = model.config.ecospa_spec
+    floors = floors or Floors.of(spec)
     counter = ParamCounter(model)
     lo, hi = 0.0, 1.0
-    if counter.total(_specs_at(spec, {b: 0.0 for b in blocks})) > target:
-        smallest = counter.total(_specs_at(spec, {b: 0.0 for b in blocks}))
-        raise EcospaError(f"target of {target} parameters is below the smallest model these "
-                          f"blocks can give ({smallest} with one unit per block)")
+    smallest = counter.total(_specs_at(spec, {b: 0.0 for b in blocks}, floors))
+    if smallest > target:
+        raise floors.unreachable(target, smallest, method)
     for _ in range(50):
         mid = (lo + hi) / 2
-        if counter.total(_specs_at(spec, {b: mid for b in blocks})) > target:
+        if counter.total(_specs_at(spec, {b: mid for b in blocks}, floors)) > target:
             hi = mid
         else:
             lo = mid
-    below = counter.total(_specs_at(spec, {b: lo for b in blocks}))
-    above = counter.total(_specs_at(spec, {b: hi for b in blocks}))
+    below = counter.total(_specs_at(spec, {b: lo for b in blocks}, floors))
+    above = counter.total(_specs_at(spec, {b: hi for b in blocks}, floors))
     return lo if abs(below - target) <= abs(above - target) else hi
 
 
@@ -120,8 +123,10 @@ def _repair(c, lspec, rope: bool, block: str, g: int, s1: list[int], s2: list[in
         b[dst] = b[src].clone()
 
 
-def uniform_masks(model: nn.Module, ratios: dict[str, float], scorer: Scorer) -> list[LayerMask]:
-    """Keep fraction ``ratios[block]`` of every block's units, chosen by ``scorer``.
+def uniform_masks(model: nn.Module, ratios: dict[str, float], scorer: Scorer,
+                  floors: Floors | None = None) -> list[LayerMask]:
+    """Keep fraction ``ratios[block]`` of every block's units (never below ``floors``; default
+    one unit), chosen by ``scorer``.
 
     ``scorer="uncoupled"`` rewrites ``W2`` weights of ``model`` in place (see module docstring).
     """
@@ -135,7 +140,7 @@ def uniform_masks(model: nn.Module, ratios: dict[str, float], scorer: Scorer) ->
         n_kv = lspec.num_key_value_heads
         keep = LayerKeep(groups=list(range(n_kv)), qk=[], vo=[], ffn=[])
         for block in BLOCKS:
-            n = _kept(units[block], ratios.get(block, 1.0))
+            n = _kept(units[block], ratios.get(block, 1.0), floors(i, block) if floors else 1)
             groups = 1 if block == "ffn" else n_kv
             chosen = []
             for g in range(groups):
@@ -156,10 +161,12 @@ def uniform_masks(model: nn.Module, ratios: dict[str, float], scorer: Scorer) ->
     return kept.masks()
 
 
-def prune_uniform(model: nn.Module, target: int, scorer: Scorer) -> tuple[list[LayerMask], float]:
+def prune_uniform(model: nn.Module, target: int, scorer: Scorer, floors: Floors | None = None
+                  ) -> tuple[list[LayerMask], float]:
     """Magnitude or uncoupled pruning to ``target`` parameters: (masks, keep fraction)."""
-    r = solve_ratio(model, target)
-    return uniform_masks(model, {b: r for b in BLOCKS}, scorer), r
+    floors = floors or Floors.of(model.config.ecospa_spec)
+    r = solve_ratio(model, target, floors=floors, method=scorer)
+    return uniform_masks(model, {b: r for b in BLOCKS}, scorer, floors), r
 
 
 __all__ = ["uniform_masks", "prune_uniform", "solve_ratio"]

@@ -13,7 +13,7 @@ One round, on the model as it is now:
    L2 norm, so ``Σ v_j² = 1`` and the cumulative threshold is read on ``v²`` (the energy a
    truncated SVD keeps), the reading under which ``theta = 0.9`` removes at most 10% of a pair's
    energy per round; at least one unit leaves the least important pair so rounds always
-   progress.
+   progress, and no block goes below its floor.
 4. The removals are applied (weights sliced) in order of pair importance, the last one trimmed so
    the model does not undershoot the target parameter count.
 
@@ -22,11 +22,21 @@ head dim for all its heads, so within a layer every KV group removes the *same n
 units: the mean of the counts its selected groups asked for (unselected groups count 0, at least
 one when any group asked), each group dropping its own lowest-scored units (kept index sets may
 differ per group). With GQA a K/V dim leaves the whole group; with RoPE a unit is a rotary pair.
-Heads are never removed whole; every block keeps at least one unit.
+Heads are never removed whole; every block keeps at least its floor (``floors.Floors``, by
+default 1/8 of the dense width).
 
 ``prune_ecospa`` repeats rounds (fresh calibration gradients each time) until the target is
-met; ``EcoSpaSparsifier`` in ``ecospa_deploy.prune.training`` runs the same round inside a
-training loop.
+met. **Deviation from the paper, for one-shot pruning**: Algorithm 1 runs one round per
+training epoch and lets θ alone decide how much goes, so the number of rounds grows with the
+sparsity (7 rounds at 70 %, 79 at 50 % on the tiny model; each one-shot round costs a full
+gradient pass over the calibration set). Here the rounds follow a geometric schedule to the
+target in at most ``EcoSpaConfig.rounds`` (20) rounds: a round first plans with the paper's
+``top_k``/``theta``; only if that plan stays above the schedule's point for the round is θ
+lowered (the energy share a pair may lose doubles per try: 0.9, 0.8, 0.6, 0.2, 0), then top_k
+raised, until it reaches it. Selection (Eq. 8) and which units go (Eq. 10) are unchanged; when
+the paper's θ already keeps pace the result is the paper's. ``EcoSpaSparsifier`` in
+``ecospa_deploy.prune.training`` runs the same round inside a training loop, where the
+paper's one-round-per-period schedule is kept.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ecospa_deploy.errors import EcospaError
+from ecospa_deploy.prune.floors import Floors
 from ecospa_deploy.prune.fisher import FisherAccumulator, calibration_fisher
 from ecospa_deploy.prune.mask import LayerMask
 from ecospa_deploy.prune.surgery import slice_model
@@ -53,8 +64,11 @@ from ecospa_deploy.spec import LayerSpec
 class EcoSpaConfig:
     top_k: float = 0.3
     theta: float = 0.9
+    rounds: int = 20     # one-shot: at most this many rounds, whatever the target
 
     def validate(self) -> "EcoSpaConfig":
+        if not (isinstance(self.rounds, int) and self.rounds >= 1):
+            raise EcospaError(f"rounds={self.rounds!r} is invalid; expected an integer >= 1")
         if not 0 < self.top_k <= 1:
             raise EcospaError(f"top_k={self.top_k} is invalid; expected a fraction in (0, 1]")
         if not 0 < self.theta < 1:
@@ -93,13 +107,20 @@ def _theta_count(v: torch.Tensor, theta: float, limit: int) -> int:
     return min(n, limit)
 
 
-def plan_round(model: nn.Module, fisher: FisherAccumulator, counter: ParamCounter,
-               target: int, cfg: EcoSpaConfig) -> tuple[list[Removal], int, int]:
-    """The removals of one round (not applied), the number of selected and of all pairs."""
+@dataclass
+class RoundScores:
+    """What one round's plan is read from: every pair's importance and every unit's Eq. 10 score."""
+
+    pairs: list[tuple[float, int, str, int]]       # (importance, layer, block, group), sorted
+    scores: dict[tuple[int, str], torch.Tensor]    # (layer, block) -> [groups, units]
+
+
+def round_scores(model: nn.Module, fisher: FisherAccumulator, floors: Floors) -> RoundScores:
+    """Eq. 8 pair importances and Eq. 10 unit scores of the model as it is now."""
     spec = model.config.ecospa_spec
     rope = spec.rope
-    pairs = []      # (importance, layer, block, group)
-    scores = {}     # (layer, block) -> [groups, units] Eq. 10 scores (normalised per group)
+    pairs = []
+    scores = {}
     for i, (layer, lspec) in enumerate(zip(model.decoder_layers, spec.layers)):
         norms = layer_norms(layer.canonical(), lspec, rope)
         imp = layer_fisher(canonical_of(layer, fisher.mean(i)), lspec)
@@ -108,20 +129,24 @@ def plan_round(model: nn.Module, fisher: FisherAccumulator, counter: ParamCounte
             s = norms.coupled(block)
             s = s.view(1, -1) if block == "ffn" else s
             scores[i, block] = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-            if units[block] <= 1:
+            if units[block] <= floors(i, block):
                 continue
             for g, value in enumerate(imp[block].tolist()):
                 pairs.append((value, i, block, g))
-    if not pairs:
-        return [], 0, 0
     pairs.sort()
-    k = max(1, math.ceil(cfg.top_k * len(pairs)))
-    selected = pairs[:k]
+    return RoundScores(pairs, scores)
+
+
+def _plan(rs: RoundScores, spec, counter: ParamCounter, target: int, top_k: float, theta: float,
+          floors: Floors) -> tuple[list[Removal], int, int]:
+    """Removals for one (top_k, theta), fitted to ``target``: (removals, selected, params after)."""
+    k = max(1, math.ceil(top_k * len(rs.pairs)))
+    selected = rs.pairs[:k]
     asked: dict[tuple[int, str], dict[int, int]] = {}
     importance: dict[tuple[int, str], float] = {}
     for value, i, block, g in selected:
-        v = scores[i, block][g]
-        n = _theta_count(v, cfg.theta, v.numel() - 1)
+        v = rs.scores[i, block][g]
+        n = _theta_count(v, theta, v.numel() - floors(i, block))
         asked.setdefault((i, block), {})[g] = n
         importance[i, block] = min(importance.get((i, block), math.inf), value)
     if all(n == 0 for d in asked.values() for n in d.values()):
@@ -129,22 +154,55 @@ def plan_round(model: nn.Module, fisher: FisherAccumulator, counter: ParamCounte
         asked[i, block][g] = 1
     removals = []
     for (i, block), per_group in asked.items():
-        s = scores[i, block]
+        s = rs.scores[i, block]
         groups = s.shape[0]
         n = round(sum(per_group.values()) / groups)
         if any(per_group.values()):
             n = max(n, 1)
-        n = min(n, s.shape[1] - 1)
-        if n == 0:
+        n = min(n, s.shape[1] - floors(i, block))
+        if n <= 0:
             continue
         drop = [torch.argsort(s[g])[:n].tolist() for g in range(groups)]
         removals.append(Removal(importance[i, block], i, block, drop))
     removals.sort(key=lambda r: r.importance)
-    return _fit_to_target(removals, spec, counter, target), k, len(pairs)
+    removals, after = _fit_to_target(removals, spec, counter, target)
+    return removals, k, after
+
+
+def plan_round(model: nn.Module, fisher: FisherAccumulator, counter: ParamCounter,
+               target: int, cfg: EcoSpaConfig, floors: Floors | None = None,
+               round_target: int | None = None) -> tuple[list[Removal], int, int]:
+    """The removals of one round (not applied), the number of selected and of all pairs.
+
+    With the paper's ``top_k``/``theta`` first; if that plan leaves the model above
+    ``round_target`` (the schedule's point for this round), theta is lowered (the share of
+    energy a pair may lose doubles each try) and then top_k raised until the plan reaches it
+    or every selected pair is at its floor. Removals never take the model below ``target``.
+    """
+    spec = model.config.ecospa_spec
+    floors = floors or Floors.of(spec)
+    rs = round_scores(model, fisher, floors)
+    if not rs.pairs:
+        return [], 0, 0
+    goal = target if round_target is None else max(target, round_target)
+    thetas, t = [cfg.theta], cfg.theta
+    while t > 0:
+        t = max(0.0, 1 - 2 * (1 - t))
+        thetas.append(t)
+    top_ks, k = [cfg.top_k], cfg.top_k
+    while k < 1:
+        k = min(1.0, 2 * k)
+        top_ks.append(k)
+    for top_k in top_ks:
+        for theta in thetas:
+            removals, selected, after = _plan(rs, spec, counter, target, top_k, theta, floors)
+            if after <= goal:
+                return removals, selected, len(rs.pairs)
+    return removals, selected, len(rs.pairs)
 
 
 def _fit_to_target(removals: list[Removal], spec, counter: ParamCounter, target: int
-                   ) -> list[Removal]:
+                   ) -> tuple[list[Removal], int]:
     """Keep removals (most expendable first) until the target; trim the last one to land on it."""
     layers = list(spec.layers)
     total = counter.total(layers)
@@ -166,7 +224,7 @@ def _fit_to_target(removals: list[Removal], spec, counter: ParamCounter, target:
         total += counter.layer(r.layer, new) - counter.layer(r.layer, layers[r.layer])
         layers[r.layer] = new
         out.append(r)
-    return out
+    return out, total
 
 
 def apply_removals(model: nn.Module, removals: list[Removal], kept: KeptIndices,
@@ -202,12 +260,13 @@ def apply_removals(model: nn.Module, removals: list[Removal], kept: KeptIndices,
 
 
 def ecospa_round(model: nn.Module, fisher: FisherAccumulator, counter: ParamCounter,
-                 target: int, cfg: EcoSpaConfig, kept: KeptIndices
+                 target: int, cfg: EcoSpaConfig, kept: KeptIndices, floors: Floors | None = None,
+                 round_target: int | None = None, slicer: Callable = slice_model
                  ) -> tuple[RoundReport, list[LayerMask]]:
     """Plan and apply one round on ``model`` (in place)."""
     before = counter.total(model.config.ecospa_spec.layers)
-    removals, k, n_pairs = plan_round(model, fisher, counter, target, cfg)
-    masks = apply_removals(model, removals, kept) if removals else []
+    removals, k, n_pairs = plan_round(model, fisher, counter, target, cfg, floors, round_target)
+    masks = apply_removals(model, removals, kept, slicer) if removals else []
     after = counter.total(model.config.ecospa_spec.layers)
     removed: dict[str, int] = {}
     for r in removals:
@@ -215,38 +274,49 @@ def ecospa_round(model: nn.Module, fisher: FisherAccumulator, counter: ParamCoun
     return RoundReport(before, after, k, n_pairs, removed), masks
 
 
-def prune_ecospa(model: nn.Module, windows: torch.Tensor, target: int,
-                 cfg: EcoSpaConfig | None = None, batch_size: int = 1, max_rounds: int = 1000,
-                 on_round: Callable[[int, RoundReport], None] | None = None
-                 ) -> tuple[list[LayerMask], list[RoundReport]]:
-    """One-shot EcoSpa: rounds on a working copy until ``target`` parameters; masks of the input.
+def schedule(start: int, target: int, rounds: int, done: int) -> int:
+    """Parameters the model should have after round ``done + 1`` of at most ``rounds``.
 
-    ``model`` itself is not modified; slice it with the returned masks (relative to ``model``).
+    Geometric: every round keeps the same fraction ``(target / start) ** (1 / rounds)``, so the
+    number of rounds does not grow with the sparsity (a round removes what the paper's θ asks
+    for, or more when that falls behind this schedule)."""
+    if done + 1 >= rounds:
+        return target
+    return max(target, math.floor(start * (target / start) ** ((done + 1) / rounds)))
+
+
+def prune_ecospa(model: nn.Module, windows: torch.Tensor, target: int,
+                 cfg: EcoSpaConfig | None = None, batch_size: int = 1,
+                 on_round: Callable[[int, RoundReport], None] | None = None,
+                 floors: Floors | None = None, in_place: bool = False
+                 ) -> tuple[list[LayerMask], list[RoundReport]]:
+    """One-shot EcoSpa: at most ``cfg.rounds`` rounds until ``target`` parameters.
+
+    Returns masks relative to the input ``model``. By default ``model`` is not modified (rounds
+    run on a copy; slice it with the returned masks); with ``in_place`` the rounds slice
+    ``model`` itself (no copy: half the memory on a 7B model) and it ends pruned.
     """
     cfg = (cfg or EcoSpaConfig()).validate()
     counter = ParamCounter(model)
     spec = model.config.ecospa_spec
-    smallest = []
-    for layer in spec.layers:
-        for block in ("qk", "vo", "ffn"):
-            layer = shrink(layer, block, 1, spec.rope)
-        smallest.append(layer)
-    if counter.total(smallest) > target:
-        raise EcospaError(f"target of {target} parameters is below the smallest model EcoSpa can "
-                          f"give ({counter.total(smallest)}: every head kept with one unit per "
-                          "block); choose a larger --target-size")
-    work = copy.deepcopy(model)
+    floors = floors or Floors.of(spec)
+    smallest = counter.total(floors.smallest(spec))
+    if smallest > target:
+        raise floors.unreachable(target, smallest, "ecospa")
+    work = model if in_place else copy.deepcopy(model)
     kept = KeptIndices.identity(model.config.ecospa_spec)
     reports: list[RoundReport] = []
     start = counter.total(work.config.ecospa_spec.layers)
     bar = tqdm(total=max(start - target, 0), desc="ecospa rounds", unit="param")
     try:
-        for round_idx in range(max_rounds):
+        for round_idx in range(cfg.rounds):
             if counter.total(work.config.ecospa_spec.layers) <= target:
                 break
             fisher = calibration_fisher(work, windows, batch_size,
                                         desc=f"round {round_idx + 1} gradients")
-            report, _ = ecospa_round(work, fisher, counter, target, cfg, kept)
+            report, _ = ecospa_round(work, fisher, counter, target, cfg, kept, floors,
+                                     schedule(start, target, cfg.rounds, round_idx))
+            del fisher
             reports.append(report)
             # the last round may overshoot the target: the bar stops at its total, exactly
             bar.update(min(start - report.params_after, bar.total) - bar.n)
@@ -254,15 +324,13 @@ def prune_ecospa(model: nn.Module, windows: torch.Tensor, target: int,
             if on_round:
                 on_round(round_idx, report)
             if report.params_after >= report.params_before:
-                raise EcospaError(
-                    f"EcoSpa cannot shrink the model below {report.params_after} parameters "
-                    f"(target {target}): every block is down to one unit")
-        else:
-            raise EcospaError(f"EcoSpa did not reach {target} parameters in {max_rounds} rounds")
+                raise floors.unreachable(target, report.params_after, "ecospa")
+        if counter.total(work.config.ecospa_spec.layers) > target:
+            raise EcospaError(f"EcoSpa did not reach {target} parameters in {cfg.rounds} rounds")
     finally:
         bar.close()
     return kept.masks(), reports
 
 
-__all__ = ["EcoSpaConfig", "RoundReport", "Removal", "plan_round", "apply_removals",
+__all__ = ["EcoSpaConfig", "RoundReport", "Removal", "plan_round", "schedule", "apply_removals",
            "ecospa_round", "prune_ecospa"]

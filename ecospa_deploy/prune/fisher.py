@@ -35,11 +35,10 @@ class FisherAccumulator:
                 if p.grad is None:
                     continue
                 seen = True
-                g2 = p.grad.detach().float().pow(2)
-                if name in sums and sums[name].shape == g2.shape:
-                    sums[name] += g2
-                else:
-                    sums[name] = g2
+                g = p.grad.detach()
+                if name not in sums or sums[name].shape != g.shape:
+                    sums[name] = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+                sums[name].addcmul_(g, g)   # fp32 sum of grad², no temporary
         self.count += int(seen)
 
     def mean(self, i: int) -> dict[str, torch.Tensor]:
@@ -55,15 +54,21 @@ class FisherAccumulator:
 
 def calibration_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
                        desc: str = "fisher", show: bool = False) -> FisherAccumulator:
-    """Squared gradients of the LM loss over ``windows`` (the model's weights are not changed)."""
+    """Squared gradients of the LM loss over ``windows`` (the model's weights are not changed).
+
+    Only decoder-layer parameters get gradients (embeddings and the LM head are never scored,
+    so their gradients would cost memory and time for nothing); the sums stay on the model's
+    device, in fp32, whatever the compute dtype. ``batch_size`` windows go through each pass.
+    """
     acc = FisherAccumulator(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     params = [p for p in model.parameters()]
     flags = [p.requires_grad for p in params]
+    scored = {id(p) for layer in model.decoder_layers for p in layer.parameters()}
     for p in params:
-        p.requires_grad_(True)
+        p.requires_grad_(id(p) in scored)
     try:
         for batch in tqdm(list(batches(windows, batch_size)), desc=desc, leave=False,
                           disable=not show):

@@ -10,14 +10,30 @@ Per layer and module (attention: ``W = W_O``, input ``X`` = the concatenated hea
   ``z₀ = 1`` already lands on the optimum; we iterate until the step vanishes (at most ``T``).
   ``r = (1 − ρ)D`` with ``ρ`` the model's overall pruning ratio; the paper leaves ``λ`` open: we
   use ``λ = mean(diag(H_l))`` so the penalty has the data term's scale.
-- **Heads** score by the mean of their channels' ``z`` (a GQA group by the mean over its query
-  heads: removing a K/V head removes its whole group); **MLP channels** keep their own ``z``.
-- **Global ranking** (Eq. 8): head scores are multiplied by ``α``, the parameters one head unit
-  holds over those of one MLP channel, which is the paper's ``α = 4·D_h/3`` for a Llama layer
-  without GQA (``4·D·D_h`` vs ``3·D``); units are removed lowest first until the parameter
-  target (instead of the paper's unit-count threshold ``η``, so every method lands on the same
-  parameter budget). A removal that would undershoot the target by more than one MLP channel
-  is skipped; every layer keeps at least one head and one channel.
+- **Units.** Like the paper: whole heads (a GQA group: removing a K/V head removes its whole
+  group) and MLP channels, each MLP channel keeping its own ``z``. To reach the same targets
+  as the other methods at the same floors (a 2-group tiny model cannot lose half its
+  parameters by whole heads and channels without going below the FFN floor), the kept heads
+  may also lose **v dims** and **q/k dims** (rotary pairs under RoPE), the same number in
+  every KV group of a layer (one stored head dim per layer), each group its lowest-scored.
+  A v dim is an o_proj input channel, so it has its own ``z`` already (summed over the
+  group's query heads). For q/k, the same Newton problem is solved on the attention logits
+  ``S = QKᵀ`` read as a linear map of ``Q`` with weight ``Kᵀ``:
+  ``H = (KᵀK)∘(QᵀQ)``, ``QᵀQ = W_Q Σ W_Qᵀ``, ``KᵀK = W_K Σ W_Kᵀ`` with ``Σ`` the Gram matrix of
+  the attention input (softmax, causal mask and rotation ignored; a rotary pair scores as
+  the sum of its two dims). q/k removals get no compensation (Eq. 11 is for W_O/W_down).
+- **Global ranking and α** (Eq. 8). The paper puts heads and channels in one sorted list,
+  a head's score (the mean of its channels' ``z``) multiplied by ``α = 4·D_h/3``, the
+  parameters of one head over those of one MLP channel (``4·D·D_h`` vs ``3·D``), and cuts at
+  a *unit count*. Cut at a *parameter* target instead, that α ranks every head above every
+  channel (``α·mean z`` vs ``z ≈ 1``), so all channels go before any head: the collapse to
+  one channel per layer seen before floors existed. Here α is used as the exchange rate it
+  is: every unit's score is the sum of its channels' ``z`` divided by its parameter cost in
+  MLP channels (α for a head of an MHA Llama layer, measured from the layer's real counts
+  for GQA, GPT-2 and the v/q/k dim units). Units are then compared per parameter removed,
+  removed lowest first until the parameter target; a removal that would undershoot the
+  target by more than one MLP channel is skipped. No layer goes below its
+  floors (``floors.Floors``) or one KV group.
 - **Compensation** (Eq. 11): the kept rows of ``W_O``/``W_down`` get
   ``δW = −G⁻¹M_p(M_pᵀG⁻¹M_p)⁻¹M_pᵀW`` with ``G = 2XᵀX + γI`` (Remark 5 dampening,
   ``γ = damp · mean(diag(2XᵀX))``). It is a weight update only: no bias is added, so the
@@ -26,17 +42,17 @@ Per layer and module (attention: ``W = W_O``, input ``X`` = the concatenated hea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ecospa_deploy.errors import EcospaError
 from ecospa_deploy.prune.calibration import batches
+from ecospa_deploy.prune.floors import Floors
 from ecospa_deploy.prune.mask import LayerMask
 from ecospa_deploy.prune.tracking import KeptIndices, LayerKeep, ParamCounter
-from ecospa_deploy.prune.units import unit_counts
+from ecospa_deploy.prune.units import shrink, unit_counts
 
 
 @dataclass
@@ -46,25 +62,25 @@ class NumericalConfig:
     compensate: bool = True
 
 
-def _output_modules(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(attention output projection, MLP down projection) of a decoder layer."""
+def _modules(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(attention output projection, MLP down projection, attention input projection)."""
     if hasattr(layer, "self_attn"):
-        return layer.self_attn.o_proj, layer.mlp.down_proj
-    return layer.attn.c_proj, layer.mlp.c_proj
+        return layer.self_attn.o_proj, layer.mlp.down_proj, layer.self_attn.q_proj
+    return layer.attn.c_proj, layer.mlp.c_proj, layer.attn.c_attn
 
 
 @torch.no_grad()
 def input_gram(model: nn.Module, windows: torch.Tensor, batch_size: int = 1
-               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``XᵀX`` of every layer's o_proj and down_proj inputs over the calibration windows."""
+               ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per layer ``XᵀX`` (float64) of the o_proj, down_proj and attention inputs."""
     device = next(model.parameters()).device
-    grams: list[list[torch.Tensor | None]] = [[None, None] for _ in model.decoder_layers]
+    grams: list[list[torch.Tensor | None]] = [[None, None, None] for _ in model.decoder_layers]
     hooks = []
     for i, layer in enumerate(model.decoder_layers):
-        for j, module in enumerate(_output_modules(layer)):
+        for j, module in enumerate(_modules(layer)):
             def hook(_m, args, _out, i=i, j=j):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-                g = x.t() @ x
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                g = (x.t() @ x).double()
                 grams[i][j] = g if grams[i][j] is None else grams[i][j] + g
             hooks.append(module.register_forward_hook(hook))
     was_training = model.training
@@ -77,19 +93,17 @@ def input_gram(model: nn.Module, windows: torch.Tensor, batch_size: int = 1
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return [(a, m) for a, m in grams]
+    return [tuple(g) for g in grams]
 
 
-def numerical_score(w: torch.Tensor, xtx: torch.Tensor, r: float, steps: int = 50
-                    ) -> torch.Tensor:
-    """Algorithm 1: ``z ∈ R^D`` for ``W ∈ R^{D×D'}`` and ``XᵀX ∈ R^{D×D}``."""
-    w = w.to(torch.float64)
-    h_l = (w @ w.t()) * xtx
+def newton_score(h_l: torch.Tensor, r: float, steps: int = 50) -> torch.Tensor:
+    """Algorithm 1 for a given data Hessian ``H_l``: ``z`` with ``Σz ≈ r``."""
+    h_l = h_l.to(torch.float64)
     lam = float(h_l.diagonal().mean().clamp_min(1e-12))
-    d = w.shape[0]
-    ones = torch.ones(d, dtype=torch.float64, device=w.device)
-    hess = h_l + lam * torch.ones(d, d, dtype=torch.float64, device=w.device)
-    hess = hess + 1e-9 * lam * torch.eye(d, dtype=torch.float64, device=w.device)
+    d = h_l.shape[0]
+    ones = torch.ones(d, dtype=torch.float64, device=h_l.device)
+    hess = h_l + lam * torch.ones(d, d, dtype=torch.float64, device=h_l.device)
+    hess = hess + 1e-9 * lam * torch.eye(d, dtype=torch.float64, device=h_l.device)
     z = ones.clone()
     for _ in range(max(1, steps)):
         g = h_l @ (z - ones) + lam * (z.sum() - r) * ones
@@ -98,6 +112,30 @@ def numerical_score(w: torch.Tensor, xtx: torch.Tensor, r: float, steps: int = 5
         if float(step.abs().max()) < 1e-9:
             break
     return z
+
+
+def numerical_score(w: torch.Tensor, xtx: torch.Tensor, r: float, steps: int = 50
+                    ) -> torch.Tensor:
+    """Algorithm 1: ``z ∈ R^D`` for ``W ∈ R^{D×D'}`` and ``XᵀX ∈ R^{D×D}``."""
+    w = w.to(torch.float64)
+    return newton_score((w @ w.t()) * xtx.to(torch.float64), r, steps)
+
+
+def qk_score(c, lspec, xtx: torch.Tensor, keep: float, rope: bool, steps: int = 50
+             ) -> torch.Tensor:
+    """``[groups, units]`` numerical scores of the q/k units (rotary pairs under RoPE)."""
+    n_q, n_kv, d = lspec.num_attention_heads, lspec.num_key_value_heads, lspec.qk_head_dim
+    group = n_q // n_kv
+    sigma = xtx.to(torch.float64)
+    wq = c["q"][0].detach().to(torch.float64).view(n_q, d, -1)
+    wk = c["k"][0].detach().to(torch.float64).view(n_kv, d, -1)
+    out = []
+    for g in range(n_kv):
+        kk = wk[g] @ sigma @ wk[g].t()
+        h_l = sum((wq[h] @ sigma @ wq[h].t()) * kk for h in range(g * group, (g + 1) * group))
+        z = newton_score(h_l, keep * d, steps)
+        out.append(z[: d // 2] + z[d // 2:] if rope else z)
+    return torch.stack(out)
 
 
 def compensate(w: torch.Tensor, xtx: torch.Tensor, pruned: list[int], damp: float = 0.01
@@ -123,89 +161,141 @@ def reconstruction_error(w: torch.Tensor, w_new: torch.Tensor, xtx: torch.Tensor
     return float((diff * (xtx.to(torch.float64) @ diff)).sum())
 
 
+@dataclass
+class _Layer:
+    """One layer's scores and what the greedy pass has removed from it so far."""
+
+    group_z: torch.Tensor      # [n_kv] summed z of each group's o_proj input channels
+    v_z: torch.Tensor          # [n_kv, dv] z of each v dim (summed over the group's heads)
+    qk_z: torch.Tensor         # [n_kv, qk units]
+    ffn_z: torch.Tensor        # [ffn]
+    groups: list[int]          # removed KV groups
+    v: int = 0                 # v dims removed per kept group
+    qk: int = 0                # q/k units removed per kept group
+    ffn: list[int] = field(default_factory=list)   # removed channels
+
+
+def _costs(counter: ParamCounter, i: int, lspec, rope: bool) -> dict[str, int]:
+    """Parameters one unit of each kind holds in layer ``i`` (its current shape)."""
+    base = counter.layer(i, lspec)
+    units = unit_counts(lspec, rope)
+    out = {"ffn": base - counter.layer(i, shrink(lspec, "ffn", units["ffn"] - 1, rope)),
+           "v": base - counter.layer(i, shrink(lspec, "vo", units["vo"] - 1, rope)),
+           "qk": base - counter.layer(i, shrink(lspec, "qk", units["qk"] - 1, rope))}
+    n_kv = lspec.num_key_value_heads
+    if n_kv > 1:
+        out["group"] = base - counter.layer(i, _drop_group(lspec))
+    return out
+
+
+def _drop_group(lspec):
+    group = lspec.num_attention_heads // lspec.num_key_value_heads
+    return lspec.replace(num_attention_heads=lspec.num_attention_heads - group,
+                         num_key_value_heads=lspec.num_key_value_heads - 1, rope_kept=None)
+
+
 def prune_numerical(model: nn.Module, windows: torch.Tensor, target: int,
-                    cfg: NumericalConfig | None = None, batch_size: int = 1
-                    ) -> list[LayerMask]:
+                    cfg: NumericalConfig | None = None, batch_size: int = 1,
+                    floors: Floors | None = None) -> list[LayerMask]:
     """Masks relative to ``model``; with ``cfg.compensate`` also Eq. 11 weight updates in place."""
     cfg = cfg or NumericalConfig()
     spec = model.config.ecospa_spec
+    rope = spec.rope
+    floors = floors or Floors.of(spec)
     counter = ParamCounter(model)
     total = counter.total(spec.layers)
-    rho = min(max(1.0 - target / total, 0.0), 1.0)
+    smallest = counter.total(floors.smallest(spec, heads=True))
+    if smallest > target:
+        raise floors.unreachable(target, smallest, "numerical")
+    keep = 1.0 - min(max(1.0 - target / total, 0.0), 1.0)
     grams = input_gram(model, windows, batch_size)
-    units = []       # (score, layer, kind, index)
+    units = []       # (score per MLP-channel-equivalent of parameters, layer, kind, slot)
+    state: list[_Layer] = []
+    finest, channel = 0, None
     for i, (layer, lspec) in enumerate(zip(model.decoder_layers, spec.layers)):
         c = layer.canonical()
-        xa, xm = grams[i]
+        xo, xd, xa = grams[i]
         w_o = c["o"][0].detach().t()
         w_d = c["down"][0].detach().t()
-        z_attn = numerical_score(w_o, xa.to(w_o.device), (1 - rho) * w_o.shape[0],
-                                 cfg.newton_steps)
-        z_mlp = numerical_score(w_d, xm.to(w_d.device), (1 - rho) * w_d.shape[0],
-                                cfg.newton_steps)
-        n_kv = lspec.num_key_value_heads
-        group_scores = z_attn.view(n_kv, -1).mean(1)
-        group = lspec.num_attention_heads // n_kv
-        one_group = lspec.replace(num_attention_heads=lspec.num_attention_heads - group,
-                                  num_key_value_heads=n_kv - 1, rope_kept=None) \
-            if n_kv > 1 else None
-        neuron_cost = counter.layer(i, lspec) - counter.layer(
-            i, lspec.replace(intermediate_size=lspec.intermediate_size - 1, rope_kept=None))
-        if one_group is not None:
-            group_cost = counter.layer(i, lspec) - counter.layer(i, one_group)
-            alpha = group_cost / neuron_cost
-            units += [(alpha * float(s), i, "group", g) for g, s in enumerate(group_scores)]
-        units += [(float(s), i, "ffn", j) for j, s in enumerate(z_mlp)]
+        z_o = numerical_score(w_o, xo.to(w_o.device), keep * w_o.shape[0], cfg.newton_steps)
+        z_d = numerical_score(w_d, xd.to(w_d.device), keep * w_d.shape[0], cfg.newton_steps)
+        n_q, n_kv = lspec.num_attention_heads, lspec.num_key_value_heads
+        v_z = z_o.view(n_kv, n_q // n_kv, lspec.v_head_dim).sum(1)
+        qk_z = qk_score(c, lspec, xa.to(w_o.device), keep, rope, cfg.newton_steps)
+        st = _Layer(group_z=v_z.sum(1), v_z=v_z, qk_z=qk_z, ffn_z=z_d, groups=[], ffn=[])
+        state.append(st)
+        cost = _costs(counter, i, lspec, rope)
+        ch = cost["ffn"]
+        finest = max(finest, ch, cost["v"], cost["qk"])
+        channel = ch if channel is None else min(channel, ch)
+        units += [(float(z), i, "ffn", j) for j, z in enumerate(z_d.tolist())]
+        if "group" in cost:
+            units += [(float(z) * ch / cost["group"], i, "group", g)
+                      for g, z in enumerate(st.group_z.tolist())]
+        # the k-th v (q/k) unit to leave each group is its k-th lowest: one slot per k
+        v_slots = torch.sort(v_z, dim=1).values.sum(0)
+        qk_slots = torch.sort(qk_z, dim=1).values.sum(0)
+        units += [(float(z) * ch / cost["v"], i, "v", k) for k, z in enumerate(v_slots.tolist())]
+        units += [(float(z) * ch / cost["qk"], i, "qk", k) for k, z in enumerate(qk_slots.tolist())]
     units.sort(key=lambda u: u[0])
     layers = list(spec.layers)
-    removed_groups = [set() for _ in layers]
-    removed_ffn = [set() for _ in layers]
     current = total
     for _, i, kind, idx in units:
         if current <= target:
             break
-        lspec = layers[i]
+        lspec, st = layers[i], state[i]
+        u = unit_counts(lspec, rope)
         if kind == "group":
-            if lspec.num_key_value_heads <= 1:
+            if lspec.num_key_value_heads <= floors.kv_groups:
                 continue
-            group = lspec.num_attention_heads // lspec.num_key_value_heads
-            new = lspec.replace(num_attention_heads=lspec.num_attention_heads - group,
-                                num_key_value_heads=lspec.num_key_value_heads - 1,
-                                rope_kept=None)
+            new = _drop_group(lspec)
+        elif kind == "ffn":
+            if u["ffn"] <= floors(i, "ffn"):
+                continue
+            new = shrink(lspec, "ffn", u["ffn"] - 1, rope)
         else:
-            if lspec.intermediate_size <= 1:
+            block = "vo" if kind == "v" else "qk"
+            if u[block] <= floors(i, block):
                 continue
-            new = lspec.replace(intermediate_size=lspec.intermediate_size - 1, rope_kept=None)
+            new = shrink(lspec, block, u[block] - 1, rope)
         after = current - counter.layer(i, lspec) + counter.layer(i, new)
-        if kind == "group" and after < target - 3 * spec.hidden_size - 8:
+        if after < target - channel:
             continue
-        (removed_groups if kind == "group" else removed_ffn)[i].add(idx)
+        if kind == "group":
+            st.groups.append(idx)
+        elif kind == "ffn":
+            st.ffn.append(idx)
+        else:
+            setattr(st, kind, getattr(st, kind) + 1)
         layers[i], current = new, after
-    if current > target * 1.02:
-        raise EcospaError(f"numerical pruning cannot reach {target} parameters (stops at "
-                          f"{current}: one head and one channel per layer left)")
+    if current > target + finest:
+        raise floors.unreachable(target, current, "numerical")
     kept = KeptIndices.identity(spec)
     for i, (layer, lspec) in enumerate(zip(model.decoder_layers, spec.layers)):
-        n_kv, u = lspec.num_key_value_heads, unit_counts(lspec, spec.rope)
-        groups = [g for g in range(n_kv) if g not in removed_groups[i]]
-        ffn = [j for j in range(lspec.intermediate_size) if j not in removed_ffn[i]]
+        st, u = state[i], unit_counts(lspec, rope)
+        groups = [g for g in range(lspec.num_key_value_heads) if g not in st.groups]
+        ffn = sorted(set(range(lspec.intermediate_size)) - set(st.ffn))
+        vo = [sorted(torch.argsort(st.v_z[g], descending=True)[: u["vo"] - st.v].tolist())
+              for g in groups]
+        qk = [sorted(torch.argsort(st.qk_z[g], descending=True)[: u["qk"] - st.qk].tolist())
+              for g in groups]
         if cfg.compensate:
-            _compensate_layer(layer, lspec, groups, ffn, grams[i], cfg.damp)
-        kept.apply(i, lspec, LayerKeep(groups=groups,
-                                       qk=[list(range(u["qk"])) for _ in groups],
-                                       vo=[list(range(u["vo"])) for _ in groups], ffn=ffn))
+            _compensate_layer(layer, lspec, groups, vo, ffn, grams[i], cfg.damp)
+        kept.apply(i, lspec, LayerKeep(groups=groups, qk=qk, vo=vo, ffn=ffn))
     return kept.masks()
 
 
 @torch.no_grad()
-def _compensate_layer(layer: nn.Module, lspec, groups: list[int], ffn: list[int],
-                      grams: tuple[torch.Tensor, torch.Tensor], damp: float) -> None:
+def _compensate_layer(layer: nn.Module, lspec, groups: list[int], vo: list[list[int]],
+                      ffn: list[int], grams, damp: float) -> None:
+    """Eq. 11 on o_proj (pruned: every channel of removed groups, removed v dims of kept ones)
+    and down_proj (removed channels)."""
     c = layer.canonical()
     group = lspec.num_attention_heads // lspec.num_key_value_heads
     dv = lspec.v_head_dim
-    kept_heads = {h for g in groups for h in range(g * group, (g + 1) * group)}
-    pruned_o = [h * dv + j for h in range(lspec.num_attention_heads) if h not in kept_heads
-                for j in range(dv)]
+    kept_o = {h * dv + j for g, dims in zip(groups, vo)
+              for h in range(g * group, (g + 1) * group) for j in dims}
+    pruned_o = [j for j in range(lspec.num_attention_heads * dv) if j not in kept_o]
     kept_ffn = set(ffn)
     pruned_d = [j for j in range(lspec.intermediate_size) if j not in kept_ffn]
     for key, pruned, xtx in (("o", pruned_o, grams[0]), ("down", pruned_d, grams[1])):
@@ -216,5 +306,5 @@ def _compensate_layer(layer: nn.Module, lspec, groups: list[int], ffn: list[int]
         w.copy_(new.t())
 
 
-__all__ = ["NumericalConfig", "numerical_score", "compensate", "reconstruction_error",
+__all__ = ["NumericalConfig", "numerical_score", "newton_score", "qk_score", "compensate", "reconstruction_error",
            "input_gram", "prune_numerical"]

@@ -17,6 +17,7 @@ from torch import nn
 
 from ecospa_deploy.errors import EcospaError, UnsupportedError
 from ecospa_deploy.prune.align import AlignReport, align_masks
+from ecospa_deploy.prune.floors import DEFAULT_MIN_KEEP, Floors, check_min_keep
 from ecospa_deploy.prune.mask import LayerMask
 from ecospa_deploy.prune.surgery import slice_model
 from ecospa_deploy.prune.tracking import count_params, masks_to_json
@@ -33,14 +34,19 @@ class PruneOptions:
     align: int | None = None
     batch_size: int = 1
     seed: int = 0
+    min_keep: float = DEFAULT_MIN_KEEP   # per-layer floor, a fraction of the dense widths
+    rounds: int = 20                     # ecospa: at most this many rounds
 
     def validate(self) -> "PruneOptions":
+        check_min_keep(self.min_keep)
         if self.method not in METHODS:
             raise EcospaError(f"method={self.method!r} is not supported; expected one of "
                               f"{list(METHODS)}")
         if not (isinstance(self.target_size, (int, float)) and 0 < self.target_size < 1):
             raise EcospaError(f"target_size={self.target_size!r} is invalid; expected a fraction "
                               "of the input's parameters strictly between 0 and 1 (0.7 keeps 70%)")
+        if not (isinstance(self.rounds, int) and self.rounds >= 1):
+            raise EcospaError(f"rounds={self.rounds!r} is invalid; expected an integer >= 1")
         if self.align is not None and self.align < 1:
             raise EcospaError(f"align={self.align} is invalid; expected an integer >= 1")
         return self
@@ -58,29 +64,33 @@ class PruneResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def compute_masks(model: nn.Module, windows: torch.Tensor, opts: PruneOptions
-                  ) -> tuple[list[LayerMask], int, dict[str, Any]]:
+def compute_masks(model: nn.Module, windows: torch.Tensor, opts: PruneOptions,
+                  in_place: bool = False) -> tuple[list[LayerMask], int, dict[str, Any]]:
     """(masks relative to ``model``, rounds, method facts). May rewrite ``model``'s weights
-    (numerical compensation, uncoupled re-pairing); never changes its shapes."""
+    (numerical compensation, uncoupled re-pairing); changes its shapes only for ecospa with
+    ``in_place`` (the rounds then slice ``model`` itself and it ends pruned)."""
     target = round(opts.target_size * count_params(model))
+    floors = Floors.of(model.config.ecospa_spec, opts.min_keep)
+    facts: dict[str, Any] = {"min_keep": opts.min_keep}
     if opts.method == "ecospa":
         from ecospa_deploy.prune.ecospa import EcoSpaConfig, prune_ecospa
 
-        masks, reports = prune_ecospa(model, windows, target,
-                                      EcoSpaConfig(opts.top_k, opts.theta).validate(),
-                                      batch_size=opts.batch_size)
-        return masks, len(reports), {"top_k": opts.top_k, "theta": opts.theta}
+        cfg = EcoSpaConfig(opts.top_k, opts.theta, opts.rounds).validate()
+        masks, reports = prune_ecospa(model, windows, target, cfg, batch_size=opts.batch_size,
+                                      floors=floors, in_place=in_place)
+        return masks, len(reports), {**facts, "top_k": opts.top_k, "theta": opts.theta,
+                                     "max_rounds": opts.rounds}
     if opts.method == "numerical":
         from ecospa_deploy.prune.numerical import NumericalConfig, prune_numerical
 
         cfg = NumericalConfig()
-        return prune_numerical(model, windows, target, cfg, opts.batch_size), 1, {
-            "damp": cfg.damp, "newton_steps": cfg.newton_steps,
-            "compensation": "weights (Eq. 11)"}
+        masks = prune_numerical(model, windows, target, cfg, opts.batch_size, floors)
+        return masks, 1, {**facts, "damp": cfg.damp, "newton_steps": cfg.newton_steps,
+                          "compensation": "weights (Eq. 11)"}
     from ecospa_deploy.prune.baselines import prune_uniform
 
-    masks, ratio = prune_uniform(model, target, opts.method)
-    return masks, 1, {"keep_fraction": ratio}
+    masks, ratio = prune_uniform(model, target, opts.method, floors)
+    return masks, 1, {**facts, "keep_fraction": ratio}
 
 
 def check_supported(model: nn.Module) -> None:
@@ -103,12 +113,15 @@ def prune_model(model: nn.Module, windows: torch.Tensor, opts: PruneOptions,
     spec_in = model.config.ecospa_spec
     before = count_params(model)
     target = round(opts.target_size * before)
-    masks, rounds, facts = compute_masks(model, windows, opts)
+    # EcoSpa's rounds slice the model itself unless --align needs the input's weights after.
+    in_place = opts.method == "ecospa" and not opts.align
+    masks, rounds, facts = compute_masks(model, windows, opts, in_place=in_place)
     report = None
     if opts.align:
-        masks, report = align_masks(model, masks, opts.align, target)
+        masks, report = align_masks(model, masks, opts.align, target,
+                                    Floors.of(spec_in, opts.min_keep))
     kept = masks_to_json(masks, spec_in)
-    spec = slice_model(model, masks)
+    spec = model.config.ecospa_spec if in_place else slice_model(model, masks)
     after = count_params(model)
     prov: dict[str, Any] = {
         "method": opts.method, "target_size": opts.target_size, "params_before": before,

@@ -57,7 +57,8 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ecospa_deploy.errors import EcospaError
-from ecospa_deploy.prune.ecospa import EcoSpaConfig, RoundReport
+from ecospa_deploy.prune.ecospa import EcoSpaConfig, RoundReport, ecospa_round
+from ecospa_deploy.prune.floors import DEFAULT_MIN_KEEP, Floors
 from ecospa_deploy.prune.fisher import FisherAccumulator
 from ecospa_deploy.prune.mask import LayerMask
 from ecospa_deploy.prune.surgery import slice_model
@@ -121,7 +122,8 @@ class EcoSpaSparsifier:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  target_size: float | None = None, *, target_params: int | None = None,
-                 every: int = 100, top_k: float = 0.3, theta: float = 0.9):
+                 every: int = 100, top_k: float = 0.3, theta: float = 0.9,
+                 min_keep: float = DEFAULT_MIN_KEEP):
         if (target_size is None) == (target_params is None):
             raise EcospaError("give exactly one of target_size (fraction) or target_params")
         if target_size is not None and not 0 < target_size < 1:
@@ -135,6 +137,7 @@ class EcoSpaSparsifier:
         self.target = target_params if target_params is not None else round(
             target_size * count_params(model))
         self.kept = KeptIndices.identity(model.config.ecospa_spec)
+        self.floors = Floors.of(model.config.ecospa_spec, min_keep)
         self.fisher = FisherAccumulator(model)
         self.reports: list[RoundReport] = []
         self._steps_seen = 0
@@ -162,8 +165,9 @@ class EcoSpaSparsifier:
 
     def sparsify(self) -> RoundReport:
         """One EcoSpa round now, with the Fisher accumulated since the last one."""
-        report, _ = _round_with_optimizer(self.model, self.optimizer, self.fisher,
-                                          self.counter, self.target, self.cfg, self.kept)
+        report, _ = ecospa_round(
+            self.model, self.fisher, self.counter, self.target, self.cfg, self.kept, self.floors,
+            slicer=lambda m, ms: slice_with_optimizer(m, self.optimizer, ms))
         self.reports.append(report)
         self.fisher.reset()
         return report
@@ -180,30 +184,14 @@ class EcoSpaSparsifier:
         return self.step(step)
 
 
-def _round_with_optimizer(model, optimizer, fisher, counter, target, cfg, kept
-                          ) -> tuple[RoundReport, list[LayerMask]]:
-    from ecospa_deploy.prune.ecospa import apply_removals, plan_round
-
-    before = counter.total(model.config.ecospa_spec.layers)
-    removals, k, n_pairs = plan_round(model, fisher, counter, target, cfg)
-    masks: list[LayerMask] = []
-    if removals:
-        masks = apply_removals(model, removals, kept,
-                               slicer=lambda m, ms: slice_with_optimizer(m, optimizer, ms))
-    after = counter.total(model.config.ecospa_spec.layers)
-    removed: dict[str, int] = {}
-    for r in removals:
-        removed[r.block] = removed.get(r.block, 0) + r.count * len(r.drop)
-    return RoundReport(before, after, k, n_pairs, removed), masks
-
-
 class EcoSpaCallback(TrainerCallback):
     """HF ``Trainer`` callback running ``EcoSpaSparsifier`` (Fisher from the training grads)."""
 
     def __init__(self, target_size: float | None = None, *, target_params: int | None = None,
-                 every: int = 100, top_k: float = 0.3, theta: float = 0.9):
+                 every: int = 100, top_k: float = 0.3, theta: float = 0.9,
+                 min_keep: float = DEFAULT_MIN_KEEP):
         self.kwargs = dict(target_size=target_size, target_params=target_params, every=every,
-                           top_k=top_k, theta=theta)
+                           top_k=top_k, theta=theta, min_keep=min_keep)
         self.sparsifier: EcoSpaSparsifier | None = None
 
     def _ensure(self, model: nn.Module, optimizer: Any) -> EcoSpaSparsifier:
