@@ -244,3 +244,19 @@ def test_text_prompts_use_the_saved_tokenizer(tmp_path):
     export_onnx(model, tmp_path / "no-tok", exporter="legacy", target="ort")
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
         OrtGenerator(tmp_path / "no-tok").generate(["the cat"], params)
+
+
+def test_cli_target_option(tmp_path, capsys):
+    from ecospa_deploy.cli import main
+
+    tiny_pruned("llama", seed=1).save_pretrained(tmp_path / "src")
+    assert main(["convert", "onnx", str(tmp_path / "src"), "-o", str(tmp_path / "g"),
+                 "--exporter", "legacy", "--target", "genai"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["target"] == "genai" and report["kv_overhead_pct"] > 0
+    assert json.loads((tmp_path / "g" / "ecospa_export.json").read_text())["target"] == "genai"
+    with pytest.raises(SystemExit) as exc:              # argparse: not one of the choices
+        main(["convert", "onnx", str(tmp_path / "src"), "-o", str(tmp_path / "x"),
+              "--target", "vllm"])
+    assert exc.value.code == 2 and "invalid choice: 'vllm'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
