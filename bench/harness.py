@@ -224,7 +224,8 @@ class OnnxBackend(Backend):
             raise UnsupportedError(f"--backends onnx on {cfg.device.type}: this onnxruntime has "
                                    f"no {provider}; install onnxruntime-gpu or pass --device cpu")
         self._dir = tempfile.TemporaryDirectory(prefix="ecospa-bench-onnx-")
-        export_onnx(model, self._dir.name, dtype=self._DTYPES[cfg.dtype], overwrite=True)
+        export_onnx(model, self._dir.name, dtype=self._DTYPES[cfg.dtype], overwrite=True,
+                    target="ort")          # each layer's own KV shape: the smallest cache
         self.gen = OrtGenerator(self._dir.name, providers=[provider])
         self.weight_bytes = _param_bytes(model)
 

@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 from .onnx_export import DEFAULT_OPSET, DTYPES, EXPORTERS, ExportReport, export_onnx
-from .onnx_metadata import read_genai_config
+from .onnx_layout import DEFAULT_TARGET, TARGETS, KVLayout, plan_layout
+from .onnx_metadata import read_export
 from .onnx_runtime import OrtGenerator, default_providers
 from .onnx_verify import Verification, VerificationError
 
 __all__ = ["export_onnx", "ExportReport", "OrtGenerator", "default_providers",
-           "read_genai_config", "Verification", "VerificationError", "DEFAULT_OPSET", "DTYPES",
-           "EXPORTERS"]
+           "read_export", "Verification", "VerificationError", "DEFAULT_OPSET", "DTYPES",
+           "EXPORTERS", "TARGETS", "DEFAULT_TARGET", "KVLayout", "plan_layout"]

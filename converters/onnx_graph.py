@@ -6,6 +6,10 @@ value as its own input (``past_key_values.{i}.key`` ``[batch, kv_heads_i, past, 
 of the same per-layer shapes. Inside, the flat tensors fill a ``DynamicCache`` and the model runs
 through its own forward, so the graph computes what the HF classes compute.
 
+A ``KVLayout`` other than ``ort`` (see ``onnx_layout``) gives the past/present tensors larger
+shapes: the graph slices each past back to the layer's own heads and dims before the model reads
+it, and pads each present with zeros after, so the padding never reaches attention.
+
 The attention mask is built here, not by transformers' mask helpers, from the 2D padding mask
 ``[batch, past + seq]``: key ``s`` is visible to query ``t`` when it is not padding, is not in
 the future (``s <= past + t``) and, for sliding-window layers, lies inside the window. A prefill
@@ -17,11 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from ecospa_deploy.modeling.kv_cache import cache_kwargs
 from ecospa_deploy.spec import ModelSpec
+
+from .onnx_layout import KVLayout, plan_layout
 
 
 @dataclass(frozen=True)
@@ -68,13 +75,27 @@ def additive_mask(attention_mask: torch.Tensor, query_len: int, dtype: torch.dty
     return zeros.masked_fill(~visible, torch.finfo(dtype).min)
 
 
+def _crop(t: torch.Tensor, heads: int, size: int) -> torch.Tensor:
+    """The layer's own ``[batch, heads, seq, size]`` part of a (possibly padded) past."""
+    if t.shape[1] != heads:
+        t = t[:, :heads]
+    return t if t.shape[3] == size else t[..., :size]
+
+
+def _pad(t: torch.Tensor, heads: int, size: int) -> torch.Tensor:
+    """Zero-pad a present ``[batch, h, seq, d]`` to ``[batch, heads, seq, size]``."""
+    extra_heads, extra = heads - t.shape[1], size - t.shape[3]
+    return F.pad(t, (0, extra, 0, 0, 0, extra_heads)) if extra_heads or extra else t
+
+
 class DecoderGraph(nn.Module):
     """Wraps our causal LM so that its signature is the flat ONNX one (see module docstring)."""
 
-    def __init__(self, model: nn.Module, use_past: bool = True):
+    def __init__(self, model: nn.Module, use_past: bool = True, layout: KVLayout | None = None):
         super().__init__()
         self.model = model
         self.spec: ModelSpec = model.config.ecospa_spec
+        self.layout = layout or plan_layout(self.spec, "ort")
         self.io = GraphIO(self.spec.num_layers, use_past)
         windows = {layer.sliding_window for layer in self.spec.layers} - {None}
         self.sliding_window = windows.pop() if windows else None
@@ -97,15 +118,19 @@ class DecoderGraph(nn.Module):
         cache = None
         if self.io.use_past:
             cache = DynamicCache()
-            for i in range(self.spec.num_layers):
-                cache.update(past[2 * i], past[2 * i + 1], i)
+            for i, layer in enumerate(self.spec.layers):
+                heads = layer.num_key_value_heads
+                key = _crop(past[2 * i], heads, layer.qk_head_dim)
+                value = _crop(past[2 * i + 1], heads, layer.v_head_dim)
+                cache.update(key, value, i)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          use_cache=self.io.use_past, **cache_kwargs(cache))
         if cache is None:
             return (out.logits,)
         present: list[torch.Tensor] = []
-        for layer in cache.layers:
-            present += [layer.keys, layer.values]
+        for layer, shape in zip(cache.layers, self.layout.cache):
+            present += [_pad(layer.keys, shape.num_key_value_heads, shape.key_head_size),
+                        _pad(layer.values, shape.num_key_value_heads, shape.value_head_size)]
         return (out.logits, *present)
 
     # -- example inputs for tracing -------------------------------------------------------
@@ -121,9 +146,9 @@ class DecoderGraph(nn.Module):
         pos = (torch.arange(seq, device=device) + p)[None].expand(batch, seq).contiguous()
         tensors: list[torch.Tensor] = []
         if self.io.use_past:
-            for layer in self.spec.layers:
-                for dim in (layer.qk_head_dim, layer.v_head_dim):
-                    tensors.append(torch.randn(batch, layer.num_key_value_heads, past, dim,
+            for shape in self.layout.cache:
+                for dim in (shape.key_head_size, shape.value_head_size):
+                    tensors.append(torch.randn(batch, shape.num_key_value_heads, past, dim,
                                                generator=gen).to(device=device, dtype=dtype))
         return (ids, mask, pos, tuple(tensors))
 

@@ -3,7 +3,8 @@
 ``OrtGenerator`` left-pads a batch of prompts, runs one prefill (past of length 0), then one
 decode step per token, feeding each layer's ``present`` back as its ``past``; an export made
 with ``--no-past`` recomputes the whole sequence each step instead. Sampling follows
-``SamplingParams`` (greedy at temperature 0; temperature, top-k, top-p otherwise).
+``SamplingParams`` (greedy at temperature 0; temperature, top-k, top-p otherwise). Prompts are
+token-id lists, or strings encoded with the tokenizer saved in the export directory.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import numpy as np
 
 from ecospa_deploy.engine.sampling import SamplingParams
 
-from .onnx_metadata import read_genai_config
+from ecospa_deploy.errors import CheckpointError
+
+from .onnx_metadata import read_export
 
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
@@ -69,10 +72,14 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
 
 
 class OrtGenerator:
-    """Greedy/sampled generation with onnxruntime; a ``bench`` backend.
+    """Greedy/sampled generation with onnxruntime over any ``ecospa convert onnx`` target.
 
-    ``providers`` defaults to CUDA EP (when present) then CPU; ``threads`` sets ORT's intra-op
-    thread count (``None``: ORT's default).
+    ``path``: the export directory. ``providers``: onnxruntime execution providers, default
+    CUDA EP (when this onnxruntime has it) then CPU. ``threads``: ORT's intra-op thread count
+    (``None``: ORT's default). ``generate(prompts, params)`` takes token-id lists (returns the
+    new ids per prompt) or strings (encoded with the export's tokenizer; returns the decoded new
+    text per prompt, and stops at the tokenizer's EOS unless ``params.stop_token_ids`` is set).
+    Also a ``bench`` backend.
     """
 
     name = "onnx"
@@ -80,12 +87,16 @@ class OrtGenerator:
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None,
                  threads: int | None = None):
         self.path = Path(path)
-        self.meta = read_genai_config(self.path)
-        block = self.meta["ecospa"]
+        meta = read_export(self.path)
+        self.meta = meta["genai"]
+        block = meta["ecospa"]
+        self.target = block["target"]
         self.layers = block["layers"]
+        self.cache = block["cache"]
         self.use_past = bool(block["use_past"])
         self.dtype = _NP_DTYPES[block["dtype"]]
-        self.pad_token_id = int(self.meta["model"]["pad_token_id"])
+        self.pad_token_id = int(block["pad_token_id"])
+        self._tokenizer = None
         self.session = make_session(self.path / self.meta["model"]["decoder"]["filename"],
                                     providers, threads)
         self.providers = self.session.get_providers()
@@ -93,10 +104,23 @@ class OrtGenerator:
         self.timing: list[float] | None = None   # set to [] to record a time per forward (bench)
 
     # -- one forward ---------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The tokenizer saved with the export (loaded on first use)."""
+        if self._tokenizer is None:
+            if not (self.path / "tokenizer.json").is_file():
+                raise CheckpointError(f"{self.path}: no tokenizer.json; text prompts need the "
+                                      "tokenizer `ecospa convert onnx` saves when the source "
+                                      "has one (or pass token-id lists)")
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        return self._tokenizer
+
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        """Zero-length past of every layer's own shape (a prefill)."""
+        """Zero-length past of every layer's cache shape in the graph (a prefill)."""
         past = []
-        for layer in self.layers:
+        for layer in self.cache:
             for size in (layer["key_head_size"], layer["value_head_size"]):
                 past.append(np.zeros((batch, layer["num_key_value_heads"], 0, size), self.dtype))
         return past
@@ -115,10 +139,29 @@ class OrtGenerator:
         return logits, present
 
     # -- generation ----------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None
-                 ) -> list[list[int]]:
-        """New tokens per prompt (a stop token, when hit, is the last one returned)."""
+    def generate(self, prompts: Sequence[Sequence[int]] | Sequence[str],
+                 params: SamplingParams | None = None) -> list[list[int]] | list[str]:
+        """New tokens per prompt (a stop token, when hit, is the last one returned); for string
+        prompts, the decoded new text (see the class docstring)."""
         params = params or SamplingParams()
+        if prompts and all(isinstance(p, str) for p in prompts):
+            return self._generate_text(list(prompts), params)
+        if any(isinstance(p, str) for p in prompts):
+            raise ValueError("generate() takes either all strings or all token-id lists")
+        return self._generate_ids(prompts, params)
+
+    def _generate_text(self, prompts: list[str], params: SamplingParams) -> list[str]:
+        import dataclasses
+
+        tok = self.tokenizer
+        ids = [tok(p)["input_ids"] for p in prompts]
+        if not params.stop_token_ids and tok.eos_token_id is not None:
+            params = dataclasses.replace(params, stop_token_ids=(tok.eos_token_id,))
+        out = self._generate_ids(ids, params)
+        return [tok.decode(row, skip_special_tokens=True) for row in out]
+
+    def _generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams
+                      ) -> list[list[int]]:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate() needs at least one prompt and no empty prompt")
         rng = np.random.default_rng(params.seed)

@@ -31,12 +31,13 @@ def greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """One verified fp32 export with KV cache per family (pruned, heterogeneous)."""
+    """One verified fp32 export with KV cache per family (pruned, heterogeneous; each layer's
+    own cache shapes)."""
     root = tmp_path_factory.mktemp("onnx")
     out = {}
     for family in FAMILIES:
         model = tiny_pruned(family, seed=1)
-        report = export_onnx(model, root / family, exporter="legacy")
+        report = export_onnx(model, root / family, exporter="legacy", target="ort")
         out[family] = (model, root / family, report)
     return out
 
@@ -64,9 +65,16 @@ def test_per_layer_kv_inputs_outputs_and_metadata(exports, family):
         assert outputs[f"present.{i}.value"][3] == layer.v_head_dim
     assert len({layer.v_head_dim for layer in spec.layers}) > 1, "layers should differ"
     meta = json.loads((path / "genai_config.json").read_text())
-    assert meta["model"]["decoder"]["head_size"] == spec.maxima()["head_dim"]
-    assert [l["value_head_size"] for l in meta["ecospa"]["layers"]] == \
-        [l.v_head_dim for l in spec.layers]
+    assert "ecospa" not in meta, "genai rejects keys it does not know"
+    assert meta["model"]["decoder"]["head_size"] == max(
+        max(l.qk_head_dim, l.v_head_dim) for l in spec.layers)
+    block = json.loads((path / "ecospa_export.json").read_text())
+    assert block["target"] == "ort" and block["kv_overhead_pct"] == 0
+    assert [l["value_head_size"] for l in block["layers"]] == [l.v_head_dim for l in spec.layers]
+    assert block["cache"] == [{"num_key_value_heads": l.num_key_value_heads,
+                               "key_head_size": l.qk_head_dim, "value_head_size": l.v_head_dim}
+                              for l in spec.layers]
+    assert not (path / "config.json").exists(), "config.json is optimum's (target optimum)"
     assert report.verification.passed
     assert report.verification.worst <= 1e-4
     assert len(report.verification.max_abs_error) == 5      # prefill + 4 cached steps
@@ -143,7 +151,7 @@ def test_dynamo_exporter_matches(tmp_path):
 def test_bad_options_are_refused_without_output(tmp_path):
     model = tiny_pruned("llama")
     cases = [dict(dtype="bf16"), dict(opset=12, exporter="legacy"), dict(opset=17),
-             dict(exporter="torchscript"), dict(verify_steps=0)]
+             dict(exporter="torchscript"), dict(verify_steps=0), dict(target="vllm")]
     for kwargs in cases:
         with pytest.raises(UnsupportedError):
             export_onnx(model, tmp_path / "bad", **kwargs)
@@ -178,3 +186,77 @@ def test_graph_wrapper_matches_model_for_prefill_with_padding():
         ref = model(ids, attention_mask=mask, position_ids=pos).logits
     keep = mask.bool()
     np.testing.assert_allclose(logits[keep].numpy(), ref[keep].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_padded_targets_have_the_runtime_cache_shapes_and_stay_exact(tmp_path, family):
+    """genai: per layer K and V of max(qk, v); optimum: one shape for all layers, the one its
+    config.json implies. Zeros padded in the graph, sliced before attention: tokens unchanged."""
+    import onnx
+
+    model = tiny_pruned(family, seed=1)
+    spec = model.config.ecospa_spec
+    reference = [greedy_reference(model, p, 8) for p in PROMPTS]
+    for target in ("genai", "optimum"):
+        report = export_onnx(model, tmp_path / target, exporter="legacy", target=target)
+        assert report.verification.worst <= 1e-4 and report.kv_overhead_pct > 0
+        proto = onnx.load(str(tmp_path / target / "model.onnx"), load_external_data=False)
+        dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in [*proto.graph.input, *proto.graph.output]}
+        if target == "genai":
+            want = [(l.num_key_value_heads, max(l.qk_head_dim, l.v_head_dim))
+                    for l in spec.layers]
+        else:
+            config = json.loads((tmp_path / target / "config.json").read_text())
+            size = config["hidden_size"] // config["num_attention_heads"]
+            assert size >= max(max(l.qk_head_dim, l.v_head_dim) for l in spec.layers)
+            want = [(config["num_key_value_heads"], size)] * spec.num_layers
+        for i, (heads, size) in enumerate(want):
+            for name in (f"past_key_values.{i}.key", f"past_key_values.{i}.value"):
+                assert dims[name] == ["batch", heads, "past_sequence", size], (target, name)
+        gen = OrtGenerator(tmp_path / target)
+        ids = np.array([[5, 6, 7], [8, 9, 10]])
+        mask = np.ones_like(ids)
+        _, present = gen.forward(ids, mask, np.cumsum(mask, 1) - 1, gen.empty_past(2))
+        assert [p.shape for p in present] == [(2, heads, 3, size) for heads, size in want
+                                              for _ in "kv"], target
+        assert gen.generate(PROMPTS, SamplingParams(max_new_tokens=8)) == reference, target
+
+
+def test_text_prompts_use_the_saved_tokenizer(tmp_path):
+    from ecospa_deploy.errors import CheckpointError
+    from ecospa_deploy.testing import tiny_tokenizer
+
+    model = tiny_pruned("llama", seed=2)
+    tok = tiny_tokenizer(model.config.vocab_size)
+    export_onnx(model, tmp_path / "t", exporter="legacy", target="ort", tokenizer=tok)
+    gen = OrtGenerator(tmp_path / "t")
+    params = SamplingParams(max_new_tokens=6)
+    prompts = ["the cat sat", "a dog ran on the mat"]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    new = gen.generate(ids, params)
+    eos = tok.eos_token_id
+    cut = [row[:row.index(eos) + 1] if eos in row else row for row in new]
+    assert gen.generate(prompts, params) == [tok.decode(r, skip_special_tokens=True)
+                                             for r in cut]
+    with pytest.raises(ValueError, match="either all strings or all token-id lists"):
+        gen.generate(["the cat", [4, 5]], params)
+    export_onnx(model, tmp_path / "no-tok", exporter="legacy", target="ort")
+    with pytest.raises(CheckpointError, match="no tokenizer.json"):
+        OrtGenerator(tmp_path / "no-tok").generate(["the cat"], params)
+
+
+def test_cli_target_option(tmp_path, capsys):
+    from ecospa_deploy.cli import main
+
+    tiny_pruned("llama", seed=1).save_pretrained(tmp_path / "src")
+    assert main(["convert", "onnx", str(tmp_path / "src"), "-o", str(tmp_path / "g"),
+                 "--exporter", "legacy", "--target", "genai"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["target"] == "genai" and report["kv_overhead_pct"] > 0
+    assert json.loads((tmp_path / "g" / "ecospa_export.json").read_text())["target"] == "genai"
+    with pytest.raises(SystemExit) as exc:              # argparse: not one of the choices
+        main(["convert", "onnx", str(tmp_path / "src"), "-o", str(tmp_path / "x"),
+              "--target", "vllm"])
+    assert exc.value.code == 2 and "invalid choice: 'vllm'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -2,6 +2,7 @@
 
   python bench/results/convert_evidence.py padding   # vLLM padding overhead, paper-like shapes
   python bench/results/convert_evidence.py speed     # ONNX Runtime vs PyTorch tokens/s on CPU
+  python bench/results/convert_evidence.py onnx-kv   # KV overhead of each ONNX --target layout
   python bench/results/convert_evidence.py parity --vllm-python .venv-vllm/bin/python
 
 Each JSON records the command, the machine and the library versions.
@@ -97,6 +98,39 @@ def padding(args: argparse.Namespace) -> None:
                       f" | per layer {sorted(set(plan.head_sizes))}: "
                       f"+{plan.overhead_pct(embedding):.2f}% model, +{plan.kv_overhead_pct:.2f}% KV")
     _write("vllm_padding", {"results": rows})
+
+
+# -- KV-cache overhead of the ONNX export targets -------------------------------------------
+def onnx_kv(args: argparse.Namespace) -> None:
+    from ecospa_deploy.bench.shapes import _hf_config, load_shape, pruned_spec
+    from ecospa_deploy.converters.onnx_layout import TARGETS, plan_layout
+    from ecospa_deploy.modeling import config_from_dense
+
+    rows = []
+    for name in args.shapes:
+        shape = load_shape(name)
+        dense = config_from_dense(_hf_config(shape)).ecospa_spec   # shapes only: no weights
+        spec = pruned_spec(dense, shape["pruned"]["layers"])
+        dense_kv = sum(l.num_key_value_heads * (l.qk_head_dim + l.v_head_dim)
+                       for l in dense.layers)
+        own = plan_layout(spec, "ort").elements_per_token
+        for target in TARGETS:
+            layout = plan_layout(spec, target)
+            rows.append({"shape": name, "target": target,
+                         "kv_elements_per_token": layout.elements_per_token,
+                         "kv_elements_per_token_pruned_own": own,
+                         "kv_elements_per_token_dense": dense_kv,
+                         "kv_overhead_pct": round(layout.overhead_pct(spec), 3),
+                         "kv_pct_of_dense": round(100.0 * layout.elements_per_token / dense_kv,
+                                                  3),
+                         "cache_shapes": sorted({(c.num_key_value_heads, c.key_head_size,
+                                                  c.value_head_size) for c in layout.cache})})
+            print(f"{name:12s} {target:8s} +{layout.overhead_pct(spec):6.2f}% KV vs own shapes, "
+                  f"{rows[-1]['kv_pct_of_dense']:6.2f}% of dense")
+    _write("onnx_kv", {"note": "KV elements per token summed over layers (K + V); bytes = "
+                               "elements x dtype size. ort: each layer's own shapes; genai: "
+                               "K and V of max(qk, v) per layer; optimum: one shape "
+                               "[max kv heads, P] for every layer.", "results": rows})
 
 
 # -- ONNX Runtime vs PyTorch speed ----------------------------------------------------------
@@ -229,8 +263,10 @@ def main() -> None:
     s.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")
     v = sub.add_parser("parity")
     v.add_argument("--vllm-python", default=".venv-vllm/bin/python")
+    k = sub.add_parser("onnx-kv")
+    k.add_argument("--shapes", nargs="+", default=["gpt2-small", "gpt2-medium", "llama-1b"])
     args = parser.parse_args()
-    {"padding": padding, "speed": speed, "parity": parity}[args.what](args)
+    {"padding": padding, "speed": speed, "parity": parity, "onnx-kv": onnx_kv}[args.what](args)
 
 
 if __name__ == "__main__":

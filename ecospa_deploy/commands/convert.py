@@ -8,6 +8,7 @@ examples:
   ecospa convert native ./llm-pruner.bin -o ./pruned --allow-pickle
   ecospa convert onnx ./pruned -o ./pruned-onnx                  # fp32, KV cache, verified
   ecospa convert onnx ./pruned -o ./pruned-onnx16 --dtype fp16
+  ecospa convert onnx ./pruned -o ./pruned-genai --target genai  # smaller KV, genai only
   ecospa convert vllm ./pruned -o ./pruned-vllm --tensor-parallel-size 2
   vllm serve ./pruned-vllm                  # GPU vLLM, ecospa-deploy installed next to it
   ecospa convert vllm ./pruned -o ./pruned-cpu --attention-backend cpu
@@ -53,6 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="torch.export based (default) or TorchScript tracing (faster)")
     onnx.add_argument("--verify-steps", type=int, default=4,
                       help="cached decode steps compared after the prefill (default 4)")
+    onnx.add_argument("--target", choices=["optimum", "genai", "ort"], default="optimum",
+                      help="KV-cache layout, i.e. which runtimes can run the export. optimum "
+                           "(default: runs on optimum's ORTModelForCausalLM, onnxruntime-genai "
+                           "and OrtGenerator; one cache shape for every layer, the largest "
+                           "cache); genai (onnxruntime-genai and OrtGenerator; per layer K and "
+                           "V of one head size); ort (OrtGenerator only; every layer's own "
+                           "shapes, the smallest cache). The printed report gives the KV "
+                           "overhead (kv_overhead_pct); padding is exact zeros")
 
     vllm = subs.add_parser("vllm", help="a directory `vllm serve` runs through our plugin")
     _common(vllm)
@@ -103,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         report = export_onnx(model, args.output, dtype=args.dtype,
                              opset=args.opset or DEFAULT_OPSET, use_past=not args.no_past,
                              exporter=args.exporter, verify_steps=args.verify_steps,
-                             tokenizer=tokenizer, overwrite=args.overwrite)
+                             tokenizer=tokenizer, overwrite=args.overwrite,
+                             target=args.target)
         print(json.dumps(report.as_dict(), indent=2))
         return 0
 
