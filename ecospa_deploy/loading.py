@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PreTrainedModel
 
 from ecospa_deploy.errors import CheckpointError
@@ -257,7 +258,7 @@ def expected_shapes(model_cls: type[PreTrainedModel], config: Any) -> tuple[dict
         with torch.device("meta"):
             model = model_cls(config)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, ArithmeticError,
-            RuntimeError) as exc:
+            RuntimeError, StrictDataclassError) as exc:   # the last: transformers' validators
         raise CheckpointError(f"the config cannot build {model_cls.__name__} "
                               f"({type(exc).__name__}: {_one_line(exc)})") from None
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -368,10 +369,29 @@ def _no_spec_in_stock(raw: dict[str, Any], path: Path, ours: str) -> None:
 def check_layer_count(found: dict[str, "TensorInfo"], num_layers: int, source: Path) -> None:
     """The tensors hold exactly layers ``0 .. num_layers-1`` (names ``...layers.i.``/``h.i.``)."""
     seen = {int(p) for name in found for p in _layer_indices(name)}
-    if seen and seen != set(range(num_layers)):
+    # Unique ints equal range(n) iff their count is n and they span 0..n-1 (no set of size n:
+    # a hostile config may declare 10**30 layers).
+    if seen and (len(seen) != num_layers or min(seen) != 0 or max(seen) != num_layers - 1):
         got = f"{len(seen)} (indices {min(seen)}..{max(seen)})"
         raise CheckpointError(f"{source}: the config declares {num_layers} layers but the "
                               f"tensors hold {got}; expected indices 0..{num_layers - 1}")
+
+
+# Sizes of a dense decoder that never exceed its largest tensor dimension (heads <= hidden <=
+# the embedding or FFN width); checked before the spec machinery sizes anything from them.
+TENSOR_BOUNDED_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                       "intermediate_size", "vocab_size", "head_dim", "n_embd", "n_head", "n_inner")
+
+
+def check_dims_fit_tensors(raw: dict[str, Any], found: dict[str, "TensorInfo"],
+                           path: Path) -> None:
+    largest = max((d for info in found.values() for d in info.shape), default=0)
+    for key in TENSOR_BOUNDED_KEYS:
+        value = raw.get(key)
+        if isinstance(value, int) and value > largest:
+            raise CheckpointError(f"{path}: {key}={str(value)[:60]} exceeds every tensor "
+                                  f"dimension of the checkpoint (largest: {largest}); expected "
+                                  "the dense model's size")
 
 
 def _layer_indices(name: str) -> list[str]:
@@ -396,6 +416,7 @@ def resolve_config(path: str | os.PathLike) -> tuple[Any, type[PreTrainedModel],
     stock = _config_object(AutoConfig.from_pretrained, directory)
     found = read_checkpoint_index(directory)
     check_layer_count(found, _num_layers(stock), directory)
+    check_dims_fit_tensors(raw, found, directory / "config.json")
     shapes = {n: i.shape for n, i in found.items()}
     try:
         spec = _INFER[family](stock, shapes)
@@ -441,7 +462,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
         kwargs["attn_implementation"] = attn_implementation
     if device is not None:
         kwargs["device_map"] = device
-    model, info = model_cls.from_pretrained(path, **kwargs)
+    try:
+        model, info = model_cls.from_pretrained(path, **kwargs)
+    except (ValueError, TypeError) as exc:   # transformers' own config/shape validation
+        raise CheckpointError(f"{path}: transformers cannot build this model "
+                              f"({type(exc).__name__}: {_one_line(exc)})") from None
     problems = {k: v for k, v in info.items()
                 if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
                 and not (k == "unexpected_keys" and all(n.endswith(IGNORED_TENSORS) for n in v))}

@@ -167,3 +167,23 @@ def test_symlink_inside_the_directory_is_fine(saved):
 def test_bad_index_is_refused(saved, index):
     (saved / "model.safetensors.index.json").write_text(index)
     _fails_cleanly(load_model, saved, match="safetensors index")
+
+
+@pytest.mark.parametrize("key", ["num_key_value_heads", "head_dim", "hidden_size"])
+def test_foreign_huge_sizes_are_refused_before_allocating(foreign, key):
+    """Found by the long config fuzz run: a huge count sized the spec from the config (a
+    MemoryError) before anything compared it with the tensors."""
+    _edit_config(foreign, lambda c: c.update({key: 10 ** 30}))
+    _fails_cleanly(load_model, foreign, match=f"{key}=1000.* exceeds every tensor dimension")
+
+
+def test_foreign_huge_layer_count_is_refused(foreign):
+    _edit_config(foreign, lambda c: c.update(num_hidden_layers=2 ** 63 - 1))
+    _fails_cleanly(load_model, foreign, match="declares 9223372036854775807 layers but the "
+                   "tensors hold 3")
+
+
+def test_transformers_config_validation_is_ours(saved):
+    """Our config with a hidden size transformers rejects (not a multiple of the heads)."""
+    _edit_config(saved, lambda c: c.update(hidden_size=70))
+    _fails_cleanly(load_model, saved, match="cannot build .*StrictDataclass")

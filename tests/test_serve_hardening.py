@@ -98,9 +98,10 @@ def test_still_serving_and_valid_edges_accepted(app):
     # the largest seed is fine (the per-choice seed wraps inside int64)
     ok = call(app, b'{"prompt": "ok", "seed": 9223372036854775807, "n": 2, "max_tokens": 2}')
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
-    # a valid surrogate pair is just a character
-    emoji = call(app, b'{"prompt": "\\ud83d\\ude00", "max_tokens": 1}')
-    assert emoji.status_code == 200
+    # a valid surrogate pair is just a character (beside text: the tiny test tokenizer has no
+    # token for the emoji alone, and an empty prompt is a different 400)
+    emoji = call(app, b'{"prompt": "ok \\ud83d\\ude00", "max_tokens": 1}')
+    assert emoji.status_code == 200, emoji.text
     nested_ok = call(app, b'{"prompt": [[5, 6]], "max_tokens": 1}')
     assert nested_ok.status_code == 200
 
