@@ -18,20 +18,12 @@ import argparse
 import shlex
 import sys
 
+from ecospa_deploy.commands.args import int_list
+
 # The backends bench/harness.py runs (tests/test_cli.py checks they agree), listed here so a bad
 # --backends answers before torch loads; each optional one names what it needs.
 BACKENDS = ("hf", "engine", "onnx", "vllm")
 BACKEND_EXTRAS = {"onnx": "onnx", "vllm": "vllm"}
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}; expected comma-separated integers") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}; expected comma-separated integers >= 1")
-    return values
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,9 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", help="real shape with random weights (bench/shapes/<name>.json)")
     parser.add_argument("--backends", default="hf,engine",
                         help="comma-separated of hf, engine, onnx, vllm (default hf,engine)")
-    parser.add_argument("--batch-sizes", type=_ints, default=[1, 8],
+    parser.add_argument("--batch-sizes", type=int_list, default=[1, 8],
                         help="comma-separated batch sizes (default 1,8)")
-    parser.add_argument("--prompt-lens", type=_ints, default=[128],
+    parser.add_argument("--prompt-lens", type=int_list, default=[128],
                         help="comma-separated prompt lengths in tokens (default 128)")
     parser.add_argument("--gen-len", type=int, default=64,
                         help="tokens generated per run, >= 2 (default 64)")
