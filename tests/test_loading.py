@@ -2,7 +2,7 @@
 
 Foreign directories are built here the way pruning tools write them: stock HF names and a dense
 config.json, smaller tensors (FLAP adds o_proj/down_proj biases), sharded or not, and the
-LLM-Pruner pickle. Their reference is the masked dense model (DESIGN.md §3).
+LLM-Pruner pickle. Their reference is the masked dense model (docs/DESIGN.md §3).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from .kernels import runtime as kernel_runtime
 from .sampling import SamplingParams, sample_tokens
 from .weights import ModelWeights, build_weights
 
-# Decode attention: cuDNN runs q/k dim != v dim at the bytes floor (DESIGN.md §5); flash
+# Decode attention: cuDNN runs q/k dim != v dim at the bytes floor (docs/DESIGN.md §5); flash
 # refuses it; the default dispatch may fall to the slower mem-efficient kernel. cuDNN builds a
 # graph per new shape, which a captured decode graph (fixed shapes) pays once per bucket.
 _DECODE_SDPA = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")

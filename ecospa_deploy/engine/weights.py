@@ -8,7 +8,7 @@ attribute names in our classes and in stock HF Llama/Mistral/Qwen2/GPT-2), then
   zero q/k dims add nothing to q·k, zero v dims meet zero o_proj columns),
 - pads the FFN width to a multiple of ``pad_multiple`` (zero gate/up rows, zero down columns),
 - fuses ``q|k|v`` and ``gate|up`` into one matrix each, padding the fused output rows to a
-  multiple of ``pad_multiple`` (cuBLAS is up to 8× slower on unaligned widths, DESIGN.md §5),
+  multiple of ``pad_multiple`` (cuBLAS is up to 8× slower on unaligned widths, docs/DESIGN.md §5),
 - interleaves pairs that an epilogue combines: each head's rotary pairs ``(p, p + d/2)`` become
   rows ``(2p, 2p+1)`` of q and k (q·k is unchanged when q and k share the permutation; the
   cache stores K in this order), and gate/up rows alternate ``gate_i, up_i``, so one block of

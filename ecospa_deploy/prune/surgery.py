@@ -5,7 +5,7 @@ All three work on each layer's canonical projections (``layer.canonical()``: ``q
 
 - ``slice_model`` removes what a mask drops, in place, and returns the new ``ModelSpec``.
 - ``zero_out`` keeps shapes and writes zeros where a mask drops: the masked dense model the
-  golden invariant compares against (DESIGN.md §3).
+  golden invariant compares against (docs/DESIGN.md §3).
 - ``pad_model`` appends exact zeros (q/k dims by rotary pair, v dims, FFN neurons, KV groups)
   so widths reach hardware-friendly sizes without changing a single logit.
 """
