@@ -84,6 +84,17 @@ def pruned_spec(dense: ModelSpec, layers: list[dict[str, Any]], seed: int = 0) -
     return dense.replace_layers(out, method="shape-file twin", shape_seed=seed)
 
 
+def construct(cls, config, dtype: torch.dtype, device) -> torch.nn.Module:
+    """``cls(config)`` with its parameters created in ``dtype`` on ``device`` (no fp32 copy)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 @torch.no_grad()
 def build_model(shape: dict[str, Any], pruned: bool, dtype: torch.dtype, device: torch.device,
                 seed: int = 0) -> torch.nn.Module:
@@ -99,13 +110,7 @@ def build_model(shape: dict[str, Any], pruned: bool, dtype: torch.dtype, device:
     config._attn_implementation = "sdpa"
     cls = EcospaGPT2LMHeadModel if isinstance(config, EcospaGPT2Config) else EcospaLlamaForCausalLM
     gen = torch.Generator(device=device).manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = cls(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = construct(cls, config, dtype, device)
     for name, p in model.named_parameters():
         if p.dim() == 1 and ("norm" in name or ".ln_" in name or "ln_f" in name):
             p.fill_(1.0) if name.endswith("weight") else p.zero_()

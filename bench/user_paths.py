@@ -23,7 +23,7 @@ import torch
 
 from .floor import decode_floor_s, measure_ceilings, prefill_flops, prefill_floor_s
 from .harness import HFBackend, model_facts
-from .shapes import _hf_config, build_model, load_shape
+from .shapes import _hf_config, build_model, construct, load_shape
 
 NEW_LENGTHS = (97, 131, 250, 513, 128, 1000)
 
@@ -101,13 +101,7 @@ def _stock_llama(model, shape, dtype, dev):
 
     cfg = _hf_config(shape)
     cfg._attn_implementation = "sdpa"
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(dev):
-            stock = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(prev)
+    stock = construct(LlamaForCausalLM, cfg, dtype, dev)
     stock.load_state_dict(model.state_dict(), strict=True)
     return stock.eval()
 
