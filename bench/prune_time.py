@@ -88,6 +88,60 @@ def time_ecospa_pieces(shape, windows, args, dtype, device) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def gemm_operands(model, batch) -> list[dict]:
+    """Every distinct matmul of one forward + backward, with its operands' shapes, strides and
+    16-byte alignment: cuBLAS falls back to slow align-1 kernels when an operand is misaligned."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+    seen: dict[str, dict] = {}
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in ops:
+                ts = [a for a in args if isinstance(a, torch.Tensor)]
+                key = f"{func.__name__} " + " x ".join(
+                    f"{tuple(t.shape)}/{t.stride()}{'' if t.data_ptr() % 16 == 0 else ' MISALIGNED'}"
+                    for t in ts)
+                seen.setdefault(key, {"op": key, "calls": 0})["calls"] += 1
+            return func(*args, **(kwargs or {}))
+
+    from ecospa_deploy.prune.fisher import calibration_fisher
+
+    with Log():
+        calibration_fisher(model, batch.to(next(model.parameters()).device), batch.shape[0])
+    return list(seen.values())
+
+
+def profile_fisher(shape, windows, args, dtype, device, batches: int = 2) -> dict:
+    """Where one Fisher pass spends its GPU time: a warm batch, then ``batches`` batches under
+    ``torch.profiler``; the top CUDA kernels by total time and the tokens/s of the pass."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ecospa_deploy.prune.fisher import calibration_fisher
+
+    model = _fresh(shape, dtype, device)
+    n = args.batch_size
+    calibration_fisher(model, windows[:n], n)
+    _sync()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        calibration_fisher(model, windows[:n * batches], n)
+        _sync()
+    seconds = time.perf_counter() - t0
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    kernels = [{"name": e.key[:120], "cuda_ms": e.device_time_total / 1e3, "calls": e.count}
+               for e in rows[:25]]
+    gemms = gemm_operands(model, windows[:n])
+    del model
+    return {"method": "profile_fisher", "batch_size": n, "batches": batches, "gemms": gemms,
+            "seconds_profiled": seconds,
+            "tokens_per_s": n * batches * windows.shape[1] / seconds,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "kernels": kernels, "table": table}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ecospa_deploy.bench.prune_time")
     p.add_argument("--shapes", nargs="+", default=["llama-1b", "llama-7b"])
@@ -103,6 +157,8 @@ def main(argv=None) -> int:
                    help="wall budget; past it EcoSpa is timed by pieces and the rest skipped")
     p.add_argument("--pieces", nargs="*", default=[], help="shapes whose EcoSpa is always "
                    "timed by pieces (one Fisher pass + one round)")
+    p.add_argument("--profile", action="store_true", help="profile one Fisher pass per shape "
+                   "(top CUDA kernels) before timing the methods")
     p.add_argument("--out", default="prune_time.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -124,6 +180,10 @@ def main(argv=None) -> int:
         windows = torch.randint(0, vocab, (args.samples, args.seq_len), generator=gen)
         rows = []
         args.batch_size = sizes[min(n, len(sizes) - 1)]
+        if args.profile:
+            row = profile_fisher(shape, windows, args, dtype, device)
+            print(row.pop("table"), flush=True)
+            rows.append(row)
         for method in args.methods:
             left = args.budget_s - (time.perf_counter() - start)
             try:
