@@ -114,8 +114,9 @@ def gemm_operands(model, batch) -> list[dict]:
 
 
 def profile_fisher(shape, windows, args, dtype, device, batches: int = 2) -> dict:
-    """Where one Fisher pass spends its GPU time: a warm batch, then ``batches`` batches under
-    ``torch.profiler``; the top CUDA kernels by total time and the tokens/s of the pass."""
+    """Where one Fisher pass spends its GPU time, and what FFN alignment buys: after a warm
+    batch, ``batches`` batches are timed unpadded (``align=0``) and padded to 8 (the default),
+    then profiled with ``torch.profiler`` (top CUDA kernels by total time)."""
     from torch.profiler import ProfilerActivity, profile
 
     from ecospa_deploy.prune.fisher import calibration_fisher
@@ -124,11 +125,16 @@ def profile_fisher(shape, windows, args, dtype, device, batches: int = 2) -> dic
     n = args.batch_size
     calibration_fisher(model, windows[:n], n)
     _sync()
-    t0 = time.perf_counter()
+    tokens_per_s = {}
+    for align in (0, 8):
+        t0 = time.perf_counter()
+        calibration_fisher(model, windows[:n * batches], n, align=align)
+        _sync()
+        tokens_per_s[f"align_{align}"] = n * batches * windows.shape[1] / (
+            time.perf_counter() - t0)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         calibration_fisher(model, windows[:n * batches], n)
         _sync()
-    seconds = time.perf_counter() - t0
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
     rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
     kernels = [{"name": e.key[:120], "cuda_ms": e.device_time_total / 1e3, "calls": e.count}
@@ -136,8 +142,8 @@ def profile_fisher(shape, windows, args, dtype, device, batches: int = 2) -> dic
     gemms = gemm_operands(model, windows[:n])
     del model
     return {"method": "profile_fisher", "batch_size": n, "batches": batches, "gemms": gemms,
-            "seconds_profiled": seconds,
-            "tokens_per_s": n * batches * windows.shape[1] / seconds,
+            "tokens_per_s": tokens_per_s,
+            "align_speedup": tokens_per_s["align_8"] / tokens_per_s["align_0"],
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             "kernels": kernels, "table": table}
 
