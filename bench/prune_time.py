@@ -115,8 +115,9 @@ def gemm_operands(model, batch) -> list[dict]:
 
 def profile_fisher(shape, windows, args, dtype, device, batches: int = 2) -> dict:
     """Where one Fisher pass spends its GPU time, and what FFN alignment buys: after a warm
-    batch, ``batches`` batches are timed unpadded (``align=0``) and padded to 8 (the default),
-    then profiled with ``torch.profiler`` (top CUDA kernels by total time)."""
+    batch, one whole pass over ``windows`` (as a round runs it) is timed unpadded
+    (``align=0``) and padded to 8 (the default); then ``batches`` batches are profiled with
+    ``torch.profiler`` (top CUDA kernels by total time)."""
     from torch.profiler import ProfilerActivity, profile
 
     from ecospa_deploy.prune.fisher import calibration_fisher
@@ -128,10 +129,9 @@ def profile_fisher(shape, windows, args, dtype, device, batches: int = 2) -> dic
     tokens_per_s = {}
     for align in (0, 8):
         t0 = time.perf_counter()
-        calibration_fisher(model, windows[:n * batches], n, align=align)
+        calibration_fisher(model, windows, n, align=align)
         _sync()
-        tokens_per_s[f"align_{align}"] = n * batches * windows.shape[1] / (
-            time.perf_counter() - t0)
+        tokens_per_s[f"align_{align}"] = windows.numel() / (time.perf_counter() - t0)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         calibration_fisher(model, windows[:n * batches], n)
         _sync()
