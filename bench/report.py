@@ -33,6 +33,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"Device: {c['device']}; measured copy bandwidth {c['bandwidth'] / 1e12:.2f} TB/s, "
              f"matmul {c['matmul'] / 1e12:.0f} TFLOP/s ({result['dtype']}). Floors use the "
              "model's own (unpadded) bytes and FLOPs; decode context = prompt + gen/2.", "",
+             *([f"**Note:** {result['note']}", ""] if result.get("note") else []),
              "| model | backend | batch | prompt | params (M) | weights (GB) | KV B/token | "
              "peak mem (GB) = weights + KV + act | TTFT ms | TPOT ms (p50 / p90) | decode tok/s "
              "| prefill tok/s | decode % floor | prefill % floor |",

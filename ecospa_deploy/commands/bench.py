@@ -145,8 +145,6 @@ def run(args: argparse.Namespace) -> int:
     print(report.markdown(result))
     print("\nTTFT of the first request at each prompt length vs repeated; spread over "
           f"{args.repeats} runs:\n" + harness.spread_markdown(rows))
-    if device.type == "cpu":
-        print("\nNote: " + harness.CPU_NOTE)
     print("wrote " + ", ".join(str(f) for f in files))
     if not plots:
         print(f"note: {report.NO_PLOTS}", file=sys.stderr)

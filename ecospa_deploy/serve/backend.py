@@ -42,9 +42,15 @@ class Choice:
 
 
 def vllm_available() -> str | None:
-    """None when vLLM can serve our format here, else why not."""
+    """None when vLLM can serve our format here, else why not and what to install (one line;
+    no import of vLLM or torch, so the answer comes before any model loads)."""
+    from ecospa_deploy.extras import vllm_install_hint, vllm_torch_conflict
+
     if importlib.util.find_spec("vllm") is None:
-        return "vllm is not importable"
+        return f"vLLM is not installed; install {vllm_install_hint()}"
+    conflict = vllm_torch_conflict()
+    if conflict:
+        return f"vLLM cannot import: {conflict}; install {vllm_install_hint()}"
     if not any(ep.name == "ecospa" for ep in entry_points(group=VLLM_PLUGIN_GROUP)):
         return (f"no 'ecospa' entry point in {VLLM_PLUGIN_GROUP!r} (install ecospa-deploy "
                 "with pip so vLLM can find the plugin)")

@@ -28,6 +28,8 @@ log = logging.getLogger("ecospa_deploy.serve")
 
 DEFAULT_MAX_MODEL_LEN = 4096
 _ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The last line vLLM prints when it cannot even import (a build for another torch or platform).
+IMPORT_FAILURES = ("ImportError", "ModuleNotFoundError", "undefined symbol")
 
 
 class VLLMStartError(RuntimeError):
@@ -158,7 +160,12 @@ def start(opts, name: str, url: str, poll_s: float = 0.5) -> subprocess.Popen:
         time.sleep(poll_s)
     reader.join(5)
     last = tail[0][-300:] if tail else "no output"
-    raise VLLMStartError(f"vLLM exited with code {proc.returncode} before serving: {last}")
+    hint = ""
+    if any(word in last for word in IMPORT_FAILURES):   # e.g. built for another torch
+        from ecospa_deploy.extras import vllm_install_hint
+
+        hint = f"; vLLM does not import here: install {vllm_install_hint()}"
+    raise VLLMStartError(f"vLLM exited with code {proc.returncode} before serving: {last}{hint}")
 
 
 def relay(proc: subprocess.Popen) -> int:
