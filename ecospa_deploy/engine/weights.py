@@ -3,10 +3,9 @@
 The engine never runs the HF modules. It reads every layer's canonical projections (same
 attribute names in our classes and in stock HF Llama/Mistral/Qwen2/GPT-2), then
 
-- pads each head's q/k dims and v dims to a multiple of ``head_multiple`` with exact zeros
-  (with RoPE the zeros go to the end of both rotate-half halves, so kept pairs stay partners;
-  zero q/k dims add nothing to q·k, zero v dims meet zero o_proj columns),
-- pads the FFN width to a multiple of ``pad_multiple`` (zero gate/up rows, zero down columns),
+- pads each head's q/k dims and v dims to a multiple of ``head_multiple`` and the FFN width to
+  a multiple of ``pad_multiple`` with exact zeros (``ecospa_deploy.padding``, the rule surgery
+  and the converters use: with RoPE it may pad past the rotary dim),
 - fuses ``q|k|v`` and ``gate|up`` into one matrix each, padding the fused output rows to a
   multiple of ``pad_multiple`` (cuBLAS is up to 8× slower on unaligned widths, docs/DESIGN.md §5),
 - interleaves pairs that an epilogue combines: each head's rotary pairs ``(p, p + d/2)`` become
@@ -28,11 +27,8 @@ from torch import nn
 
 from ecospa_deploy.errors import UnsupportedError
 from ecospa_deploy.modeling.registry import family_of
+from ecospa_deploy.padding import pad_axis, pad_canonical, padded_layer, round_up
 from ecospa_deploy.spec import LayerSpec, ModelSpec, rope_dim_index
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple if multiple > 1 else n
 
 
 @dataclass
@@ -108,25 +104,6 @@ class ModelWeights:
         return total
 
 
-def _pad_heads(w: torch.Tensor | None, heads: int, old: int, new: int, dim: int,
-               rope: bool) -> torch.Tensor | None:
-    """Grow each of ``heads`` blocks of ``old`` along ``dim`` to ``new`` with zeros."""
-    if w is None or old == new:
-        return w
-    moved = w.movedim(dim, 0)
-    blocks = moved.reshape(heads, old, *moved.shape[1:])
-    zshape = list(blocks.shape)
-    if rope:
-        half, extra = old // 2, (new - old) // 2
-        zshape[1] = extra
-        z = blocks.new_zeros(zshape)
-        blocks = torch.cat([blocks[:, :half], z, blocks[:, half:], z], dim=1)
-    else:
-        zshape[1] = new - old
-        blocks = torch.cat([blocks, blocks.new_zeros(zshape)], dim=1)
-    return blocks.reshape(heads * new, *moved.shape[1:]).movedim(0, dim)
-
-
 def _interleave_pairs(w: torch.Tensor | None, heads: int, dim: int) -> torch.Tensor | None:
     """Per head block of ``d`` rows along ``dim``: order ``0, d/2, 1, d/2+1, ...``."""
     if w is None:
@@ -142,14 +119,6 @@ def _interleave_rows(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Te
     if a is None:
         return None
     return torch.stack([a, b], 1).reshape(2 * a.shape[0], *a.shape[1:])
-
-
-def _pad_to(w: torch.Tensor | None, size: int, dim: int) -> torch.Tensor | None:
-    if w is None or w.shape[dim] == size:
-        return w
-    shape = list(w.shape)
-    shape[dim] = size - w.shape[dim]
-    return torch.cat([w, w.new_zeros(shape)], dim=dim)
 
 
 def _canonical(layer: nn.Module, family: str) -> dict[str, tuple[torch.Tensor, Any]]:
@@ -193,13 +162,10 @@ def model_spec(model: nn.Module) -> tuple[str, ModelSpec]:
     return family, spec
 
 
-def _rope_positions(layer: LayerSpec, qk_dim: int, rope_head_dim: int) -> torch.Tensor:
-    """[Hkv, qk_dim] dense cos/sin positions; padded pairs reuse frequency 0 (they are zeros)."""
-    rows = []
-    for kept in layer.rope_kept:
-        pad = (qk_dim - 2 * len(kept)) // 2
-        rows.append(rope_dim_index(list(kept) + [0] * pad, rope_head_dim))
-    return torch.tensor(rows, dtype=torch.long)
+def _rope_positions(layer: LayerSpec, rope_head_dim: int) -> torch.Tensor:
+    """[Hkv, qk_head_dim] columns of the dense cos/sin tables each KV head's dims rotate with."""
+    return torch.tensor([rope_dim_index(kept, rope_head_dim) for kept in layer.rope_kept],
+                        dtype=torch.long)
 
 
 def _layer_weights(layer_mod: nn.Module, layer: LayerSpec, family: str, rope_head_dim: int | None,
@@ -208,40 +174,29 @@ def _layer_weights(layer_mod: nn.Module, layer: LayerSpec, family: str, rope_hea
     rope = rope_head_dim is not None
     c = {k: (w.detach(), None if b is None else b.detach())
          for k, (w, b) in _canonical(layer_mod, family).items()}
-    H, Hkv = layer.num_attention_heads, layer.num_key_value_heads
-    qk = round_up(layer.qk_head_dim, max(head_multiple, 2 if rope else 1))
-    v = round_up(layer.v_head_dim, head_multiple)
-    if rope and qk // 2 > rope_head_dim // 2:
-        qk = layer.qk_head_dim   # never pad past the rotary dim; the layer is already dense
-    ffn = round_up(layer.intermediate_size, pad_multiple)
-
-    def heads(key, n, old, new, is_rope):
-        w, b = c[key]
-        return (_pad_heads(w, n, old, new, 0, is_rope), _pad_heads(b, n, old, new, 0, is_rope))
-
-    qw, qb = heads("q", H, layer.qk_head_dim, qk, rope)
-    kw, kb = heads("k", Hkv, layer.qk_head_dim, qk, rope)
+    padded = padded_layer(layer, rope_head_dim,
+                          qk_head_dim=round_up(layer.qk_head_dim, head_multiple),
+                          v_head_dim=round_up(layer.v_head_dim, head_multiple),
+                          intermediate_size=round_up(layer.intermediate_size, pad_multiple))
+    c = pad_canonical(c, layer, padded, rope)
+    H, Hkv, ffn = layer.num_attention_heads, layer.num_key_value_heads, padded.intermediate_size
+    (qw, qb), (kw, kb), (vw, vb) = c["q"], c["k"], c["v"]
     if rope:
         qw, qb = _interleave_pairs(qw, H, 0), _interleave_pairs(qb, H, 0)
         kw, kb = _interleave_pairs(kw, Hkv, 0), _interleave_pairs(kb, Hkv, 0)
-    vw, vb = heads("v", Hkv, layer.v_head_dim, v, False)
     rows = round_up(qw.shape[0] + kw.shape[0] + vw.shape[0], pad_multiple)
-    qkv_w = _pad_to(torch.cat([qw, kw, vw], 0), rows, 0)
-    qkv_b = None if qb is None else _pad_to(torch.cat([qb, kb, vb], 0), rows, 0)
-    ow, ob = c["o"]
-    o_w = _pad_heads(ow, H, layer.v_head_dim, v, 1, False)
+    qkv_w = pad_axis(torch.cat([qw, kw, vw], 0), rows)
+    qkv_b = None if qb is None else pad_axis(torch.cat([qb, kb, vb], 0), rows)
+    o_w, ob = c["o"]
     up_w, up_b = c["up"]
-    up_w, up_b = _pad_to(up_w, ffn, 0), _pad_to(up_b, ffn, 0)
     if gated:
-        gate_w, gate_b = c["gate"]
-        up_w = _interleave_rows(_pad_to(gate_w, ffn, 0), up_w)
-        up_b = _interleave_rows(_pad_to(gate_b, ffn, 0), up_b)
-    dw, db = c["down"]
-    down_w = _pad_to(dw, ffn, 1)
+        up_w = _interleave_rows(c["gate"][0], up_w)
+        up_b = _interleave_rows(c["gate"][1], up_b)
+    down_w, db = c["down"]
     q_rope = k_rope = None
     shared = False
     if rope:
-        k_rope = _interleave_pairs(_rope_positions(layer, qk, rope_head_dim), 1, 1)
+        k_rope = _interleave_pairs(_rope_positions(padded, rope_head_dim), 1, 1)
         q_rope = k_rope.repeat_interleave(H // Hkv, dim=0)
         shared = bool((k_rope == k_rope[:1]).all())
         k_rope, q_rope = k_rope.to(device), q_rope.to(device)
@@ -251,10 +206,10 @@ def _layer_weights(layer_mod: nn.Module, layer: LayerSpec, family: str, rope_hea
         return None if t is None else t.to(device=device, dtype=dtype).contiguous()
 
     return LayerWeights(
-        num_heads=H, num_kv_heads=Hkv, qk_dim=qk, v_dim=v, ffn=ffn, hidden=o_w.shape[0],
-        scale=layer.softmax_scale,
-        window=layer.sliding_window, qkv_w=put(qkv_w), qkv_b=put(qkv_b), o_w=put(o_w),
-        o_b=put(ob), up_w=put(up_w), up_b=put(up_b), down_w=put(down_w), down_b=put(db),
+        num_heads=H, num_kv_heads=Hkv, qk_dim=padded.qk_head_dim, v_dim=padded.v_head_dim,
+        ffn=ffn, hidden=o_w.shape[0], scale=layer.softmax_scale, window=layer.sliding_window,
+        qkv_w=put(qkv_w), qkv_b=put(qkv_b), o_w=put(o_w), o_b=put(ob), up_w=put(up_w),
+        up_b=put(up_b), down_w=put(down_w), down_b=put(db),
         norm1=(put(norm1[0]), put(norm1[1])), norm2=(put(norm2[0]), put(norm2[1])),
         q_rope=q_rope, k_rope=k_rope, rope_shared=shared, gqa=H != Hkv)
 

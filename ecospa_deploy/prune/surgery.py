@@ -17,10 +17,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ecospa_deploy.padding import Canon, pad_canonical, padded_layer, round_up
 from ecospa_deploy.prune.mask import LayerMask, ResolvedLayerMask, resolve
 from ecospa_deploy.spec import LayerSpec, ModelSpec, SpecError
-
-Canon = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def _check_masks(model: nn.Module, masks: Sequence[LayerMask | None]) -> list[ResolvedLayerMask]:
@@ -145,54 +144,17 @@ def zero_out(model: nn.Module, masks: Sequence[LayerMask | None]) -> None:
         _zero(c["down"][0], idx["ffn"], 1)
 
 
-def _round_up(n: int, multiple: int | None) -> int:
-    return n if not multiple else -(-n // multiple) * multiple
-
-
-def _pad_rows(w: torch.Tensor | None, heads: int, old: int, new: int, dim: int,
-              rope_pairs: bool) -> torch.Tensor | None:
-    """Grow each head's block of ``old`` dims to ``new`` along ``dim`` with zeros.
-
-    With ``rope_pairs`` the zeros go to the end of both rotate-half halves so existing pairs stay
-    partners.
-    """
-    if w is None or new == old:
-        return w
-    shape = list(w.shape)
-    blocks = w.movedim(dim, 0).reshape(heads, old, *[s for j, s in enumerate(shape) if j != dim])
-    pad_shape = list(blocks.shape)
-    if rope_pairs:
-        half, extra = old // 2, (new - old) // 2
-        pad_shape[1] = extra
-        z = blocks.new_zeros(pad_shape)
-        blocks = torch.cat([blocks[:, :half], z, blocks[:, half:], z], dim=1)
-    else:
-        pad_shape[1] = new - old
-        blocks = torch.cat([blocks, blocks.new_zeros(pad_shape)], dim=1)
-    return blocks.reshape(heads * new, *blocks.shape[2:]).movedim(0, dim)
-
-
-def _pad_axis(w: torch.Tensor | None, new: int, dim: int) -> torch.Tensor | None:
-    if w is None or w.shape[dim] == new:
-        return w
-    shape = list(w.shape)
-    shape[dim] = new - w.shape[dim]
-    return torch.cat([w, w.new_zeros(shape)], dim=dim)
-
-
 @torch.no_grad()
 def pad_model(model: nn.Module, *, qk_multiple: int | None = None,
               v_multiple: int | None = None, ffn_multiple: int | None = None,
               qk_head_dim: int | Sequence[int] | None = None,
               v_head_dim: int | Sequence[int] | None = None,
               kv_heads_multiple: int | None = None) -> ModelSpec:
-    """Pad every layer with exact zeros, in place; logits do not change.
+    """Pad every layer with exact zeros (``ecospa_deploy.padding``), in place; logits do not change.
 
     ``*_multiple`` round a width up; ``qk_head_dim``/``v_head_dim`` set a target head dim, one
     for every layer or one per layer (what vLLM needs). ``kv_heads_multiple`` appends whole zero
     KV groups (their query heads write through zero o_proj columns), for tensor parallelism.
-    With RoPE, padded q/k pairs may exceed the rotary dim: they are zeros, so whatever frequency
-    rotates them (frequency 0 here) adds nothing to q·k.
     """
     spec: ModelSpec = model.config.ecospa_spec
     n = len(spec.layers)
@@ -205,51 +167,15 @@ def pad_model(model: nn.Module, *, qk_multiple: int | None = None,
                         f"has {n}")
     layers = []
     for i, layer in enumerate(spec.layers):
-        qk = qk_dims[i] or _round_up(layer.qk_head_dim, qk_multiple)
-        v = v_dims[i] or _round_up(layer.v_head_dim, v_multiple)
-        ffn = _round_up(layer.intermediate_size, ffn_multiple)
-        n_kv = _round_up(layer.num_key_value_heads, kv_heads_multiple)
-        if qk < layer.qk_head_dim or v < layer.v_head_dim:
-            raise SpecError(f"layer {i}: cannot pad qk_head_dim={layer.qk_head_dim}/v_head_dim="
-                            f"{layer.v_head_dim} down to {qk}/{v}; targets must be >= the layer's")
-        rope_kept = layer.rope_kept
-        if spec.rope:
-            if qk % 2:
-                raise SpecError(f"layer {i}: padded qk_head_dim={qk} is odd; RoPE needs pairs")
-            # Zero dims need a frequency index, not a distinct one: reuse frequency 0.
-            rope_kept = tuple(tuple(kept) + (0,) * (qk // 2 - len(kept))
-                              for kept in layer.rope_kept)
-            rope_kept = rope_kept + tuple((0,) * (qk // 2)
-                                          for _ in range(n_kv - layer.num_key_value_heads))
-        group = layer.num_attention_heads // layer.num_key_value_heads
-        new = layer.replace(qk_head_dim=qk, v_head_dim=v, intermediate_size=ffn,
-                            num_key_value_heads=n_kv, num_attention_heads=n_kv * group,
-                            rope_kept=rope_kept)
-        new.validate(i, spec.rope_head_dim)
+        new = padded_layer(
+            layer, spec.rope_head_dim,
+            qk_head_dim=qk_dims[i] or round_up(layer.qk_head_dim, qk_multiple),
+            v_head_dim=v_dims[i] or round_up(layer.v_head_dim, v_multiple),
+            intermediate_size=round_up(layer.intermediate_size, ffn_multiple),
+            num_key_value_heads=round_up(layer.num_key_value_heads, kv_heads_multiple), index=i)
         if new != layer:
             c = model.decoder_layers[i].canonical()
-            h, hk = layer.num_attention_heads, layer.num_key_value_heads
-            out: Canon = {}
-            for key, heads in (("q", h), ("k", hk)):
-                w, b = c[key]
-                w = _pad_rows(w, heads, layer.qk_head_dim, qk, 0, spec.rope)
-                b = _pad_rows(b, heads, layer.qk_head_dim, qk, 0, spec.rope)
-                width = (new.q_width if key == "q" else new.k_width)
-                out[key] = (_pad_axis(w, width, 0), _pad_axis(b, width, 0))
-            w, b = c["v"]
-            w = _pad_rows(w, hk, layer.v_head_dim, v, 0, False)
-            b = _pad_rows(b, hk, layer.v_head_dim, v, 0, False)
-            out["v"] = (_pad_axis(w, new.v_width, 0), _pad_axis(b, new.v_width, 0))
-            w, b = c["o"]
-            out["o"] = (_pad_axis(_pad_rows(w, h, layer.v_head_dim, v, 1, False), new.o_width, 1),
-                        b)
-            for key in ("gate", "up"):
-                if key in c:
-                    w, b = c[key]
-                    out[key] = (_pad_axis(w, ffn, 0), _pad_axis(b, ffn, 0))
-            w, b = c["down"]
-            out["down"] = (_pad_axis(w, ffn, 1), b)
-            _replace_layer(model, i, new, out)
+            _replace_layer(model, i, new, pad_canonical(c, layer, new, spec.rope))
         layers.append(new)
     return _commit_spec(model, layers)
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ecospa_deploy.padding import Canon
 from ecospa_deploy.spec import LayerSpec
 
 BLOCKS = ("qk", "vo", "ffn")
-Canon = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def _rows(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

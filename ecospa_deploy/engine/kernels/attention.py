@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from ecospa_deploy.padding import round_up
+
 from .runtime import interpreting, quick_bench, triton, tl, tuning
 
 if triton is not None:
@@ -143,7 +145,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty(m, num_heads * vd, device=q.device, dtype=q.dtype)
     splits = splits or num_splits(m * kv_heads, kv_len, q.device)
     split_len = -(-kv_len // splits) if splits > 1 else max_seq
-    split_len = -(-split_len // 64) * 64
+    split_len = round_up(split_len, 64)
     if splits > 1:
         part_o = torch.empty(m * num_heads * splits, vd, device=q.device, dtype=torch.float32)
         part_ml = torch.empty(m * num_heads * splits, 2, device=q.device, dtype=torch.float32)

@@ -1,0 +1,115 @@
+"""Exact zero padding: the one rule surgery, the engine and the vLLM plan share.
+
+Zeros appended to a layer change no logit: zero q/k dims add nothing to q·k, zero v dims meet
+zero o_proj columns, a zero gate/up row meets a zero down column, and the query heads of a
+zero KV group write through zero o_proj columns. With RoPE a head is stored in rotate-half
+layout, so its zeros go to the end of *both* halves (existing pairs stay partners), and every
+padded pair reuses frequency 0: it is zero, so whatever rotates it adds nothing to q·k. Padding
+is therefore never limited by the rotary dim (docs/DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ecospa_deploy.spec import LayerSpec, SpecError
+
+# A layer's canonical projections: {q, k, v, o, [gate,] up, down: (weight [out, in], bias)}.
+Canon = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def round_up(n: int, multiple: int | None) -> int:
+    """The smallest multiple of ``multiple`` >= ``n``; ``n`` itself for None or a multiple < 2."""
+    if multiple is None or multiple < 2:
+        return n
+    return -(-n // multiple) * multiple
+
+
+def pad_heads(t: torch.Tensor | None, heads: int, old: int, new: int, dim: int = 0,
+              rope: bool = False) -> torch.Tensor | None:
+    """Grow each of ``heads`` blocks of ``old`` along ``dim`` to ``new`` with zeros.
+
+    ``rope``: the blocks are in rotate-half layout, so half the zeros go after each half.
+    """
+    if t is None or new == old:
+        return t
+    moved = t.movedim(dim, 0)
+    rest = moved.shape[1:]
+    blocks = moved.reshape(heads, old, *rest)
+    if rope:
+        half = old // 2
+        z = blocks.new_zeros(heads, (new - old) // 2, *rest)
+        blocks = torch.cat([blocks[:, :half], z, blocks[:, half:], z], dim=1)
+    else:
+        blocks = torch.cat([blocks, blocks.new_zeros(heads, new - old, *rest)], dim=1)
+    return blocks.reshape(heads * new, *rest).movedim(0, dim)
+
+
+def pad_axis(t: torch.Tensor | None, size: int, dim: int = 0) -> torch.Tensor | None:
+    """Append zeros along ``dim`` up to ``size``."""
+    if t is None or t.shape[dim] == size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def padded_layer(layer: LayerSpec, rope_head_dim: int | None, *,
+                 qk_head_dim: int | None = None, v_head_dim: int | None = None,
+                 intermediate_size: int | None = None, num_key_value_heads: int | None = None,
+                 index: int | None = None) -> LayerSpec:
+    """``layer`` grown with zeros to these sizes (None keeps a size); what padding produces.
+
+    Added KV groups bring their query heads (the group size is kept). ``rope_head_dim`` is the
+    model's rotary dim (None without RoPE); ``index`` names the layer in a ``SpecError``.
+    """
+    where = f"layer {index}: " if index is not None else ""
+    new = {"qk_head_dim": qk_head_dim, "v_head_dim": v_head_dim,
+           "intermediate_size": intermediate_size, "num_key_value_heads": num_key_value_heads}
+    for name, size in new.items():
+        old = getattr(layer, name)
+        if size is None:
+            new[name] = old
+        elif size < old:
+            raise SpecError(f"{where}cannot pad {name}={old} down to {size}; targets must be "
+                            ">= the layer's")
+    qk, n_kv = new["qk_head_dim"], new["num_key_value_heads"]
+    rope_kept = None
+    if rope_head_dim is not None:
+        if qk % 2:
+            raise SpecError(f"{where}padded qk_head_dim={qk} is odd; RoPE needs pairs")
+        half = qk // 2
+        rope_kept = tuple(tuple(kept) + (0,) * (half - len(kept)) for kept in layer.rope_kept)
+        rope_kept += ((0,) * half,) * (n_kv - layer.num_key_value_heads)
+    group = layer.num_attention_heads // layer.num_key_value_heads
+    out = layer.replace(**new, num_attention_heads=n_kv * group, rope_kept=rope_kept)
+    out.validate(index, rope_head_dim)
+    return out
+
+
+def pad_canonical(c: Canon, old: LayerSpec, new: LayerSpec, rope: bool) -> Canon:
+    """The canonical projections ``c`` of ``old`` grown with zeros to ``new`` (a
+    ``padded_layer`` of ``old``): head dims per head, then whole KV groups, then FFN neurons."""
+    h, hk = old.num_attention_heads, old.num_key_value_heads
+
+    def rows(key: str, heads: int, dims: tuple[int, int], width: int, pairs: bool):
+        return tuple(pad_axis(pad_heads(t, heads, *dims, 0, pairs), width)
+                     for t in c[key])
+
+    qk = (old.qk_head_dim, new.qk_head_dim)
+    v = (old.v_head_dim, new.v_head_dim)
+    out: Canon = {"q": rows("q", h, qk, new.q_width, rope),
+                  "k": rows("k", hk, qk, new.k_width, rope),
+                  "v": rows("v", hk, v, new.v_width, False)}
+    w, b = c["o"]
+    out["o"] = (pad_axis(pad_heads(w, h, *v, 1), new.o_width, 1), b)
+    ffn = new.intermediate_size
+    for key in ("gate", "up"):
+        if key in c:
+            out[key] = tuple(pad_axis(t, ffn) for t in c[key])
+    w, b = c["down"]
+    out["down"] = (pad_axis(w, ffn, 1), b)
+    return out
+
+
+__all__ = ["Canon", "round_up", "pad_heads", "pad_axis", "padded_layer", "pad_canonical"]
