@@ -73,10 +73,8 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, small: bool = Fal
 def model_params(spec: ModelSpec, vocab: int, tied: bool, positions: int = 0) -> int:
     """Parameters from the spec (unpadded; what the checkpoint stores)."""
     h = spec.hidden_size
-    norm_bias = not spec.rope          # GPT-2 LayerNorms carry a bias
-    total = sum(layer.num_params(h, spec.gated_mlp, 2, norm_bias) for layer in spec.layers)
-    total += vocab * h * (1 if tied else 2) + positions * h + h * (2 if norm_bias else 1)
-    return total
+    total = sum(spec.layer_params(layer) for layer in spec.layers)
+    return total + vocab * h * (1 if tied else 2) + positions * h + spec.norm_params
 
 
 def kv_bytes_per_token(spec: ModelSpec, element_size: int) -> int:

