@@ -22,7 +22,7 @@ from ecospa_deploy.errors import CheckpointError
 from ecospa_deploy.loading import convert_native, load_model, load_tokenizer
 from ecospa_deploy.modeling import from_hf
 from ecospa_deploy.prune.surgery import slice_model, zero_out
-from ecospa_deploy.spec import SpecError
+from ecospa_deploy.spec import ModelSpec, SpecError
 from ecospa_deploy.testing import (FAMILIES, VOCAB, tiny_hf, tiny_pruned, whole_head_masks,
                                    write_foreign_checkpoint, write_llm_pruner_pickle)
 
@@ -54,6 +54,27 @@ def test_save_load_roundtrip(family, tmp_path):
     auto = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(auto) is type(model)
     torch.testing.assert_close(_logits(auto), _logits(model), atol=0, rtol=0)
+
+
+def test_spec_is_parsed_once_per_block(tmp_path, monkeypatch):
+    """One load_model of a 3-layer model parses the spec twice: the raw config.json (errors name
+    the file) and the config's block; every later ``ecospa_spec`` is the cached one."""
+    model = tiny_pruned("llama", 1)
+    model.save_pretrained(tmp_path)
+    parse = ModelSpec.from_dict.__func__
+    calls = []
+    monkeypatch.setattr(ModelSpec, "from_dict",
+                        classmethod(lambda cls, d: calls.append(1) or parse(cls, d)))
+    loaded = load_model(tmp_path)
+    assert loaded.config.num_hidden_layers == 3 and len(calls) == 2
+    config = loaded.config
+    assert config.ecospa_spec is config.ecospa_spec and len(calls) == 2
+    flipped = config.ecospa_spec.replace_layers(config.ecospa_spec.layers[::-1])
+    config.set_spec(flipped)                               # set_spec replaces the cache
+    assert config.ecospa_spec is flipped and len(calls) == 2
+    config.ecospa = model.config.ecospa_spec.to_dict()     # so does assigning the block
+    assert config.ecospa_spec == model.config.ecospa_spec and len(calls) == 3
+    assert "_spec_cache" not in config.to_dict() and config == copy.deepcopy(config)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -27,20 +27,29 @@ def _layer_types(spec: ModelSpec) -> tuple[list[str], int | None]:
 class _EcospaConfigMixin:
     """Parses, validates and caches the ``ecospa`` block."""
 
+    # (block, layer count, parsed spec): in a slot, outside __dict__, so it is never serialized
+    # or compared; a new block object or layer count misses it.
+    __slots__ = ("_spec_cache",)
     ecospa: dict[str, Any] | None
 
     @property
     def ecospa_spec(self) -> ModelSpec:
-        """The validated per-layer spec (parsed on each access: call it at build time only)."""
+        """The validated per-layer spec, parsed once per ``ecospa`` block (assigning the block
+        or the layer count parses again; edit it with ``set_spec``, not in place)."""
         if not self.ecospa:
             raise SpecError(f"{type(self).__name__} has no 'ecospa' block; expected one spec "
                             "per layer (build it with from_spec or load_model)")
-        return ModelSpec.from_dict(self.ecospa).validate(self.num_hidden_layers)
+        cached = getattr(self, "_spec_cache", None)
+        if cached is None or cached[0] is not self.ecospa or cached[1] != self.num_hidden_layers:
+            spec = ModelSpec.from_dict(self.ecospa).validate(self.num_hidden_layers)
+            self._spec_cache = (self.ecospa, self.num_hidden_layers, spec)
+        return self._spec_cache[2]
 
     def set_spec(self, spec: ModelSpec) -> None:
         """Replace the per-layer spec and refresh the global maxima."""
         spec.validate(self.num_hidden_layers)
         self.ecospa = spec.to_dict()
+        self._spec_cache = (self.ecospa, self.num_hidden_layers, spec)
         self._apply_maxima(spec)
 
     def _apply_maxima(self, spec: ModelSpec) -> None:
