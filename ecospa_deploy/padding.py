@@ -6,16 +6,22 @@ zero KV group write through zero o_proj columns. With RoPE a head is stored in r
 layout, so its zeros go to the end of *both* halves (existing pairs stay partners), and every
 padded pair reuses frequency 0: it is zero, so whatever rotates it adds nothing to q·k. Padding
 is therefore never limited by the rotary dim (docs/DESIGN.md §2).
+
+The module imports no torch (tensors bring their own methods): the vLLM plan and the CLI's
+argument checks use its shape rules and must stay light.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ecospa_deploy.spec import LayerSpec, SpecError
 
+if TYPE_CHECKING:
+    import torch
+
 # A layer's canonical projections: {q, k, v, o, [gate,] up, down: (weight [out, in], bias)}.
-Canon = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
+Canon = dict[str, tuple["torch.Tensor", "torch.Tensor | None"]]
 
 
 def round_up(n: int, multiple: int | None) -> int:
@@ -36,13 +42,14 @@ def pad_heads(t: torch.Tensor | None, heads: int, old: int, new: int, dim: int =
     moved = t.movedim(dim, 0)
     rest = moved.shape[1:]
     blocks = moved.reshape(heads, old, *rest)
-    if rope:
+    out = blocks.new_zeros(heads, new, *rest)
+    if rope:                                   # [x | y] -> [x 0 | y 0]
         half = old // 2
-        z = blocks.new_zeros(heads, (new - old) // 2, *rest)
-        blocks = torch.cat([blocks[:, :half], z, blocks[:, half:], z], dim=1)
+        out[:, :half] = blocks[:, :half]
+        out[:, new // 2:new // 2 + half] = blocks[:, half:]
     else:
-        blocks = torch.cat([blocks, blocks.new_zeros(heads, new - old, *rest)], dim=1)
-    return blocks.reshape(heads * new, *rest).movedim(0, dim)
+        out[:, :old] = blocks
+    return out.reshape(heads * new, *rest).movedim(0, dim)
 
 
 def pad_axis(t: torch.Tensor | None, size: int, dim: int = 0) -> torch.Tensor | None:
@@ -50,8 +57,10 @@ def pad_axis(t: torch.Tensor | None, size: int, dim: int = 0) -> torch.Tensor | 
     if t is None or t.shape[dim] == size:
         return t
     shape = list(t.shape)
-    shape[dim] = size - t.shape[dim]
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+    shape[dim] = size
+    out = t.new_zeros(shape)
+    out.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return out
 
 
 def padded_layer(layer: LayerSpec, rope_head_dim: int | None, *,
