@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from ecospa_deploy.errors import CheckpointError, EcospaError, SpecError, UnsupportedError
+from ecospa_deploy.errors import (CheckpointError, EcospaError, SpecError, UnsupportedError,
+                                  UsageError)
 from ecospa_deploy.spec import DenseShape, LayerSpec, ModelSpec
 
 # public name -> module that defines it (imported on first access, PEP 562)
@@ -49,4 +50,4 @@ def __dir__() -> list[str]:
 __all__ = ["__version__", "load_model", "load_tokenizer", "from_hf", "LayerSpec", "ModelSpec",
            "DenseShape", "EcospaLlamaConfig", "EcospaLlamaForCausalLM", "EcospaGPT2Config",
            "EcospaGPT2LMHeadModel", "EcospaError", "CheckpointError", "SpecError",
-           "UnsupportedError"]
+           "UnsupportedError", "UsageError"]

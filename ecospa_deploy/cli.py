@@ -32,10 +32,6 @@ SUMMARIES: dict[str, str] = {
 }
 
 
-class CLIError(Exception):
-    """A user-facing error: printed without a traceback, exit code 2."""
-
-
 def _load_verb(verb: str):
     return importlib.import_module(VERBS[verb])
 
@@ -56,9 +52,6 @@ def run_verb(verb: str, argv: Sequence[str], prog: str | None = None) -> int:
     args = parser.parse_args(list(argv))
     try:
         return int(module.run(args) or 0)
-    except CLIError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -73,7 +66,7 @@ def run_verb(verb: str, argv: Sequence[str], prog: str | None = None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except Exception as exc:  # user-facing errors from the library carry their own message
+    except Exception as exc:  # user-facing errors (UsageError, SpecError...) carry their message
         from ecospa_deploy.errors import USER_ERRORS
 
         if isinstance(exc, USER_ERRORS):
@@ -119,8 +112,4 @@ convert_main = _alias("convert")
 
 
 if __name__ == "__main__":
-    # Run the package's module, not this __main__ copy: verbs raise ecospa_deploy.cli.CLIError,
-    # which a second copy of the class here would not catch.
-    from ecospa_deploy.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

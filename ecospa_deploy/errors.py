@@ -17,6 +17,14 @@ class UnsupportedError(EcospaError):
     """A request the target runtime or method cannot honour (the message says why and what can)."""
 
 
+class UsageError(EcospaError):
+    """An option or argument given wrong (a flag value, a missing path): the message names it.
+
+    Raised by the CLI's verbs and by the library code they call (the server, its backends);
+    the CLI prints it without a traceback and exits 2."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (EcospaError, SpecError)
 
-__all__ = ["EcospaError", "CheckpointError", "UnsupportedError", "SpecError", "USER_ERRORS"]
+__all__ = ["EcospaError", "CheckpointError", "UnsupportedError", "UsageError", "SpecError",
+           "USER_ERRORS"]

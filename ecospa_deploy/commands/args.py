@@ -6,15 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
+from ecospa_deploy.errors import UsageError
+
 
 def require_paths(*paths: tuple[str, str | None]) -> None:
-    """Raise CLIError for the first ``(label, path)`` whose path is given but does not exist;
+    """Raise UsageError for the first ``(label, path)`` whose path is given but does not exist;
     verbs call it before importing torch, so a typo answers at once."""
-    from ecospa_deploy.cli import CLIError
-
     for label, path in paths:
         if path is not None and not Path(path).exists():
-            raise CLIError(f"{label} {path}: no such file or directory")
+            raise UsageError(f"{label} {path}: no such file or directory")
 
 
 def positive_int(text: str) -> int:

@@ -19,6 +19,7 @@ import shlex
 import sys
 
 from ecospa_deploy.commands.args import int_list
+from ecospa_deploy.errors import UsageError
 
 # The backends bench/harness.py runs (tests/test_cli.py checks they agree), listed here so a bad
 # --backends answers before torch loads; each optional one names what it needs.
@@ -55,7 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_args(args: argparse.Namespace) -> list[str]:
     """The checks that need no torch; returns the backends."""
-    from ecospa_deploy.cli import CLIError
     from ecospa_deploy.commands.args import require_paths
     from ecospa_deploy.extras import require
 
@@ -63,16 +63,16 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
-        raise CLIError(f"--backends {args.backends!r}: unknown {unknown}; expected a comma-"
-                       f"separated subset of {list(BACKENDS)}")
+        raise UsageError(f"--backends {args.backends!r}: unknown {unknown}; expected a comma-"
+                         f"separated subset of {list(BACKENDS)}")
     if args.gen_len < 2:
-        raise CLIError(f"--gen-len {args.gen_len}; expected >= 2 (TPOT needs two tokens)")
+        raise UsageError(f"--gen-len {args.gen_len}; expected >= 2 (TPOT needs two tokens)")
     if args.repeats < 1:
-        raise CLIError(f"--repeats {args.repeats}; expected an integer >= 1")
+        raise UsageError(f"--repeats {args.repeats}; expected an integer >= 1")
     if args.shape and (args.dense or args.pruned):
-        raise CLIError("give either --shape or --dense/--pruned, not both")
+        raise UsageError("give either --shape or --dense/--pruned, not both")
     if not (args.shape or args.dense or args.pruned):
-        raise CLIError("nothing to benchmark: give --shape NAME or --dense D [--pruned P]")
+        raise UsageError("nothing to benchmark: give --shape NAME or --dense D [--pruned P]")
     for backend in backends:
         if backend in BACKEND_EXTRAS:
             require(BACKEND_EXTRAS[backend], f"ecospa bench --backends {backend}")
@@ -88,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ecospa_deploy.bench import harness, report
     from ecospa_deploy.bench.floor import measure_ceilings
-    from ecospa_deploy.cli import CLIError
     from ecospa_deploy.engine.engine import resolve_device
 
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,8 +110,9 @@ def run(args: argparse.Namespace) -> int:
         if len(paths) == 2:
             vocab = {k: resolve_config(p)[0].vocab_size for k, p in paths.items()}
             if vocab["dense"] != vocab["pruned"]:
-                raise CLIError(f"the pruned model's vocab_size={vocab['pruned']} differs from "
-                               f"the dense model's {vocab['dense']}; expected the same tokenizer")
+                raise UsageError(f"the pruned model's vocab_size={vocab['pruned']} differs "
+                                 f"from the dense model's {vocab['dense']}; expected the same "
+                                 "tokenizer")
         builders = {k: (lambda p=p: load_model(p, dtype=dtype, device=device).eval())
                     for k, p in paths.items()}
         title = " vs ".join(f"{k} {p}" for k, p in paths.items())

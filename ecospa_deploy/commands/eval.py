@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ecospa_deploy.errors import UsageError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ecospa_deploy.commands.args import positive_int
@@ -35,11 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecospa_deploy.cli import CLIError
     from ecospa_deploy.commands.args import require_paths
 
     if not args.data and not args.generate:   # before torch loads
-        raise CLIError("nothing to do: give --data TEXTFILE and/or --generate PROMPT")
+        raise UsageError("nothing to do: give --data TEXTFILE and/or --generate PROMPT")
     require_paths(("model", args.model), ("--data", args.data))
     import torch
 

@@ -23,6 +23,8 @@ import json
 import time
 from pathlib import Path
 
+from ecospa_deploy.errors import UsageError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ecospa_deploy.prune.methods import METHODS
@@ -68,19 +70,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from ecospa_deploy.cli import CLIError
-
     if not 0 < args.target_size < 1:
-        raise CLIError(f"--target-size={args.target_size} is invalid; expected a fraction "
-                       "strictly between 0 and 1 (0.7 keeps 70% of the parameters)")
+        raise UsageError(f"--target-size={args.target_size} is invalid; expected a fraction "
+                         "strictly between 0 and 1 (0.7 keeps 70% of the parameters)")
     for name in ("samples", "seq_len", "batch_size"):
         if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; "
-                           "expected an integer >= 1")
+            raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; "
+                             "expected an integer >= 1")
     if args.recover_steps < 0:
-        raise CLIError(f"--recover-steps={args.recover_steps} is invalid; expected >= 0")
+        raise UsageError(f"--recover-steps={args.recover_steps} is invalid; expected >= 0")
     if not Path(args.calib).is_file():
-        raise CLIError(f"--calib {args.calib}: no such file")
+        raise UsageError(f"--calib {args.calib}: no such file")
     from ecospa_deploy.commands.args import check_output, require_paths
 
     require_paths(("model", args.model))
@@ -123,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ecospa_deploy.atomic import atomic_directory
-    from ecospa_deploy.cli import CLIError
     from ecospa_deploy.loading import load_model, load_tokenizer
     from ecospa_deploy.prune.calibration import calibration_windows
     from ecospa_deploy.prune.run import PruneOptions, check_supported, prune_model
@@ -139,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(
         model.config, "n_positions", None)
     if max_pos and args.seq_len > max_pos:
-        raise CLIError(f"--seq-len={args.seq_len} exceeds the model's {max_pos} positions")
+        raise UsageError(f"--seq-len={args.seq_len} exceeds the model's {max_pos} positions")
     calib = calibration_windows(tokenizer, args.calib, args.samples, args.seq_len, args.seed)
     spec_before = model.config.ecospa_spec
     result = prune_model(model, calib.windows, opts, calibration={

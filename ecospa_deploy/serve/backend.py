@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
+from ecospa_deploy.errors import UsageError
+
 if TYPE_CHECKING:   # an annotation only: `ecospa serve --help` must not import torch
     from ecospa_deploy.engine.sampling import SamplingParams
 
@@ -68,21 +70,19 @@ def engine_available() -> str | None:
 
 def choose_backend(requested: str) -> Choice:
     """Resolve ``auto`` to vllm → engine → hf; check an explicit request can be honoured."""
-    from ecospa_deploy.cli import CLIError
-
     if requested not in BACKENDS:
-        raise CLIError(f"--backend {requested!r}; expected one of {', '.join(BACKENDS)}")
+        raise UsageError(f"--backend {requested!r}; expected one of {', '.join(BACKENDS)}")
     if requested == "hf":
         return Choice("hf", "requested with --backend hf")
     if requested == "vllm":
         why = vllm_available()
         if why:
-            raise CLIError(f"--backend vllm: {why}")
+            raise UsageError(f"--backend vllm: {why}")
         return Choice("vllm", "requested with --backend vllm")
     if requested == "engine":
         why = engine_available()
         if why:
-            raise CLIError(f"--backend engine: {why}")
+            raise UsageError(f"--backend engine: {why}")
         return Choice("engine", "requested with --backend engine")
     why_not_vllm = vllm_available()
     if why_not_vllm is None:

@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ecospa_deploy.errors import UsageError
+
 log = logging.getLogger("ecospa_deploy.serve")
 
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -53,8 +55,6 @@ class ServeOptions:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    from ecospa_deploy.cli import CLIError
-
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
@@ -65,7 +65,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise CLIError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -74,13 +74,11 @@ def _bind(host: str, port: int) -> socket.socket:
 def resolve_api_key(flag: str | None, environ=os.environ) -> str | None:
     """``--api-key``, else ``$ECOSPA_API_KEY``, else None (no auth). An empty or blank key is
     an error, not a silent "no auth": unset the variable to serve without a key."""
-    from ecospa_deploy.cli import CLIError
-
     source, key = ("--api-key", flag) if flag is not None else \
         ("ECOSPA_API_KEY", environ.get("ECOSPA_API_KEY"))
     if key is not None and not key.strip():
-        raise CLIError(f"{source} is {key!r}; expected a non-empty key (leave {source} unset "
-                       "to serve without authentication)")
+        raise UsageError(f"{source} is {key!r}; expected a non-empty key (leave {source} unset "
+                         "to serve without authentication)")
     return key
 
 
@@ -108,17 +106,15 @@ def resolve_device_dtype(device: str, dtype: str):
     """``auto`` device = CUDA when available else CPU; ``auto`` dtype = bf16 on CUDA, fp32 on CPU."""
     import torch
 
-    from ecospa_deploy.cli import CLIError
-
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                        if device == "auto" else device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {device}: CUDA is not available on this machine")
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
     allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
     if dtype not in allowed:
-        raise CLIError(f"--dtype {dtype!r}; expected auto or one of {', '.join(allowed)}")
+        raise UsageError(f"--dtype {dtype!r}; expected auto or one of {', '.join(allowed)}")
     return dev, allowed[dtype]
 
 
@@ -134,17 +130,15 @@ def _eos_ids(model, tokenizer) -> tuple[int, ...]:
 
 
 def _max_model_len(model, requested: int | None) -> int:
-    from ecospa_deploy.cli import CLIError
-
     limit = getattr(model.config, "max_position_embeddings", None) or \
         getattr(model.config, "n_positions", None)
     if requested is None:
         return min(limit or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
     if requested < 2:
-        raise CLIError(f"--max-model-len {requested}; expected at least 2")
+        raise UsageError(f"--max-model-len {requested}; expected at least 2")
     if limit and requested > limit and getattr(model.config, "model_type", "").endswith("gpt2"):
-        raise CLIError(f"--max-model-len {requested} exceeds the model's {limit} learned "
-                       "positions")
+        raise UsageError(f"--max-model-len {requested} exceeds the model's {limit} learned "
+                         "positions")
     return requested
 
 
@@ -168,7 +162,6 @@ def _run_vllm(opts: ServeOptions, name: str) -> int | None:
     fall back because vLLM cannot serve the model here (logged in one line)."""
     import dataclasses
 
-    from ecospa_deploy.cli import CLIError
     from ecospa_deploy.serve import vllm_backend
 
     if opts.port == 0:  # vLLM binds by itself: pick the free port here
@@ -181,7 +174,7 @@ def _run_vllm(opts: ServeOptions, name: str) -> int | None:
         if opts.backend == "auto":
             log.warning("auto: vllm cannot serve this model, falling back: %s", exc)
             return None
-        raise CLIError(f"--backend vllm: {exc}") from None
+        raise UsageError(f"--backend vllm: {exc}") from None
     print_banner(_url(opts.host, opts.port), name, "vllm", opts.api_key)
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     try:
@@ -202,7 +195,6 @@ def print_banner(url: str, name: str, backend: str, api_key: str | None) -> None
 
 def serve(opts: ServeOptions) -> int:
     """Blocking: serve until SIGTERM/SIGINT; returns the exit code."""
-    from ecospa_deploy.cli import CLIError
     from ecospa_deploy.serve.backend import choose_backend, fallback_after_vllm
 
     logging.basicConfig(level=opts.log_level.upper(),
@@ -210,21 +202,21 @@ def serve(opts: ServeOptions) -> int:
     for what, value in (("--max-batch-size", opts.max_batch_size), ("--max-queue", opts.max_queue),
                         ("--max-body-bytes", opts.max_body_bytes)):
         if value < 1:
-            raise CLIError(f"{what} {value}; expected a positive integer")
+            raise UsageError(f"{what} {value}; expected a positive integer")
     for what, value in (("--request-timeout", opts.request_timeout),
                         ("--read-timeout", opts.read_timeout)):
         if not value > 0:
-            raise CLIError(f"{what} {value}; expected seconds > 0")
+            raise UsageError(f"{what} {value}; expected seconds > 0")
     if not opts.shutdown_timeout >= 0:
-        raise CLIError(f"--shutdown-timeout {opts.shutdown_timeout}; expected seconds >= 0")
+        raise UsageError(f"--shutdown-timeout {opts.shutdown_timeout}; expected seconds >= 0")
     if opts.max_connections is not None and opts.max_connections < 1:
-        raise CLIError(f"--max-connections {opts.max_connections}; expected a positive integer")
+        raise UsageError(f"--max-connections {opts.max_connections}; expected a positive integer")
     opts.api_key = resolve_api_key(opts.api_key)
     if opts.api_key is None and not is_loopback(opts.host):
         log.warning("serving on %s without an API key: anyone who can reach this address can "
                     "use the model; set --api-key or ECOSPA_API_KEY", opts.host)
     if not Path(opts.path).exists():
-        raise CLIError(f"{opts.path}: no such model directory")
+        raise UsageError(f"{opts.path}: no such model directory")
     name = opts.served_model_name or Path(opts.path).resolve().name
     choice = choose_backend(opts.backend)
     log.info("backend %s (%s)", choice.name, choice.reason)
