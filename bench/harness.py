@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from ecospa_deploy import dtypes
 from ecospa_deploy.errors import EcospaError, UnsupportedError
 
 from .floor import (Ceilings, decode_floor_s, decode_read_bytes, kv_bytes_per_token,
@@ -207,23 +208,24 @@ class OnnxBackend(Backend):
 
     name = "onnx"
     torch_memory = False         # onnxruntime allocates outside torch
-    _DTYPES = {torch.float32: "fp32", torch.float16: "fp16"}
 
     def __init__(self, model, cfg: BenchConfig, max_batch: int, max_seq: int):
         import tempfile
 
-        from ecospa_deploy.converters.onnx import OrtGenerator, default_providers, export_onnx
+        from ecospa_deploy.converters.onnx import (DTYPES, OrtGenerator, default_providers,
+                                                   export_onnx)
 
-        if cfg.dtype not in self._DTYPES:
+        name = dtypes.name_of(cfg.dtype)
+        if name not in dtypes.NAMES or dtypes.short_name(name) not in DTYPES:
             raise UnsupportedError(f"--backends onnx: the ONNX export is float32 or float16; "
-                                   f"got --dtype {str(cfg.dtype).removeprefix('torch.')}")
+                                   f"got --dtype {name}")
         provider = "CUDAExecutionProvider" if cfg.device.type == "cuda" else \
             "CPUExecutionProvider"
         if provider not in default_providers():
             raise UnsupportedError(f"--backends onnx on {cfg.device.type}: this onnxruntime has "
                                    f"no {provider}; install onnxruntime-gpu or pass --device cpu")
         self._dir = tempfile.TemporaryDirectory(prefix="ecospa-bench-onnx-")
-        export_onnx(model, self._dir.name, dtype=self._DTYPES[cfg.dtype], overwrite=True,
+        export_onnx(model, self._dir.name, dtype=dtypes.short_name(name), overwrite=True,
                     target="ort")          # each layer's own KV shape: the smallest cache
         self.gen = OrtGenerator(self._dir.name, providers=[provider])
         self.weight_bytes = _param_bytes(model)
@@ -254,7 +256,6 @@ class VllmBackend(Backend):
 
     name = "vllm"
     torch_memory = False
-    _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
     def __init__(self, model, cfg: BenchConfig, max_batch: int, max_seq: int):
         import tempfile
@@ -280,7 +281,7 @@ class VllmBackend(Backend):
             per_token = model_facts(model, cfg.dtype)["kv_bytes_per_token"]
             kv["kv_cache_memory_bytes"] = max(64 << 20, 4 * max_batch * max_seq * per_token)
         self.llm = vllm.LLM(model=self._dir.name, skip_tokenizer_init=True,
-                            dtype=self._DTYPES[cfg.dtype], max_model_len=max_seq,
+                            dtype=dtypes.name_of(cfg.dtype), max_model_len=max_seq,
                             max_num_seqs=max_batch, seed=0, **kv)
 
     def weights_kv(self) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ecospa_deploy import dtypes
 from ecospa_deploy.bench.shapes import build_model, load_shape
 from ecospa_deploy.prune.run import METHODS, PruneOptions, prune_model
 from ecospa_deploy.prune.tracking import count_params
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("prune_time needs a CUDA device")
-    device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    device, dtype = torch.device("cuda"), dtypes.to_torch(args.dtype)
     torch.backends.cuda.matmul.allow_tf32 = True
     start = time.perf_counter()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

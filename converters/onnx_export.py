@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ecospa_deploy import dtypes
 from ecospa_deploy.atomic import atomic_directory
 from ecospa_deploy.errors import UnsupportedError
 
@@ -37,7 +38,7 @@ from .onnx_metadata import (CONFIG_NAME, DATA_NAME, EXPORT_NAME, HF_CONFIG_NAME,
 from .onnx_runtime import OrtGenerator
 from .onnx_verify import Verification, raise_if_failed, verify
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = ("fp32", "fp16")
 EXPORTERS = ("dynamo", "legacy")
 OPSETS = {"dynamo": range(18, 24), "legacy": range(14, 21)}
 DEFAULT_OPSET = 18
@@ -167,7 +168,7 @@ def export_onnx(model: torch.nn.Module, out_dir: str | Path, *, dtype: str = "fp
     if verify_steps < 1:
         raise UnsupportedError(f"verify_steps={verify_steps}; expected >= 1 (verification "
                                "cannot be skipped)")
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = dtypes.to_torch(dtype)
     same = model.lm_head.weight.dtype == torch_dtype
     work = model if same else copy.deepcopy(model).to(torch_dtype)
     work.eval()

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ecospa_deploy import dtypes
 from ecospa_deploy.errors import CheckpointError
 
 from .onnx_layout import KVLayout
@@ -102,7 +103,7 @@ def build_hf_config(model: Any, layout: KVLayout, *, dtype: str) -> dict[str, An
         "max_position_embeddings": _context(config),
         "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
-        "torch_dtype": {"fp32": "float32", "fp16": "float16"}[dtype],
+        "torch_dtype": dtypes.canonical(dtype),
         "use_cache": True,
     }
 

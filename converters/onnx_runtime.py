@@ -15,13 +15,12 @@ from typing import Sequence
 
 import numpy as np
 
+from ecospa_deploy import dtypes
 from ecospa_deploy.engine.sampling import SamplingParams
-
 from ecospa_deploy.errors import CheckpointError
 
 from .onnx_metadata import read_export
 
-_NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
 def default_providers() -> list[str]:
@@ -94,7 +93,7 @@ class OrtGenerator:
         self.layers = block["layers"]
         self.cache = block["cache"]
         self.use_past = bool(block["use_past"])
-        self.dtype = _NP_DTYPES[block["dtype"]]
+        self.dtype = np.dtype(dtypes.canonical(block["dtype"]))   # numpy spells them alike
         self.pad_token_id = int(block["pad_token_id"])
         self._tokenizer = None
         self.session = make_session(self.path / self.meta["model"]["decoder"]["filename"],

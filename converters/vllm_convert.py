@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
+from ecospa_deploy import dtypes
 from ecospa_deploy.atomic import atomic_directory
 from ecospa_deploy.errors import UnsupportedError
 
 from .vllm_plan import DEFAULT_BACKEND, VLLMPlan, plan_vllm
 
 REPORT_NAME = "vllm_conversion.json"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -74,15 +74,15 @@ def convert_vllm(model: torch.nn.Module, out_dir: str | Path, *, tensor_parallel
     if not is_ecospa_model(model):
         raise UnsupportedError(f"cannot convert {type(model).__name__}; expected one of our "
                                "causal LMs (ecospa_deploy.loading.load_model)")
-    if dtype is not None and dtype not in _DTYPES:
-        raise UnsupportedError(f"dtype={dtype!r}; expected one of {sorted(_DTYPES)}")
+    if dtype is not None and dtype not in dtypes.NAMES:
+        raise UnsupportedError(f"dtype={dtype!r}; expected one of {sorted(dtypes.NAMES)}")
     spec = model.config.ecospa_spec
     plan = plan_vllm(spec, tensor_parallel_size, head_size, _activation(model),
                      attention_backend=attention_backend,
                      vocab_size=getattr(model.config, "vocab_size", None))
     work = copy.deepcopy(model)
     if dtype is not None:
-        work = work.to(_DTYPES[dtype])
+        work = work.to(dtypes.to_torch(dtype))
     padded = pad_model(work, qk_head_dim=plan.head_sizes, v_head_dim=plan.head_sizes,
                        kv_heads_multiple=plan.tensor_parallel_size,
                        ffn_multiple=plan.tensor_parallel_size)
@@ -92,7 +92,7 @@ def convert_vllm(model: torch.nn.Module, out_dir: str | Path, *, tensor_parallel
     work.config.set_spec(padded)
     layer_ids = {id(p) for layer in work.decoder_layers for p in layer.parameters()}
     embedding_params = sum(p.numel() for p in work.parameters() if id(p) not in layer_ids)
-    written_dtype = str(next(work.parameters()).dtype).removeprefix("torch.")
+    written_dtype = dtypes.name_of(next(work.parameters()).dtype)
     result = VLLMConversion(Path(out_dir), plan, embedding_params, written_dtype)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         work.save_pretrained(tmp)

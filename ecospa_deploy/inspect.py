@@ -11,10 +11,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ecospa_deploy import dtypes
 from ecospa_deploy.loading import read_checkpoint_index, resolve_config
 from ecospa_deploy.spec import LayerSpec, ModelSpec
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+DTYPE_BYTES = {**{dtypes.short_name(n): dtypes.element_size(n) for n in dtypes.NAMES}, "int8": 1}
 
 
 def dense_layer(spec: ModelSpec, layer: LayerSpec) -> LayerSpec:

@@ -32,6 +32,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PreTrainedModel
 
+from ecospa_deploy import dtypes
 from ecospa_deploy.errors import CheckpointError
 from ecospa_deploy.modeling import config_from_dense, family_of
 from ecospa_deploy.spec import ModelSpec, SpecError
@@ -455,7 +456,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     expected, tied = expected_shapes(model_cls, config)
     check_tensors(found, expected, tied, model_cls.base_model_prefix + ".")
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        dtype = dtypes.to_torch(dtype)
     kwargs: dict[str, Any] = {"config": config, "dtype": dtype or "auto",
                               "output_loading_info": True}
     if attn_implementation:
@@ -495,7 +496,7 @@ def _load_pickle(path: Path, dtype, device, allow_pickle: bool,
     model.load_state_dict(sd, strict=False)
     model.tie_weights()
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        dtype = dtypes.to_torch(dtype)
     model = model.to(dtype=dtype or next(iter(sd.values())).dtype)
     if device is not None and device != "auto":
         model = model.to(device)

@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 
+from ecospa_deploy import dtypes
 from ecospa_deploy.converters.vllm_plan import ACCEPTED_HEAD_SIZES, DEFAULT_BACKEND
 
 
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     native.add_argument("--allow-pickle", action="store_true",
                         help="read an LLM-Pruner torch.save pickle (runs code: trusted files "
                              "only)")
-    native.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+    native.add_argument("--dtype", choices=dtypes.NAMES, default=None,
                         help="weight dtype written (default: the checkpoint's)")
 
     onnx = subs.add_parser("onnx", help="ONNX decoder with a per-layer KV cache, verified")
@@ -75,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vllm.add_argument("--head-size", type=int, default=None,
                       help="one attention head size for every layer (default: per layer, the "
                            "smallest the backend accepts that fits its q/k and v dims)")
-    vllm.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+    vllm.add_argument("--dtype", choices=dtypes.NAMES, default=None,
                       help="weight dtype written (default: the checkpoint's)")
 
 

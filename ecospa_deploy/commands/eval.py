@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ecospa_deploy import dtypes
 from ecospa_deploy.errors import UsageError
 
 
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=50,
                         help="tokens --generate adds (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", default="float32", choices=dtypes.NAMES,
                         help="compute dtype (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ecospa_deploy.prune.tracking import count_params
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+    model = load_model(args.model, dtype=dtypes.to_torch(args.dtype), device=device)
     tokenizer = load_tokenizer(args.model)
     out: dict = {"model": str(args.model), "params": count_params(model)}
     if args.data:

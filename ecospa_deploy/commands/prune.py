@@ -23,6 +23,7 @@ import json
 import time
 from pathlib import Path
 
+from ecospa_deploy import dtypes
 from ecospa_deploy.errors import UsageError
 
 
@@ -58,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="AdamW learning rate of the recovery steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", default="float32", choices=dtypes.NAMES,
                         help="compute dtype while pruning (default float32)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the calibration-window sampling and the recovery steps "
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
                         seed=args.seed, min_keep=args.min_keep, rounds=args.rounds).validate()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
-    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+    model = load_model(args.model, dtype=dtypes.to_torch(args.dtype), device=device)
     check_supported(model)
     tokenizer = load_tokenizer(args.model)
     max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 
+from ecospa_deploy import dtypes
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ecospa_deploy.serve.backend import BACKENDS
@@ -31,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default=D.backend,
                         help="generation backend (default: %(default)s)")
     parser.add_argument("--dtype", default=D.dtype,
-                        choices=["auto", "float32", "bfloat16", "float16"],
+                        choices=["auto", *dtypes.NAMES],
                         help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", default=D.device,
                         help="auto, cpu, cuda or cuda:N (auto: CUDA when available)")

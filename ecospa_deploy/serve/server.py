@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ecospa_deploy import dtypes
 from ecospa_deploy.errors import UsageError
 
 log = logging.getLogger("ecospa_deploy.serve")
@@ -110,12 +111,11 @@ def resolve_device_dtype(device: str, dtype: str):
                        if device == "auto" else device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
-    allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    if dtype not in allowed:
-        raise UsageError(f"--dtype {dtype!r}; expected auto or one of {', '.join(allowed)}")
-    return dev, allowed[dtype]
+    if dtype not in dtypes.NAMES:
+        raise UsageError(f"--dtype {dtype!r}; expected auto or one of {', '.join(dtypes.NAMES)}")
+    return dev, dtypes.to_torch(dtype)
 
 
 def _eos_ids(model, tokenizer) -> tuple[int, ...]:
@@ -294,7 +294,7 @@ def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket
     max_connections = opts.max_connections or default_max_connections()
     host, port = sock.getsockname()[:2]
     log.info("model %s on %s (%s), max_model_len %d, max_batch_size %d", opts.path, device,
-             str(dtype).removeprefix("torch."), max_len, opts.max_batch_size)
+             dtypes.name_of(dtype), max_len, opts.max_batch_size)
     print_banner(_url(opts.host, port), name, backend_name, opts.api_key)
     config = uvicorn.Config(app, log_level=opts.log_level, access_log=False,
                             timeout_graceful_shutdown=opts.shutdown_timeout + _UVICORN_GRACE,

@@ -22,12 +22,12 @@ import urllib.request
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
+from ecospa_deploy import dtypes
 from ecospa_deploy.spec import ModelSpec
 
 log = logging.getLogger("ecospa_deploy.serve")
 
 DEFAULT_MAX_MODEL_LEN = 4096
-_ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # The last line vLLM prints when it cannot even import (a build for another torch or platform).
 IMPORT_FAILURES = ("ImportError", "ModuleNotFoundError", "undefined symbol")
 
@@ -54,9 +54,9 @@ def resolve(device: str, dtype: str) -> tuple[str, str]:
         raise VLLMStartError(f"--device {device}: the installed vLLM runs on {platform} only")
     if dtype == "auto":
         dtype = "bfloat16" if platform == "cuda" else "float32"
-    if dtype not in _ELEMENT_BYTES:
+    if dtype not in dtypes.NAMES:
         raise VLLMStartError(f"--dtype {dtype!r}; expected auto or one of "
-                             f"{', '.join(_ELEMENT_BYTES)}")
+                             f"{', '.join(dtypes.NAMES)}")
     return platform, dtype
 
 
@@ -103,7 +103,7 @@ def kv_cache_bytes(model_dir: Path, max_model_len: int, max_num_seqs: int, dtype
     from ecospa_deploy.padding import round_up
 
     spec = ModelSpec.from_dict(_config(model_dir)["ecospa"])
-    per_token = sum(layer.kv_cache_width for layer in spec.layers) * _ELEMENT_BYTES[dtype]
+    per_token = sum(layer.kv_cache_width for layer in spec.layers) * dtypes.element_size(dtype)
     tokens = (round_up(max_model_len, 128) + 128) * max_num_seqs
     return max(per_token * tokens, 16 << 20)
 
