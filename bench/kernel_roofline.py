@@ -84,9 +84,9 @@ def main(argv=None) -> int:
             for ctx in args.contexts:
                 for lw, kc, vc in list(zip(eng.weights.layers, eng.cache.k, eng.cache.v))[:3]:
                     pos = torch.full((rows,), ctx - 1, device=dev)
-                    q = torch.randn(rows, lw.num_heads * lw.qk_dim, device=dev, dtype=dtype)
+                    q = torch.randn(rows, lw.num_heads * lw.qk_head_dim, device=dev, dtype=dtype)
                     nbytes = rows * ctx * (kc.shape[1] * (kc.shape[3] + vc.shape[3])) * 2
-                    qs = q.view(rows, lw.num_heads, 1, lw.qk_dim)
+                    qs = q.view(rows, lw.num_heads, 1, lw.qk_head_dim)
 
                     def ref():
                         return F.scaled_dot_product_attention(
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
 
                     t_ref, t_fused = _time(ref), _time(fused)
                     row = dict(model=which, rows=rows, op="attention", ctx=ctx,
-                               dims=(lw.qk_dim, lw.v_dim), torch_tbs=nbytes / t_ref / 1e12,
+                               dims=(lw.qk_head_dim, lw.v_head_dim), torch_tbs=nbytes / t_ref / 1e12,
                                fused_tbs=nbytes / t_fused / 1e12, torch_us=t_ref * 1e6,
                                fused_us=t_fused * 1e6)
                     out.append(row)

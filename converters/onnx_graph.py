@@ -129,8 +129,8 @@ class DecoderGraph(nn.Module):
             return (out.logits,)
         present: list[torch.Tensor] = []
         for layer, shape in zip(cache.layers, self.layout.cache):
-            present += [_pad(layer.keys, shape.num_key_value_heads, shape.key_head_size),
-                        _pad(layer.values, shape.num_key_value_heads, shape.value_head_size)]
+            present += [_pad(layer.keys, shape.num_key_value_heads, shape.qk_head_dim),
+                        _pad(layer.values, shape.num_key_value_heads, shape.v_head_dim)]
         return (out.logits, *present)
 
     # -- example inputs for tracing -------------------------------------------------------
@@ -147,7 +147,7 @@ class DecoderGraph(nn.Module):
         tensors: list[torch.Tensor] = []
         if self.io.use_past:
             for shape in self.layout.cache:
-                for dim in (shape.key_head_size, shape.value_head_size):
+                for dim in (shape.qk_head_dim, shape.v_head_dim):
                     tensors.append(torch.randn(batch, shape.num_key_value_heads, past, dim,
                                                generator=gen).to(device=device, dtype=dtype))
         return (ids, mask, pos, tuple(tensors))

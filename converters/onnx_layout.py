@@ -29,19 +29,20 @@ DEFAULT_TARGET = "optimum"
 
 @dataclass(frozen=True)
 class CacheShape:
-    """One layer's past/present shape in the export (``[batch, heads, seq, size]``)."""
+    """One layer's past/present shape in the export (``[batch, heads, seq, size]``); the
+    metadata spells the sizes ``key_head_size``/``value_head_size``."""
 
     num_key_value_heads: int
-    key_head_size: int
-    value_head_size: int
+    qk_head_dim: int
+    v_head_dim: int
 
     @property
     def elements_per_token(self) -> int:
-        return self.num_key_value_heads * (self.key_head_size + self.value_head_size)
+        return self.num_key_value_heads * (self.qk_head_dim + self.v_head_dim)
 
     def as_dict(self) -> dict[str, int]:
         return {"num_key_value_heads": self.num_key_value_heads,
-                "key_head_size": self.key_head_size, "value_head_size": self.value_head_size}
+                "key_head_size": self.qk_head_dim, "value_head_size": self.v_head_dim}
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ class KeptRotary(nn.Module):
 
     ``dense_rope`` is vLLM's rotary module at the dense head dim (so llama3/yarn scaling are
     vLLM's own); its ``cos_sin_cache [max_pos, D]`` holds cos of every frequency then sin. Each
-    KV head gathers the ``head_size/2`` frequencies it kept (padding dims carry unused ones and
+    KV head gathers the ``qk_head_dim/2`` frequencies it kept (padding dims carry unused ones and
     are zero anyway); its query heads use the same.
     """
 
@@ -72,7 +72,7 @@ class KeptRotary(nn.Module):
                              persistent=False)
         self.kv_heads = kv_heads
         self.groups = layer.num_attention_heads // layer.num_key_value_heads
-        self.head_size = layer.qk_head_dim
+        self.qk_head_dim = layer.qk_head_dim
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -86,8 +86,8 @@ class KeptRotary(nn.Module):
         cos_sin = cache.index_select(0, positions.flatten()).to(q.dtype)
         cos, sin = cos_sin.chunk(2, dim=-1)                    # [T, D/2]
         cos, sin = cos[:, self.freq_index], sin[:, self.freq_index]   # [T, Hkv, S/2]
-        k = self._rotate(k.view(tokens, self.kv_heads, self.head_size), cos, sin)
-        q = q.view(tokens, self.kv_heads, self.groups, self.head_size)
+        k = self._rotate(k.view(tokens, self.kv_heads, self.qk_head_dim), cos, sin)
+        q = q.view(tokens, self.kv_heads, self.groups, self.qk_head_dim)
         q = self._rotate(q, cos[:, :, None], sin[:, :, None])
         return q.reshape(tokens, -1), k.reshape(tokens, -1)
 

@@ -34,7 +34,7 @@ def test_padding_is_exact_and_actually_pads(family):
     spec = model.config.ecospa_spec
     eng = Engine(model, max_batch_size=2, max_seq_len=40, pad_multiple=64, head_multiple=8)
     for lw, layer in zip(eng.weights.layers, spec.layers):
-        assert lw.qk_dim % 8 == 0 and lw.v_dim % 8 == 0 and lw.ffn % 64 == 0
+        assert lw.qk_head_dim % 8 == 0 and lw.v_head_dim % 8 == 0 and lw.ffn % 64 == 0
         assert lw.qkv_w.shape[0] % 64 == 0
         assert lw.ffn >= layer.intermediate_size
     assert any(lw.ffn != layer.intermediate_size for lw, layer in zip(eng.weights.layers,
@@ -45,7 +45,7 @@ def test_padding_is_exact_and_actually_pads(family):
     assert eng.generate(prompt, params) == unpadded.generate(prompt, params) == \
         [hf_greedy(model, prompt[0], 10)]
     # K stored at the (padded) q/k dim, not the v dim
-    assert [k.shape[-1] for k in eng.cache.k] == [lw.qk_dim for lw in eng.weights.layers]
+    assert [k.shape[-1] for k in eng.cache.k] == [lw.qk_head_dim for lw in eng.weights.layers]
 
 
 def test_slot_api_join_mid_batch_and_stop_tokens():

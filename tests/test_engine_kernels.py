@@ -90,8 +90,7 @@ def test_fused_qkv_rope_and_cache_write():
     kc, vc = torch.zeros(4, Hkv, S, qk, device=DEVICE), torch.zeros(4, Hkv, S, vd, device=DEVICE)
     pos = torch.tensor([0, 5, 11], device=DEVICE)
     q = kl.fused_qkv(x, w, None, norm=(g, None), norm_kind=kl.NORM_RMS, eps=1e-5,
-                     split=(a, c, e), qk_dim=qk, v_dim=vd, k_cache=kc, v_cache=vc,
-                     positions=pos, rope=(cos, sin, ridx))
+                     num_heads=H, k_cache=kc, v_cache=vc, positions=pos, rope=(cos, sin, ridx))
     y = _norm(x, g, None, kl.NORM_RMS) @ w.T
     cs, sn = cos[pos][:, ridx.long()], sin[pos][:, ridx.long()]
     rot = torch.stack((-y.view(rows, -1, 2)[..., 1], y.view(rows, -1, 2)[..., 0]), -1)

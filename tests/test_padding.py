@@ -134,8 +134,8 @@ def test_engine_pads_past_the_rotary_dim_exactly():
     spec = model.config.ecospa_spec
     eng = Engine(model, max_batch_size=1, max_seq_len=32, head_multiple=8, pad_multiple=64)
     for lw, layer in zip(eng.weights.layers, spec.layers):
-        assert lw.qk_dim == round_up(layer.qk_head_dim, 8)
-    assert any(lw.qk_dim > 12 for lw in eng.weights.layers)
+        assert lw.qk_head_dim == round_up(layer.qk_head_dim, 8)
+    assert any(lw.qk_head_dim > 12 for lw in eng.weights.layers)
     plain = Engine(model, max_batch_size=1, max_seq_len=32, head_multiple=1, pad_multiple=1)
     prompt, params = [[5, 6, 7, 8, 9]], SamplingParams(max_new_tokens=8)
     assert eng.generate(prompt, params) == plain.generate(prompt, params)

@@ -123,8 +123,8 @@ def onnx_kv(args: argparse.Namespace) -> None:
                          "kv_overhead_pct": round(layout.overhead_pct(spec), 3),
                          "kv_pct_of_dense": round(100.0 * layout.elements_per_token / dense_kv,
                                                   3),
-                         "cache_shapes": sorted({(c.num_key_value_heads, c.key_head_size,
-                                                  c.value_head_size) for c in layout.cache})})
+                         "cache_shapes": sorted({(c.num_key_value_heads, c.qk_head_dim,
+                                                  c.v_head_dim) for c in layout.cache})})
             print(f"{name:12s} {target:8s} +{layout.overhead_pct(spec):6.2f}% KV vs own shapes, "
                   f"{rows[-1]['kv_pct_of_dense']:6.2f}% of dense")
     _write("onnx_kv", {"note": "KV elements per token summed over layers (K + V); bytes = "

@@ -86,10 +86,12 @@ class Forward:
     def _qkv(self, lw: LayerWeights, x: torch.Tensor):
         b, t = x.shape[:2]
         qkv = F.linear(x, lw.qkv_w, lw.qkv_b)
-        a, c, e = lw.split
-        q = qkv[..., :a].view(b, t, lw.num_heads, lw.qk_dim).transpose(1, 2)
-        k = qkv[..., a:a + c].view(b, t, lw.num_kv_heads, lw.qk_dim).transpose(1, 2)
-        v = qkv[..., a + c:a + c + e].view(b, t, lw.num_kv_heads, lw.v_dim).transpose(1, 2)
+        heads, kv_heads, qk, vd = lw.num_heads, lw.num_kv_heads, lw.qk_head_dim, lw.v_head_dim
+        q_end = heads * qk                            # rows: q | k | v | alignment padding
+        k_end = q_end + kv_heads * qk
+        q = qkv[..., :q_end].view(b, t, heads, qk).transpose(1, 2)
+        k = qkv[..., q_end:k_end].view(b, t, kv_heads, qk).transpose(1, 2)
+        v = qkv[..., k_end:k_end + kv_heads * vd].view(b, t, kv_heads, vd).transpose(1, 2)
         return q, k, v
 
     def _mlp(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +109,7 @@ class Forward:
             q, k = self._rope(i, lw, q, k, cos, sin)
         out = attend(i, lw, q, k, v)                            # [B, H, T, v]
         b, _, t, _ = out.shape
-        out = out.transpose(1, 2).reshape(b, t, lw.num_heads * lw.v_dim)
+        out = out.transpose(1, 2).reshape(b, t, lw.num_heads * lw.v_head_dim)
         x = x + F.linear(out, lw.o_w, lw.o_b)
         return x + self._mlp(lw, self._norm(x, *lw.norm2))
 
@@ -140,17 +142,17 @@ class Forward:
                     d = pos[:, None] - pos[None, :]
                     windows[lw.window] = (d >= 0) & (d < lw.window)
                 mask = windows[lw.window]
-            d = max(lw.qk_dim, lw.v_dim)
-            if not self.prefill_pad or mask is not None or lw.qk_dim == lw.v_dim:
+            d = max(lw.qk_head_dim, lw.v_head_dim)
+            if not self.prefill_pad or mask is not None or lw.qk_head_dim == lw.v_head_dim:
                 d = None
-            elif lw.qk_dim < d:
-                q, k = F.pad(q, (0, d - lw.qk_dim)), F.pad(k, (0, d - lw.qk_dim))
+            elif lw.qk_head_dim < d:
+                q, k = F.pad(q, (0, d - lw.qk_head_dim)), F.pad(k, (0, d - lw.qk_head_dim))
             else:
-                v = F.pad(v, (0, d - lw.v_dim))
+                v = F.pad(v, (0, d - lw.v_head_dim))
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=lw.scale,
                 enable_gqa=lw.gqa)
-            return out if d is None else out[..., :lw.v_dim]
+            return out if d is None else out[..., :lw.v_head_dim]
 
         for i, lw in enumerate(self.w.layers):
             x = self._layer(i, lw, x, cos, sin, attend)
@@ -184,7 +186,7 @@ class Forward:
             if self.kernel_attention:
                 out = decode_attention_op(q.reshape(nb, -1), kc[i], vc[i], pos, lw.num_heads,
                                           lw.scale, lw.window, kv_len)
-                return out.view(nb, 1, lw.num_heads, lw.v_dim).transpose(1, 2)
+                return out.view(nb, 1, lw.num_heads, lw.v_head_dim).transpose(1, 2)
             if lw.window not in masks:
                 masks[lw.window] = full & (span[None] > pos[:, None] - lw.window)[:, None, None]
             return F.scaled_dot_product_attention(

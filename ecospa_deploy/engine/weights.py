@@ -37,15 +37,15 @@ class LayerWeights:
 
     num_heads: int
     num_kv_heads: int
-    qk_dim: int                       # padded q/k head dim (what K is stored at)
-    v_dim: int                        # padded v head dim
+    qk_head_dim: int                  # padded q/k head dim (what K is stored at)
+    v_head_dim: int                   # padded v head dim
     ffn: int                          # padded FFN width
     hidden: int
     scale: float
     window: int | None
     qkv_w: torch.Tensor               # [rows (>= q+k+v widths, aligned), hidden]
     qkv_b: torch.Tensor | None
-    o_w: torch.Tensor                 # [hidden, H * v_dim]
+    o_w: torch.Tensor                 # [hidden, H * v_head_dim]
     o_b: torch.Tensor | None
     up_w: torch.Tensor                # [2*ffn (gate_i, up_i interleaved) or ffn, hidden]
     up_b: torch.Tensor | None
@@ -53,15 +53,10 @@ class LayerWeights:
     down_b: torch.Tensor | None
     norm1: tuple[torch.Tensor, torch.Tensor | None]
     norm2: tuple[torch.Tensor, torch.Tensor | None]
-    q_rope: torch.Tensor | None       # [H, qk_dim] columns of the dense cos/sin (pairs interleaved)
-    k_rope: torch.Tensor | None       # [Hkv, qk_dim]; None = no RoPE
+    q_rope: torch.Tensor | None       # [H, qk_head_dim] dense cos/sin columns, pairs interleaved
+    k_rope: torch.Tensor | None       # [Hkv, qk_head_dim]; None = no RoPE
     rope_shared: bool                 # every head uses the same positions (gather once)
     gqa: bool = False                 # query heads share KV heads (a plain bool for compile)
-
-    @property
-    def split(self) -> tuple[int, int, int]:
-        return (self.num_heads * self.qk_dim, self.num_kv_heads * self.qk_dim,
-                self.num_kv_heads * self.v_dim)
 
     def tensors(self) -> list[torch.Tensor]:
         ts = [self.qkv_w, self.qkv_b, self.o_w, self.o_b, self.up_w, self.up_b, self.down_w,
@@ -206,7 +201,8 @@ def _layer_weights(layer_mod: nn.Module, layer: LayerSpec, family: str, rope_hea
         return None if t is None else t.to(device=device, dtype=dtype).contiguous()
 
     return LayerWeights(
-        num_heads=H, num_kv_heads=Hkv, qk_dim=padded.qk_head_dim, v_dim=padded.v_head_dim,
+        num_heads=H, num_kv_heads=Hkv, qk_head_dim=padded.qk_head_dim,
+        v_head_dim=padded.v_head_dim,
         ffn=ffn, hidden=o_w.shape[0], scale=layer.softmax_scale, window=layer.sliding_window,
         qkv_w=put(qkv_w), qkv_b=put(qkv_b), o_w=put(o_w), o_b=put(ob), up_w=put(up_w),
         up_b=put(up_b), down_w=put(down_w), down_b=put(db),

@@ -71,7 +71,7 @@ if triton is not None:
             x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, nw_ptr, nb_ptr,
             pos_ptr, cos_ptr, sin_ptr, ridx_ptr, kc_ptr, vc_ptr,
             M, N, K, stride_xm, stride_rm, stride_om, eps,
-            rope_stride, q_end, k_end, v_end, qk_dim, v_dim, kv_heads, max_seq,
+            rope_stride, q_end, k_end, v_end, qk_head_dim, v_head_dim, kv_heads, max_seq,
             NORM: tl.constexpr, EPI: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
             ROPE: tl.constexpr, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr,
             PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -161,13 +161,13 @@ if triton is not None:
                      mask=m_ok[:, None] & is_q[None, :])
             kr = rn - q_end
             is_k = (rn >= q_end) & (rn < k_end)
-            k_off = ((rm64[:, None] * kv_heads + (kr // qk_dim)[None, :]) * max_seq
-                     + pos[:, None]) * qk_dim + (kr % qk_dim)[None, :]
+            k_off = ((rm64[:, None] * kv_heads + (kr // qk_head_dim)[None, :]) * max_seq
+                     + pos[:, None]) * qk_head_dim + (kr % qk_head_dim)[None, :]
             tl.store(kc_ptr + k_off, acc, mask=m_ok[:, None] & is_k[None, :])
             vr = rn - k_end
             is_v = (rn >= k_end) & (rn < v_end)
-            v_off = ((rm64[:, None] * kv_heads + (vr // v_dim)[None, :]) * max_seq
-                     + pos[:, None]) * v_dim + (vr % v_dim)[None, :]
+            v_off = ((rm64[:, None] * kv_heads + (vr // v_head_dim)[None, :]) * max_seq
+                     + pos[:, None]) * v_head_dim + (vr % v_head_dim)[None, :]
             tl.store(vc_ptr + v_off, acc, mask=m_ok[:, None] & is_v[None, :])
 
 
@@ -230,7 +230,8 @@ def _launch(x, w, out, *, bias=None, residual=None, norm=None, norm_kind=NORM_NO
             q.get("k_cache", dummy), q.get("v_cache", dummy),
             m, n, k, x.stride(0), residual.stride(0) if residual is not None else 0,
             out.stride(0), float(eps), q.get("rope_stride", 0), q.get("q_end", 0),
-            q.get("k_end", 0), q.get("v_end", 0), q.get("qk_dim", 1), q.get("v_dim", 1),
+            q.get("k_end", 0), q.get("v_end", 0), q.get("qk_head_dim", 1),
+            q.get("v_head_dim", 1),
             q.get("kv_heads", 1), q.get("max_seq", 1))
     flags = dict(NORM=norm_kind, EPI=epi, ACT=act, HAS_BIAS=bias is not None,
                  ROPE="ridx" in q, BLOCK_M=bm, USE_DOT=use_dot,
@@ -272,21 +273,27 @@ def fused_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
 
 def fused_qkv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, *,
               norm: tuple[torch.Tensor, torch.Tensor | None], norm_kind: int, eps: float,
-              split: tuple[int, int, int], qk_dim: int, v_dim: int, k_cache: torch.Tensor,
-              v_cache: torch.Tensor, positions: torch.Tensor,
+              num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              positions: torch.Tensor,
               rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """Attention input of one decode step: returns q ``[M, H*qk_dim]`` (RoPE applied) and writes
-    this step's k (RoPE applied) and v into row ``m`` of the caches at ``positions[m]``.
+    """Attention input of one decode step: returns q ``[M, H*qk_head_dim]`` (RoPE applied) and
+    writes this step's k (RoPE applied) and v into row ``m`` of the caches at ``positions[m]``.
+
+    ``k_cache [B, Hkv, S, qk_head_dim]`` and ``v_cache [B, Hkv, S, v_head_dim]`` give the KV
+    heads and head dims; the weight's rows are q (``num_heads`` heads), then k, then v.
 
     The weight's q and k rows hold each head's rotary pairs interleaved (``2p, 2p+1``), and
     ``rope = (cos [S, D], sin [S, D], ridx [rows])`` gives each row's column in the tables.
     """
     m = x.shape[0]
-    a, c, e = split
-    out = torch.empty(m, a, device=x.device, dtype=x.dtype)
-    qkv = dict(pos=positions, k_cache=k_cache, v_cache=v_cache, q_end=a, k_end=a + c,
-               v_end=a + c + e, qk_dim=qk_dim, v_dim=v_dim, kv_heads=k_cache.shape[1],
-               max_seq=k_cache.shape[2])
+    kv_heads, max_seq, qk_head_dim = k_cache.shape[1:]
+    v_head_dim = v_cache.shape[3]
+    q_end = num_heads * qk_head_dim
+    k_end = q_end + kv_heads * qk_head_dim
+    out = torch.empty(m, q_end, device=x.device, dtype=x.dtype)
+    qkv = dict(pos=positions, k_cache=k_cache, v_cache=v_cache, q_end=q_end, k_end=k_end,
+               v_end=k_end + kv_heads * v_head_dim, qk_head_dim=qk_head_dim,
+               v_head_dim=v_head_dim, kv_heads=kv_heads, max_seq=max_seq)
     if rope is not None:
         cos, sin, ridx = rope
         qkv.update(cos=cos, sin=sin, ridx=ridx, rope_stride=cos.stride(0))
