@@ -27,6 +27,13 @@ def test_every_package_folder_is_listed():
     assert not {"converters", "bench"} & listed
 
 
+def test_bench_results_hold_data_only_and_stay_out_of_the_package():
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "results/**" in cfg["exclude-package-data"]["ecospa_deploy.bench"]
+    scripts = list((ROOT / "bench" / "results").rglob("*.py"))
+    assert not scripts, f"scripts belong in bench/, not among the results: {scripts}"
+
+
 @pytest.mark.slow
 def test_non_editable_wheel_has_working_clis(tmp_path):
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"

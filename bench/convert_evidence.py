@@ -1,9 +1,9 @@
-"""Evidence for the converters, written as JSON next to this file (bench/results/convert_*.json).
+"""Evidence for the converters, written as JSON into bench/results/ (convert_*.json).
 
-  python bench/results/convert_evidence.py padding   # vLLM padding overhead, paper-like shapes
-  python bench/results/convert_evidence.py speed     # ONNX Runtime vs PyTorch tokens/s on CPU
-  python bench/results/convert_evidence.py onnx-kv   # KV overhead of each ONNX --target layout
-  python bench/results/convert_evidence.py parity --vllm-python .venv-vllm/bin/python
+  python bench/convert_evidence.py padding   # vLLM padding overhead, paper-like shapes
+  python bench/convert_evidence.py speed     # ONNX Runtime vs PyTorch tokens/s on CPU
+  python bench/convert_evidence.py onnx-kv   # KV overhead of each ONNX --target layout
+  python bench/convert_evidence.py parity --vllm-python .venv-vllm/bin/python
 
 Each JSON records the command, the machine and the library versions.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).parent
+RESULTS = Path(__file__).parent / "results"
 
 
 def _env() -> dict:
@@ -32,8 +32,7 @@ def _env() -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
            "machine": platform.machine(), "load_average_1m_5m_15m": os.getloadavg(),
-           "command": " ".join([Path(sys.argv[0]).name,
-                                                                *sys.argv[1:]])}
+           "command": " ".join(["bench/convert_evidence.py", *sys.argv[1:]])}
     try:
         import onnxruntime
 
@@ -44,7 +43,7 @@ def _env() -> dict:
 
 
 def _write(name: str, payload: dict) -> None:
-    path = HERE / f"convert_{name}.json"
+    path = RESULTS / f"convert_{name}.json"
     path.write_text(json.dumps({"environment": _env(), **payload}, indent=2) + "\n")
     print(f"wrote {path}")
 
