@@ -69,9 +69,9 @@ def _pct(values: list[float], q: float) -> float:
 
 def model_facts(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, Any]:
     """Params, bytes and KV bytes/token from the spec (what the checkpoint stores, unpadded)."""
-    from ecospa_deploy.engine.weights import model_spec
+    from ecospa_deploy.families import spec_of
 
-    _, spec = model_spec(model)
+    _, spec = spec_of(model)
     cfg = model.config
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     positions = getattr(cfg, "n_positions", 0) if not spec.rope else 0

@@ -37,29 +37,14 @@ def load_shape(name: str) -> dict[str, Any]:
 
 
 def _hf_config(shape: dict[str, Any]):
-    from transformers import GPT2Config, LlamaConfig
+    """The stock HF config of a shape file's dense model, built by its family."""
+    from ecospa_deploy.families import get
 
-    d = shape["dense"]
-    if shape["family"] == "gpt2":
-        return GPT2Config(vocab_size=d["vocab_size"], n_embd=d["hidden_size"],
-                          n_layer=d["num_hidden_layers"], n_head=d["num_attention_heads"],
-                          n_inner=d["intermediate_size"], n_positions=d["max_position_embeddings"],
-                          layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
-                          activation_function=d.get("activation_function", "gelu_new"))
-    if shape["family"] == "llama":
-        return LlamaConfig(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                           num_hidden_layers=d["num_hidden_layers"],
-                           num_attention_heads=d["num_attention_heads"],
-                           num_key_value_heads=d.get("num_key_value_heads",
-                                                     d["num_attention_heads"]),
-                           head_dim=d["head_dim"], intermediate_size=d["intermediate_size"],
-                           max_position_embeddings=d["max_position_embeddings"],
-                           rms_norm_eps=d.get("rms_norm_eps", 1e-5),
-                           rope_parameters={"rope_type": "default",
-                                            "rope_theta": d.get("rope_theta", 10000.0)},
-                           tie_word_embeddings=d.get("tie_word_embeddings", False))
-    raise EcospaError(f"shape {shape.get('name')!r}: family={shape.get('family')!r}; expected "
-                      "'llama' or 'gpt2'")
+    try:
+        family = get(shape.get("family"))
+    except ValueError as exc:
+        raise EcospaError(f"shape {shape.get('name')!r}: {exc}") from None
+    return family.stock_config(shape["dense"])
 
 
 def pruned_spec(dense: ModelSpec, layers: list[dict[str, Any]], seed: int = 0) -> ModelSpec:
@@ -99,16 +84,14 @@ def construct(cls, config, dtype: torch.dtype, device) -> torch.nn.Module:
 def build_model(shape: dict[str, Any], pruned: bool, dtype: torch.dtype, device: torch.device,
                 seed: int = 0) -> torch.nn.Module:
     """Our model class with random weights (std 0.02, norms 1), built on ``device``."""
+    from ecospa_deploy.families import family_of
     from ecospa_deploy.modeling import config_from_dense
-    from ecospa_deploy.modeling.configuration_ecospa import EcospaGPT2Config
-    from ecospa_deploy.modeling.modeling_ecospa_gpt2 import EcospaGPT2LMHeadModel
-    from ecospa_deploy.modeling.modeling_ecospa_llama import EcospaLlamaForCausalLM
 
     config = config_from_dense(_hf_config(shape))
     if pruned:
         config.set_spec(pruned_spec(config.ecospa_spec, shape["pruned"]["layers"], seed))
     config._attn_implementation = "sdpa"
-    cls = EcospaGPT2LMHeadModel if isinstance(config, EcospaGPT2Config) else EcospaLlamaForCausalLM
+    cls = family_of(config.model_type).load("model_class")
     gen = torch.Generator(device=device).manual_seed(seed)
     model = construct(cls, config, dtype, device)
     for name, p in model.named_parameters():

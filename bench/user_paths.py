@@ -96,12 +96,14 @@ def _kernel_names(fn) -> list[str]:
     return [e.key for e in prof.key_averages() if (e.device_time_total or 0) > 0]
 
 
-def _stock_llama(model, shape, dtype, dev):
-    from transformers import LlamaForCausalLM
+def _stock_model(model, shape, dtype, dev):
+    """The family's stock HF class with the same weights (what a user without us runs)."""
+    from ecospa_deploy.families import get
 
+    fam = get(shape["family"])
     cfg = _hf_config(shape)
     cfg._attn_implementation = "sdpa"
-    stock = construct(LlamaForCausalLM, cfg, dtype, dev)
+    stock = construct(fam.stock_class(fam.primary_stock), cfg, dtype, dev)
     stock.load_state_dict(model.state_dict(), strict=True)
     return stock.eval()
 
@@ -119,13 +121,14 @@ def hf_rows(shape, dtype, dev, args, emit) -> None:
             if label == "pruned":
                 variants.append(("ours_no_pad", model, _no_pad))
         stock = None
-        if label == "dense" and shape["family"] == "llama":
-            stock = _stock_llama(model, shape, dtype, dev)
-            variants += [("stock_llama", stock, contextlib.nullcontext),
-                         ("stock_llama_no_cudnn", stock, _no_cudnn)]
+        stock_name = f"stock_{shape['family']}"
+        if label == "dense":
+            stock = _stock_model(model, shape, dtype, dev)
+            variants += [(stock_name, stock, contextlib.nullcontext),
+                         (f"{stock_name}_no_cudnn", stock, _no_cudnn)]
         for name, m, ctx in variants:
             backend = HFBackend(m, cfg, 1, 0)
-            gen = args.hf_gen if "stock_dispatch" not in name and name != "stock_llama" \
+            gen = args.hf_gen if "stock_dispatch" not in name and name != stock_name \
                 else max(6, args.hf_gen // 4)
             with ctx():
                 backend.run(prompt, gen)

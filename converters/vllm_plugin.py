@@ -9,11 +9,10 @@ Serve a directory written by ``ecospa convert vllm``.
 
 from __future__ import annotations
 
+from ecospa_deploy.families import families
+
 # config.json "architectures" name -> vLLM implementation, imported lazily by vLLM.
-ARCHITECTURES: dict[str, str] = {
-    "EcospaLlamaForCausalLM": "ecospa_deploy.converters.vllm_llama:EcospaLlamaForVLLM",
-    "EcospaGPT2LMHeadModel": "ecospa_deploy.converters.vllm_gpt2:EcospaGPT2ForVLLM",
-}
+ARCHITECTURES: dict[str, str] = {f.architecture: f.vllm_model for f in families().values()}
 
 
 def register() -> None:
@@ -21,10 +20,8 @@ def register() -> None:
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
-    from ecospa_deploy.modeling.configuration_ecospa import EcospaGPT2Config, EcospaLlamaConfig
-
-    AutoConfig.register(EcospaLlamaConfig.model_type, EcospaLlamaConfig, exist_ok=True)
-    AutoConfig.register(EcospaGPT2Config.model_type, EcospaGPT2Config, exist_ok=True)
+    for fam in families().values():
+        AutoConfig.register(fam.model_type, fam.load("config_class"), exist_ok=True)
     supported = set(ModelRegistry.get_supported_archs())
     for arch, target in ARCHITECTURES.items():
         if arch not in supported:

@@ -34,7 +34,8 @@ from transformers import AutoConfig, PreTrainedModel
 
 from ecospa_deploy import dtypes
 from ecospa_deploy.errors import CheckpointError
-from ecospa_deploy.modeling import config_from_dense, family_of
+from ecospa_deploy.families import family_of
+from ecospa_deploy.modeling import config_from_dense
 from ecospa_deploy.spec import ModelSpec, SpecError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
@@ -176,80 +177,6 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-# -- spec inference from tensor shapes -----------------------------------------------------
-def _div(n: int, d: int, what: str, layer: int, tensor: str) -> int:
-    if n % d:
-        raise SpecError(f"layer {layer}: {tensor} has {n} {what}, not a multiple of head_dim "
-                        f"{d}; foreign checkpoints must prune whole heads (use our format for "
-                        "per-dim pruning)")
-    return n // d
-
-
-def _shape(shapes: dict[str, tuple[int, ...]], name: str, layer: int) -> tuple[int, ...]:
-    """A weight matrix's shape; shape inference needs both of its dims."""
-    if name not in shapes:
-        raise CheckpointError(f"layer {layer}: missing tensor {name!r}")
-    if len(shapes[name]) != 2:
-        raise CheckpointError(f"layer {layer}: tensor {name!r} has shape {list(shapes[name])}; "
-                              "expected a 2-D weight matrix")
-    return shapes[name]
-
-
-def infer_llama_spec(config: Any, shapes: dict[str, tuple[int, ...]]) -> ModelSpec:
-    """Per-layer dims of a Llama/Mistral/Qwen2 checkpoint from its tensor shapes."""
-    from ecospa_deploy.modeling import dense_llama_spec
-
-    dense = dense_llama_spec(config, config.model_type)
-    d = dense.dense.head_dim
-    layers = []
-    for i, base in enumerate(dense.layers):
-        p = f"model.layers.{i}."
-        q = _shape(shapes, p + "self_attn.q_proj.weight", i)
-        k = _shape(shapes, p + "self_attn.k_proj.weight", i)
-        v = _shape(shapes, p + "self_attn.v_proj.weight", i)
-        o = _shape(shapes, p + "self_attn.o_proj.weight", i)
-        up = _shape(shapes, p + "mlp.up_proj.weight", i)
-        n_q = _div(q[0], d, "rows", i, p + "self_attn.q_proj.weight")
-        n_kv = _div(k[0], d, "rows", i, p + "self_attn.k_proj.weight")
-        if n_kv == 0 or n_q == 0:
-            raise SpecError(f"layer {i}: {p}self_attn has no heads left (q_proj {list(q)}, "
-                            f"k_proj {list(k)}); expected at least one")
-        v_dim = _div(v[0], n_kv, "rows", i, p + "self_attn.v_proj.weight") if v[0] else 0
-        if o[1] != n_q * v_dim:
-            raise CheckpointError(f"layer {i}: {p}self_attn.o_proj.weight has {o[1]} input "
-                                  f"columns; expected {n_q} heads x {v_dim} = {n_q * v_dim}")
-        layers.append(base.replace(
-            num_attention_heads=n_q, num_key_value_heads=n_kv, v_head_dim=v_dim,
-            intermediate_size=up[0],
-            rope_kept=tuple(tuple(range(d // 2)) for _ in range(n_kv)),
-            qkv_bias=p + "self_attn.q_proj.bias" in shapes,
-            o_bias=p + "self_attn.o_proj.bias" in shapes,
-            gate_up_bias=p + "mlp.up_proj.bias" in shapes,
-            down_bias=p + "mlp.down_proj.bias" in shapes))
-    return dense.replace_layers(layers)
-
-
-def infer_gpt2_spec(config: Any, shapes: dict[str, tuple[int, ...]]) -> ModelSpec:
-    """Per-layer dims of a GPT-2 checkpoint (Conv1D ``[in, out]`` weights) from tensor shapes."""
-    from ecospa_deploy.modeling import dense_gpt2_spec
-
-    dense = dense_gpt2_spec(config)
-    d = dense.dense.head_dim
-    prefix = "transformer." if any(n.startswith("transformer.") for n in shapes) else ""
-    layers = []
-    for i, base in enumerate(dense.layers):
-        p = f"{prefix}h.{i}."
-        c_attn = _shape(shapes, p + "attn.c_attn.weight", i)
-        fc = _shape(shapes, p + "mlp.c_fc.weight", i)
-        n = _div(c_attn[1], 3 * d, "output columns (q|k|v)", i, p + "attn.c_attn.weight")
-        if n == 0:
-            raise SpecError(f"layer {i}: {p}attn has no heads left; expected at least one")
-        layers.append(base.replace(num_attention_heads=n, num_key_value_heads=n,
-                                   intermediate_size=fc[1]))
-    return dense.replace_layers(layers)
-
-
-_INFER = {"llama": infer_llama_spec, "gpt2": infer_gpt2_spec}
 
 
 # -- shape check against the model the spec describes --------------------------------------
@@ -406,13 +333,13 @@ def resolve_config(path: str | os.PathLike) -> tuple[Any, type[PreTrainedModel],
     directory = Path(path)
     raw = _read_config(directory)
     model_type = raw.get("model_type")
-    family, fam = family_of(model_type, str(directory / "config.json"))
-    model_cls = fam.load("model")
+    fam = family_of(model_type, str(directory / "config.json"))
+    model_cls = fam.load("model_class")
     if model_type == fam.model_type:
         # Validate the spec first, so errors name layer and field (not the config machinery).
-        layers_key = "n_layer" if family == "gpt2" else "num_hidden_layers"
-        _our_spec(raw, directory / "config.json", layers_key)
-        return _config_object(fam.load("config").from_pretrained, directory), model_cls, False
+        _our_spec(raw, directory / "config.json", fam.layers_key)
+        return (_config_object(fam.load("config_class").from_pretrained, directory), model_cls,
+                False)
     _no_spec_in_stock(raw, directory / "config.json", fam.model_type)
     stock = _config_object(AutoConfig.from_pretrained, directory)
     found = read_checkpoint_index(directory)
@@ -420,7 +347,7 @@ def resolve_config(path: str | os.PathLike) -> tuple[Any, type[PreTrainedModel],
     check_dims_fit_tensors(raw, found, directory / "config.json")
     shapes = {n: i.shape for n, i in found.items()}
     try:
-        spec = _INFER[family](stock, shapes)
+        spec = fam.infer_spec(stock, shapes)
     except (TypeError, ValueError, ArithmeticError, AttributeError) as exc:
         if isinstance(exc, SpecError):
             raise
@@ -482,11 +409,11 @@ def _load_pickle(path: Path, dtype, device, allow_pickle: bool,
     inner = obj["model"]
     sd = {k: v for k, v in inner.state_dict().items() if not k.endswith(IGNORED_TENSORS)}
     stock = inner.config
-    family, fam = family_of(stock.model_type, str(path))
-    spec = _INFER[family](stock, {k: tuple(v.shape) for k, v in sd.items()})
+    fam = family_of(stock.model_type, str(path))
+    spec = fam.infer_spec(stock, {k: tuple(v.shape) for k, v in sd.items()})
     spec = spec.replace_layers(spec.layers, source=str(path), source_format="llm-pruner")
     config = config_from_dense(stock, spec)
-    model_cls = fam.load("model")
+    model_cls = fam.load("model_class")
     expected, tied = expected_shapes(model_cls, config)
     check_tensors({k: TensorInfo(str(path), str(v.dtype), tuple(v.shape)) for k, v in sd.items()},
                   expected, tied, model_cls.base_model_prefix + ".")
@@ -553,4 +480,4 @@ def convert_native(src: str | os.PathLike, dst: str | os.PathLike, *, allow_pick
 
 
 __all__ = ["load_model", "load_tokenizer", "convert_native", "read_safetensors_header",
-           "read_checkpoint_index", "infer_llama_spec", "infer_gpt2_spec"]
+           "read_checkpoint_index"]

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 SPEC_VERSION = 1
+POSITIONS = ("rope", "learned")
+NORMS = ("rmsnorm", "layernorm")
 
 
 class SpecError(ValueError):
@@ -199,7 +201,8 @@ class ModelSpec:
     hidden_size: int
     layers: tuple[LayerSpec, ...]
     dense: DenseShape
-    rope: bool = True
+    positions: str = "rope"        # "rope" | "learned" (absolute position embeddings)
+    norm: str = "rmsnorm"          # "rmsnorm" | "layernorm" (LayerNorm carries a bias)
     gated_mlp: bool = True
     provenance: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -211,15 +214,18 @@ class ModelSpec:
         return len(self.layers)
 
     @property
+    def rope(self) -> bool:
+        """Whether q/k are rotated (RoPE): q/k dims then come in rotate-half pairs."""
+        return self.positions == "rope"
+
+    @property
     def rope_head_dim(self) -> int | None:
         return self.dense.head_dim if self.rope else None
 
     @property
     def norm_bias(self) -> bool:
-        """Whether the norms carry a bias: LayerNorm (GPT-2, the ungated-MLP family) does,
-        RMSNorm (the gated Llama family) does not. RoPE says nothing about it (Phi-2 has RoPE
-        and biased LayerNorms)."""
-        return not self.gated_mlp
+        """Whether the norms carry a bias: LayerNorm does, RMSNorm does not."""
+        return self.norm == "layernorm"
 
     @property
     def norm_params(self) -> int:
@@ -236,6 +242,10 @@ class ModelSpec:
                             f"num_hidden_layers={num_hidden_layers} (one spec per layer)")
         if not self.layers:
             raise SpecError("ecospa.layers is empty; expected one spec per decoder layer")
+        if self.positions not in POSITIONS:
+            raise _fail(None, "ecospa.positions", self.positions, f"one of {list(POSITIONS)}")
+        if self.norm not in NORMS:
+            raise _fail(None, "ecospa.norm", self.norm, f"one of {list(NORMS)}")
         if self.rope and self.dense.head_dim % 2:
             raise SpecError(f"dense head_dim={self.dense.head_dim} is odd; RoPE needs an even "
                             "head dim")
@@ -269,7 +279,8 @@ class ModelSpec:
         return {
             "version": SPEC_VERSION,
             "hidden_size": self.hidden_size,
-            "rope": self.rope,
+            "positions": self.positions,
+            "norm": self.norm,
             "gated_mlp": self.gated_mlp,
             "dense": dataclasses.asdict(self.dense),
             "layers": [layer.to_dict() for layer in self.layers],
@@ -287,7 +298,7 @@ class ModelSpec:
         for key in ("hidden_size", "dense", "layers"):
             if key not in d:
                 raise SpecError(f"ecospa block lacks {key!r}; expected keys hidden_size, "
-                                "dense, layers[, rope, gated_mlp, provenance]")
+                                "dense, layers[, positions, norm, gated_mlp, provenance]")
         layers, dense = d["layers"], d["dense"]
         if not isinstance(layers, list):
             raise SpecError(f"ecospa.layers is {type(layers).__name__}; expected a list")
@@ -307,7 +318,10 @@ class ModelSpec:
                 hidden_size=hidden,
                 layers=tuple(LayerSpec.from_dict(x, i) for i, x in enumerate(layers)),
                 dense=DenseShape(**dense),
-                rope=bool(d.get("rope", True)),
+                # blocks written before "positions"/"norm" existed said "rope" and implied
+                # the norm by the MLP kind (the only two families then)
+                positions=d.get("positions", "rope" if d.get("rope", True) else "learned"),
+                norm=d.get("norm", "rmsnorm" if d.get("gated_mlp", True) else "layernorm"),
                 gated_mlp=bool(d.get("gated_mlp", True)),
                 provenance=dict(provenance),
             ).validate()

@@ -14,45 +14,26 @@ from typing import Any
 import torch
 from huggingface_hub import save_torch_state_dict
 from torch import nn
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
+from ecospa_deploy.families import families, family_of
 from ecospa_deploy.modeling import from_hf
 from ecospa_deploy.prune.mask import LayerMask, pairs_to_dims
 from ecospa_deploy.prune.surgery import slice_model, zero_out
 
-FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
+# Every stock variant of every family (the tests' parametrisation).
+FAMILIES = tuple(t for f in families().values() for t in f.tiny)
 VOCAB = 96
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+               max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def tiny_hf_config(family: str, **overrides: Any):
-    """A stock HF config of a few layers with every feature of its family switched on."""
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                  max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if family == "llama":      # GQA + llama3 rope scaling
-        cfg = LlamaConfig(**{**common, "num_attention_heads": 8, "num_key_value_heads": 4,
-                             "head_dim": 16, "rope_parameters": {
-                                 "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                 "original_max_position_embeddings": 32}, **overrides})
-    elif family == "qwen2":    # qkv bias
-        cfg = Qwen2Config(**{**common, "num_attention_heads": 4, "num_key_value_heads": 2,
-                             **overrides})
-    elif family == "mistral":  # sliding window, MQA
-        cfg = MistralConfig(**{**common, "num_attention_heads": 4, "num_key_value_heads": 1,
-                               "sliding_window": 6, **overrides})
-    elif family == "gpt2":     # Conv1D, fused c_attn, learned positions
-        cfg = GPT2Config(**{"vocab_size": VOCAB, "n_embd": 64, "n_layer": 3, "n_head": 4,
-                            "n_inner": 96, "n_positions": 128, "bos_token_id": 1,
-                            "eos_token_id": 2, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
-                            "attn_pdrop": 0.0, **overrides})
-    else:
+    """A stock HF config of a few layers with every feature of its variant switched on
+    (``family`` is a stock model_type: one of ``FAMILIES``)."""
+    if family not in FAMILIES:
         raise ValueError(f"family={family!r}; expected one of {FAMILIES}")
-    return cfg
-
-
-_HF_CLASSES = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM,
-               "mistral": MistralForCausalLM, "gpt2": GPT2LMHeadModel}
+    fam = family_of(family)
+    return fam.stock_config({**_COMMON, **fam.tiny[family], **overrides}, family)
 
 
 @torch.no_grad()
@@ -69,7 +50,7 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.15) -> torch
 def tiny_hf(family: str, seed: int = 0, **overrides: Any):
     """A stock HF model with random weights (the "foreign" reference)."""
     torch.manual_seed(seed)
-    model = _HF_CLASSES[family](tiny_hf_config(family, **overrides))
+    model = family_of(family).stock_class(family)(tiny_hf_config(family, **overrides))
     return randomize(model, seed).eval()
 
 

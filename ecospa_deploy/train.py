@@ -21,56 +21,26 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from ecospa_deploy.evaluate import perplexity
 
-# Named shapes. "tiny" trains on 2 CPU cores in about a minute (tests and the README's main
-# command); "small" is the ~30 M parameter GPU model of the quality tables.
-LLAMA_SHAPES: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=32, intermediate_size=384),
-    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=64, intermediate_size=1536),
-}
-GPT2_SHAPES: dict[str, dict[str, int]] = {
-    "tiny": dict(n_embd=128, n_layer=4, n_head=4, n_inner=512),
-    "small": dict(n_embd=512, n_layer=8, n_head=8, n_inner=2048),
-}
 StepCallback = Callable[[int, nn.Module, torch.optim.Optimizer], None]
 
 
-def _shape(table: dict[str, dict[str, int]], name: str) -> dict[str, int]:
-    if name not in table:
-        raise ValueError(f"shape={name!r}; expected one of {sorted(table)}")
-    return table[name]
-
-
-def llama_config(shape: str, vocab_size: int, max_len: int = 1024, **overrides: Any) -> LlamaConfig:
-    """A stock Llama config (GQA, RoPE, SwiGLU, untied head) of a named shape."""
-    return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max_len, rope_theta=10000.0,
-                       tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                       **{**_shape(LLAMA_SHAPES, shape), **overrides})
-
-
-def gpt2_config(shape: str, vocab_size: int, max_len: int = 1024, **overrides: Any) -> GPT2Config:
-    """A stock GPT-2 config (learned positions, GELU MLP, tied head) of a named shape, no dropout."""
-    return GPT2Config(vocab_size=vocab_size, n_positions=max_len, resid_pdrop=0.0,
-                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-                      **{**_shape(GPT2_SHAPES, shape), **overrides})
-
-
 def build_model(family: str, shape: str, vocab_size: int, seed: int = 0,
-                max_len: int = 1024) -> LlamaForCausalLM | GPT2LMHeadModel:
-    """A freshly initialised stock HF model (seeded), SDPA attention."""
+                max_len: int = 1024) -> nn.Module:
+    """A freshly initialised stock HF model (seeded, SDPA attention) of a family's named
+    training shape (``Family.train_shapes``: "tiny" trains on 2 CPU cores in about a minute,
+    "small" is the ~30 M parameter GPU model of the quality tables)."""
+    from ecospa_deploy.families import get
+
+    fam = get(family)
+    if shape not in fam.train_shapes:
+        raise ValueError(f"shape={shape!r}; expected one of {sorted(fam.train_shapes)}")
+    config = fam.stock_config({**fam.train_defaults, **fam.train_shapes[shape],
+                               "vocab_size": vocab_size, "max_position_embeddings": max_len})
     torch.manual_seed(seed)
-    if family == "llama":
-        return LlamaForCausalLM._from_config(llama_config(shape, vocab_size, max_len),
-                                             attn_implementation="sdpa")
-    if family == "gpt2":
-        return GPT2LMHeadModel._from_config(gpt2_config(shape, vocab_size, max_len),
-                                            attn_implementation="sdpa")
-    raise ValueError(f"family={family!r}; expected 'llama' or 'gpt2'")
+    return fam.stock_class(fam.primary_stock)._from_config(config, attn_implementation="sdpa")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ecospa_deploy.modeling import BASE_MODEL_TYPES, FAMILIES, family_of
+from ecospa_deploy.families import families, family_of, stock_model_types
 from ecospa_deploy.spec import DenseShape, LayerSpec, ModelSpec, SpecError
 from ecospa_deploy.testing import tiny_dense, tiny_pruned
 
@@ -79,18 +79,18 @@ def test_layer_and_norm_params_match_the_modules(family):
     assert spec.norm_params == sum(p.numel() for p in final.parameters())
 
 
-def test_norm_bias_follows_the_mlp_not_rope():
-    """A RoPE model with an ungated MLP (Phi-2's shape) has biased LayerNorms."""
+def test_norm_bias_follows_the_norm_kind_not_rope():
+    """A RoPE model with LayerNorms (Phi-2's shape) has norm biases."""
     assert not _spec(DENSE.layer()).norm_bias
-    assert ModelSpec(64, (DENSE.layer(),), DENSE, rope=True, gated_mlp=False).norm_bias
+    assert ModelSpec(64, (DENSE.layer(),), DENSE, positions="rope", norm="layernorm").norm_bias
 
 
-@pytest.mark.parametrize("model_type", sorted(BASE_MODEL_TYPES))
+@pytest.mark.parametrize("model_type", sorted(stock_model_types()))
 def test_every_registered_architecture_has_a_tiny_example(model_type):
     """DESIGN §8.7: each registry entry builds and runs on a tiny config."""
-    family, fam = family_of(model_type)
-    assert fam is FAMILIES[family]
+    fam = family_of(model_type)
+    assert fam is families()[stock_model_types()[model_type]]
     model = tiny_dense(model_type)
-    assert type(model) is fam.load("model")
+    assert type(model) is fam.load("model_class")
     assert model.config.model_type == fam.model_type
     assert model(input_ids=__import__("torch").tensor([[3, 4, 5]])).logits.shape == (1, 3, 96)

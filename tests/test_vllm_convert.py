@@ -80,7 +80,8 @@ def _spec(qk: int, v: int, dense_head: int = 128, rope: bool = True, heads: int 
     dense = DenseShape(heads, heads, dense_head, 256)
     kept = tuple(tuple(range(qk // 2)) for _ in range(heads)) if rope else None
     layer = dense.layer(rope=rope).replace(qk_head_dim=qk, v_head_dim=v, rope_kept=kept)
-    return ModelSpec(256, (layer,), dense, rope=rope, gated_mlp=rope).validate()
+    return ModelSpec(256, (layer,), dense, positions="rope" if rope else "learned",
+                     norm="rmsnorm" if rope else "layernorm", gated_mlp=rope).validate()
 
 
 @pytest.mark.parametrize("spec, kwargs, message", [

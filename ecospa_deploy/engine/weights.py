@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ecospa_deploy.errors import UnsupportedError
-from ecospa_deploy.modeling.registry import family_of
+from ecospa_deploy.families import Family, spec_of
 from ecospa_deploy.padding import pad_axis, pad_canonical, padded_layer, round_up
 from ecospa_deploy.spec import LayerSpec, ModelSpec, rope_dim_index
 
@@ -66,7 +66,7 @@ class LayerWeights:
 
 @dataclass
 class ModelWeights:
-    family: str                       # "llama" | "gpt2"
+    family: str                       # the family's name (ecospa_deploy.families)
     spec: ModelSpec                   # the model's own (unpadded) spec
     layers: list[LayerWeights]
     embed: torch.Tensor               # [vocab, hidden]
@@ -116,45 +116,8 @@ def _interleave_rows(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Te
     return torch.stack([a, b], 1).reshape(2 * a.shape[0], *a.shape[1:])
 
 
-def _canonical(layer: nn.Module, family: str) -> dict[str, tuple[torch.Tensor, Any]]:
-    """``{q,k,v,o,[gate,]up,down: (weight [out, in], bias)}`` of our or a stock HF layer."""
-    if family == "gpt2":
-        a, m = layer.attn, layer.mlp
-        n = a.c_attn.weight.shape[1]
-        split = getattr(a, "split", None) or (n // 3, n // 3, n // 3)
-        qw, kw, vw = a.c_attn.weight.split(split, dim=1)
-        qb, kb, vb = a.c_attn.bias.split(split, dim=0)
-        return {"q": (qw.t(), qb), "k": (kw.t(), kb), "v": (vw.t(), vb),
-                "o": (a.c_proj.weight.t(), a.c_proj.bias),
-                "up": (m.c_fc.weight.t(), m.c_fc.bias),
-                "down": (m.c_proj.weight.t(), m.c_proj.bias)}
-    a, m = layer.self_attn, layer.mlp
-    out = {}
-    for key, proj in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj),
-                      ("gate", m.gate_proj), ("up", m.up_proj), ("down", m.down_proj)):
-        out[key] = (proj.weight, proj.bias)
-    return out
-
-
-def _norms(layer: nn.Module, family: str):
-    names = ("ln_1", "ln_2") if family == "gpt2" else ("input_layernorm",
-                                                       "post_attention_layernorm")
-    out = []
-    for name in names:
-        mod = getattr(layer, name)
-        out.append((mod.weight.detach(), getattr(mod, "bias", None)))
-    return out
-
-
-def model_spec(model: nn.Module) -> tuple[str, ModelSpec]:
-    """(family, spec) of our model (its ``ecospa_spec``) or of a stock HF model (dense spec)."""
-    config = model.config
-    family, fam = family_of(config.model_type, source=f"{type(model).__name__}.config")
-    if getattr(config, "ecospa", None):
-        return family, config.ecospa_spec
-    spec_fn = fam.load("spec_from_config")
-    spec = spec_fn(config) if family == "gpt2" else spec_fn(config, config.model_type)
-    return family, spec
+def _norm_tensors(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return mod.weight.detach(), getattr(mod, "bias", None)
 
 
 def _rope_positions(layer: LayerSpec, rope_head_dim: int) -> torch.Tensor:
@@ -163,12 +126,12 @@ def _rope_positions(layer: LayerSpec, rope_head_dim: int) -> torch.Tensor:
                         dtype=torch.long)
 
 
-def _layer_weights(layer_mod: nn.Module, layer: LayerSpec, family: str, rope_head_dim: int | None,
-                   gated: bool, head_multiple: int, pad_multiple: int, dtype, device
+def _layer_weights(layer_mod: nn.Module, layer: LayerSpec, family: Family,
+                   rope_head_dim: int | None, gated: bool, head_multiple: int, pad_multiple: int, dtype, device
                    ) -> LayerWeights:
     rope = rope_head_dim is not None
     c = {k: (w.detach(), None if b is None else b.detach())
-         for k, (w, b) in _canonical(layer_mod, family).items()}
+         for k, (w, b) in family.canonical(layer_mod).items()}
     padded = padded_layer(layer, rope_head_dim,
                           qk_head_dim=round_up(layer.qk_head_dim, head_multiple),
                           v_head_dim=round_up(layer.v_head_dim, head_multiple),
@@ -195,7 +158,7 @@ def _layer_weights(layer_mod: nn.Module, layer: LayerSpec, family: str, rope_hea
         q_rope = k_rope.repeat_interleave(H // Hkv, dim=0)
         shared = bool((k_rope == k_rope[:1]).all())
         k_rope, q_rope = k_rope.to(device), q_rope.to(device)
-    norm1, norm2 = _norms(layer_mod, family)
+    norm1, norm2 = (_norm_tensors(m) for m in family.norms(layer_mod))
 
     def put(t):
         return None if t is None else t.to(device=device, dtype=dtype).contiguous()
@@ -210,21 +173,15 @@ def _layer_weights(layer_mod: nn.Module, layer: LayerSpec, family: str, rope_hea
         q_rope=q_rope, k_rope=k_rope, rope_shared=shared, gqa=H != Hkv)
 
 
-def _decoder_layers(model: nn.Module, family: str) -> nn.ModuleList:
-    if hasattr(model, "decoder_layers"):
-        return model.decoder_layers
-    return model.transformer.h if family == "gpt2" else model.model.layers
-
-
 @torch.no_grad()
 def build_weights(model: nn.Module, *, dtype: torch.dtype, device: torch.device,
                   head_multiple: int = 8, pad_multiple: int = 64) -> ModelWeights:
     """Padded, fused engine weights of ``model`` (ours or stock HF), on ``device`` in ``dtype``."""
     from transformers.activations import ACT2FN
 
-    family, spec = model_spec(model)
+    family, spec = spec_of(model)
     config = model.config
-    layers_mod = _decoder_layers(model, family)
+    layers_mod = family.decoder_layers(model)
     if len(layers_mod) != spec.num_layers:
         raise UnsupportedError(f"model has {len(layers_mod)} decoder layers but its spec lists "
                                f"{spec.num_layers}; expected one spec per layer")
@@ -236,23 +193,16 @@ def build_weights(model: nn.Module, *, dtype: torch.dtype, device: torch.device,
     def put(t):
         return None if t is None else t.detach().to(device=device, dtype=dtype).contiguous()
 
-    if family == "gpt2":
-        base = model.transformer
-        embed, pos = put(base.wte.weight), put(base.wpe.weight)
-        final = (put(base.ln_f.weight), put(base.ln_f.bias))
-        eps, rms, act_name = config.layer_norm_epsilon, False, config.activation_function
-        rotary, max_pos = None, config.n_positions
-    else:
-        base = model.model
-        embed, pos = put(base.embed_tokens.weight), None
-        final = (put(base.norm.weight), None)
-        eps, rms, act_name = config.rms_norm_eps, True, config.hidden_act
-        rotary, max_pos = base.rotary_emb, config.max_position_embeddings
-    emb_mod = base.wte if family == "gpt2" else base.embed_tokens
-    tied = model.lm_head.weight.data_ptr() == emb_mod.weight.data_ptr()
+    parts = family.parts(model)
+    embed = put(parts.embed.weight)
+    pos = None if parts.positions is None else put(parts.positions.weight)
+    final = tuple(put(t) for t in _norm_tensors(parts.final_norm))
+    act_name = family.activation(config)
+    tied = model.lm_head.weight.data_ptr() == parts.embed.weight.data_ptr()
     lm_head = embed if tied else put(model.lm_head.weight)
-    return ModelWeights(family=family, spec=spec, layers=layers, embed=embed, pos_embed=pos,
-                        final_norm=final, lm_head=lm_head, norm_eps=eps, rms_norm=rms,
-                        act=ACT2FN[act_name], act_name=act_name,
-                        gated=spec.gated_mlp, rotary=rotary, max_positions=max_pos,
+    return ModelWeights(family=family.name, spec=spec, layers=layers, embed=embed,
+                        pos_embed=pos, final_norm=final, lm_head=lm_head,
+                        norm_eps=family.norm_eps(config), rms_norm=spec.norm == "rmsnorm",
+                        act=ACT2FN[act_name], act_name=act_name, gated=spec.gated_mlp,
+                        rotary=parts.rotary, max_positions=family.max_positions(config),
                         vocab_size=embed.shape[0])

@@ -125,41 +125,4 @@ class EcospaGPT2Config(_EcospaConfigMixin, GPT2Config):
         return config
 
 
-def dense_llama_spec(config: Any, base_model_type: str) -> ModelSpec:
-    """The all-kept spec of a stock HF Llama/Mistral/Qwen2 config."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    n_kv = config.num_key_value_heads or config.num_attention_heads
-    dense = DenseShape(config.num_attention_heads, n_kv, head_dim, config.intermediate_size)
-    qkv_bias = bool(getattr(config, "attention_bias", False)) or base_model_type == "qwen2"
-    o_bias = bool(getattr(config, "attention_bias", False))
-    mlp_bias = bool(getattr(config, "mlp_bias", False))
-    types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
-    layers = []
-    for i in range(config.num_hidden_layers):
-        sliding = window if (window and (types is None or types[i] == "sliding_attention")) \
-            else None
-        layers.append(dense.layer(qkv_bias=qkv_bias, o_bias=o_bias, gate_up_bias=mlp_bias,
-                                  down_bias=mlp_bias, sliding_window=sliding))
-    return ModelSpec(config.hidden_size, tuple(layers), dense, rope=True, gated_mlp=True,
-                     provenance={"base_model_type": base_model_type}).validate()
-
-
-def dense_gpt2_spec(config: Any) -> ModelSpec:
-    """The all-kept spec of a stock HF GPT-2 config (GPT-2 has biases everywhere)."""
-    head_dim = config.n_embd // config.n_head
-    inner = config.n_inner or 4 * config.n_embd
-    dense = DenseShape(config.n_head, config.n_head, head_dim, inner)
-    layers = []
-    for i in range(config.n_layer):
-        scale = head_dim ** -0.5 if config.scale_attn_weights else 1.0
-        if config.scale_attn_by_inverse_layer_idx:
-            scale /= float(i + 1)
-        layers.append(dense.layer(softmax_scale=scale, rope=False, qkv_bias=True, o_bias=True,
-                                  gate_up_bias=True, down_bias=True))
-    return ModelSpec(config.n_embd, tuple(layers), dense, rope=False, gated_mlp=False,
-                     provenance={"base_model_type": "gpt2"}).validate()
-
-
-__all__ = ["EcospaLlamaConfig", "EcospaGPT2Config", "dense_llama_spec", "dense_gpt2_spec",
-           "LayerSpec"]
+__all__ = ["EcospaLlamaConfig", "EcospaGPT2Config", "LayerSpec"]

@@ -101,13 +101,7 @@ class EcospaGPT2Block(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
     def canonical(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """``{q,k,v,o,up,down: (weight [out, in], bias)}``: Conv1D weights transposed, c_attn split."""
-        a, m = self.attn, self.mlp
-        qw, kw, vw = a.c_attn.weight.split(a.split, dim=1)
-        qb, kb, vb = a.c_attn.bias.split(a.split, dim=0)
-        return {"q": (qw.t(), qb), "k": (kw.t(), kb), "v": (vw.t(), vb),
-                "o": (a.c_proj.weight.t(), a.c_proj.bias),
-                "up": (m.c_fc.weight.t(), m.c_fc.bias), "down": (m.c_proj.weight.t(), m.c_proj.bias)}
+        return canonical_projections(self)
 
     @torch.no_grad()
     def load_canonical(self, tensors: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
@@ -117,6 +111,20 @@ class EcospaGPT2Block(GradientCheckpointingLayer):
         for key, conv in (("o", a.c_proj), ("up", m.c_fc), ("down", m.c_proj)):
             conv.weight.copy_(tensors[key][0].t())
             conv.bias.copy_(tensors[key][1])
+
+
+def canonical_projections(layer: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """``{q,k,v,o,up,down: (weight [out, in], bias)}`` of our block or a stock GPT-2 one: Conv1D
+    weights transposed, c_attn split at the block's q|k|v widths (``attn.split`` in ours, equal
+    thirds in a stock block)."""
+    a, m = layer.attn, layer.mlp
+    n = a.c_attn.weight.shape[1]
+    split = getattr(a, "split", None) or (n // 3, n // 3, n // 3)
+    qw, kw, vw = a.c_attn.weight.split(split, dim=1)
+    qb, kb, vb = a.c_attn.bias.split(split, dim=0)
+    return {"q": (qw.t(), qb), "k": (kw.t(), kb), "v": (vw.t(), vb),
+            "o": (a.c_proj.weight.t(), a.c_proj.bias),
+            "up": (m.c_fc.weight.t(), m.c_fc.bias), "down": (m.c_proj.weight.t(), m.c_proj.bias)}
 
 
 class EcospaGPT2PreTrainedModel(GPT2PreTrainedModel):

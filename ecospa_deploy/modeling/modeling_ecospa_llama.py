@@ -137,22 +137,28 @@ class EcospaLlamaDecoderLayer(GradientCheckpointingLayer):
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
-    def _projections(self) -> dict[str, nn.Linear]:
-        a, m = self.self_attn, self.mlp
-        return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj,
-                "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
-
     def canonical(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """``{q,k,v,o,gate,up,down: (weight [out, in], bias or None)}`` as views."""
-        return {k: (p.weight, p.bias) for k, p in self._projections().items()}
+        return canonical_projections(self)
 
     @torch.no_grad()
     def load_canonical(self, tensors: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
-        for key, proj in self._projections().items():
+        for key, proj in _projections(self).items():
             weight, bias = tensors[key]
             proj.weight.copy_(weight)
             if proj.bias is not None:
                 proj.bias.copy_(bias)
+
+
+def _projections(layer: nn.Module) -> dict[str, nn.Linear]:
+    a, m = layer.self_attn, layer.mlp
+    return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj,
+            "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
+
+
+def canonical_projections(layer: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """``{q,k,v,o,gate,up,down: (weight [out, in], bias or None)}`` as views, of our layer or a
+    stock Llama/Mistral/Qwen2 one (same attribute names)."""
+    return {k: (p.weight, p.bias) for k, p in _projections(layer).items()}
 
 
 class EcospaLlamaPreTrainedModel(PreTrainedModel):

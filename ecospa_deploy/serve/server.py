@@ -130,13 +130,15 @@ def _eos_ids(model, tokenizer) -> tuple[int, ...]:
 
 
 def _max_model_len(model, requested: int | None) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None) or \
-        getattr(model.config, "n_positions", None)
+    from ecospa_deploy.families import family_of_model
+
+    family = family_of_model(model)
+    limit = family.max_positions(model.config)
     if requested is None:
         return min(limit or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
     if requested < 2:
         raise UsageError(f"--max-model-len {requested}; expected at least 2")
-    if limit and requested > limit and getattr(model.config, "model_type", "").endswith("gpt2"):
+    if limit and requested > limit and family.positions == "learned":
         raise UsageError(f"--max-model-len {requested} exceeds the model's {limit} learned "
                          "positions")
     return requested

@@ -1,0 +1,72 @@
+"""Model families: one file each, holding everything the toolkit knows about an architecture.
+
+A family answers every architecture question the rest of the package asks: its stock HF classes
+(variants as data), our config and model classes, the dense spec of a stock config, a
+checkpoint's spec from its tensor shapes, where decoder layers, norms and embeddings live, the
+canonical projections of a layer, norm kind, positions kind, activation, and the vLLM model that
+serves it. Nothing outside this package branches on a family's name (tests/test_families.py
+greps for it). Adding a family is one file here, its vLLM model, and one line in
+``FAMILY_MODULES``.
+
+Importing this package (or a family file) imports neither torch nor transformers: classes are
+``"module:Class"`` strings loaded on first use, so the CLI stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+
+from ecospa_deploy.errors import CheckpointError
+from ecospa_deploy.families.base import Canon, Family, Parts
+from ecospa_deploy.spec import ModelSpec
+
+# family name -> module defining ``FAMILY``: the one line a new family adds.
+FAMILY_MODULES: dict[str, str] = {
+    "llama": "ecospa_deploy.families.llama",
+    "gpt2": "ecospa_deploy.families.gpt2",
+}
+
+
+@cache
+def families() -> dict[str, Family]:
+    return {name: importlib.import_module(mod).FAMILY for name, mod in FAMILY_MODULES.items()}
+
+
+def get(name: str) -> Family:
+    if name not in FAMILY_MODULES:
+        raise ValueError(f"family={name!r}; expected one of {sorted(FAMILY_MODULES)}")
+    return families()[name]
+
+
+def family_of(model_type: str | None, source: str = "config.json") -> Family:
+    """The family of our ``model_type`` or of a stock one; a clear error otherwise."""
+    for fam in families().values():
+        if model_type == fam.model_type or model_type in fam.stock:
+            return fam
+    allowed = sorted({t for f in families().values() for t in (f.model_type, *f.stock)})
+    raise CheckpointError(f"{source}: model_type={model_type!r} is not supported; expected one "
+                          f"of {allowed}")
+
+
+def family_of_model(model) -> Family:
+    """The family of a model (ours or stock HF), from its config's ``model_type``."""
+    return family_of(getattr(model.config, "model_type", None),
+                     source=f"{type(model).__name__}.config")
+
+
+def spec_of(model) -> tuple[Family, ModelSpec]:
+    """(family, spec) of our model (its ``ecospa_spec``) or of a stock HF model (dense spec)."""
+    fam = family_of_model(model)
+    if getattr(model.config, "ecospa", None):
+        return fam, model.config.ecospa_spec
+    return fam, fam.dense_spec(model.config)
+
+
+def stock_model_types() -> dict[str, str]:
+    """Every stock HF ``model_type`` we read, mapped to its family's name."""
+    return {t: f.name for f in families().values() for t in f.stock}
+
+
+__all__ = ["Family", "Parts", "Canon", "FAMILY_MODULES", "families", "get", "family_of",
+           "family_of_model", "spec_of", "stock_model_types"]
