@@ -49,6 +49,21 @@ def _write(name: str, payload: dict) -> None:
 
 
 # -- padding overhead ------------------------------------------------------------------------
+def _on_meta(config) -> torch.nn.Module:
+    """The family's model class built on the meta device: every shape, no memory."""
+    from ecospa_deploy.bench.shapes import construct
+    from ecospa_deploy.families import family_of
+
+    cls = family_of(config.model_type).load("model_class")
+    return construct(cls, config, torch.float32, "meta")
+
+
+def _non_layer_params(model: torch.nn.Module) -> int:
+    """Embeddings, positions, final norm and an untied head: what the vLLM padding never touches."""
+    layer_ids = {id(p) for layer in model.decoder_layers for p in layer.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in layer_ids)
+
+
 def padding(args: argparse.Namespace) -> None:
     from ecospa_deploy.bench.shapes import _hf_config, load_shape, pruned_spec
     from ecospa_deploy.converters.vllm_plan import ACCEPTED_HEAD_SIZES, plan_vllm
@@ -61,19 +76,16 @@ def padding(args: argparse.Namespace) -> None:
 
             model = tiny_pruned(name.removeprefix("tiny-pruned-"), 0)
             spec, vocab = model.config.ecospa_spec, model.config.vocab_size
-            layer_ids = {id(p) for layer in model.decoder_layers for p in layer.parameters()}
-            embedding = sum(p.numel() for p in model.parameters() if id(p) not in layer_ids)
+            embedding = _non_layer_params(model)
             shape = {"pruned": {"derivation": "testing.tiny_pruned(family, 0): random tiny "
                                               "pruned model of the test suite"}}
         else:
             shape = load_shape(name)
             config = config_from_dense(_hf_config(shape))      # shapes only: no weights needed
             spec = pruned_spec(config.ecospa_spec, shape["pruned"]["layers"])
-            h, vocab = spec.hidden_size, config.vocab_size
-            if shape["family"] == "gpt2":     # tied wte, wpe, ln_f (weight + bias)
-                embedding = vocab * h + config.n_positions * h + 2 * h
-            else:                              # embed_tokens, lm_head unless tied, final RMSNorm
-                embedding = vocab * h * (1 if config.tie_word_embeddings else 2) + h
+            vocab = config.vocab_size
+            config.set_spec(spec)
+            embedding = _non_layer_params(_on_meta(config))
         for tp in args.tp:
             for backend in args.backends:
                 # "before": one head size for the whole model, the smallest of 64/128/256 that
