@@ -88,3 +88,12 @@ def test_families_import_neither_torch_nor_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_native_config_keys_override_generic_ones():
+    """``tiny_hf_config("gpt2", n_embd=256)`` is GPT-2 at width 256, not the generic 64."""
+    from ecospa_deploy.testing import tiny_hf_config
+
+    assert tiny_hf_config("gpt2", n_embd=256).n_embd == 256
+    assert tiny_hf_config("gpt2", hidden_size=128).n_embd == 128
+    assert tiny_hf_config("llama", head_dim=64).head_dim == 64

@@ -75,7 +75,7 @@ class GPT2Family(Family):
                    "max_position_embeddings": "n_positions"}
         for ours, theirs in renames.items():
             if ours in d:
-                d[theirs] = d.pop(ours)
+                d.setdefault(theirs, d.pop(ours))    # a GPT-2 key given as such wins
         for unused in ("num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps",
                        "tie_word_embeddings"):
             d.pop(unused, None)
