@@ -67,6 +67,7 @@ def _non_layer_params(model: torch.nn.Module) -> int:
 def padding(args: argparse.Namespace) -> None:
     from ecospa_deploy.bench.shapes import _hf_config, load_shape, pruned_spec
     from ecospa_deploy.converters.vllm_plan import ACCEPTED_HEAD_SIZES, plan_vllm
+    from ecospa_deploy.padding import padded_layer
     from ecospa_deploy.modeling import config_from_dense
 
     rows = []
@@ -88,25 +89,37 @@ def padding(args: argparse.Namespace) -> None:
             embedding = _non_layer_params(_on_meta(config))
         for tp in args.tp:
             for backend in args.backends:
-                # "before": one head size for the whole model, the smallest of 64/128/256 that
-                # fits every layer (what the converter did before per-layer head sizes).
+                plan = plan_vllm(spec, tp, attention_backend=backend, vocab_size=vocab)
+                # Earlier layouts, for the before/after table: (1) one head size for the whole
+                # model, the smallest of 64/128/256 that fits every layer, padded into the
+                # weights; (2) per-layer head sizes, padded into the weights.
                 widest = max(max(l.qk_head_dim, l.v_head_dim) for l in spec.layers)
                 one = min(s for s in ACCEPTED_HEAD_SIZES["portable"] if s >= widest)
                 old = plan_vllm(spec, tp, head_size=one, attention_backend="portable",
                                 vocab_size=vocab)
-                plan = plan_vllm(spec, tp, attention_backend=backend, vocab_size=vocab)
+                earlier = {"one_head_size_in_weights": (old, [one] * spec.num_layers),
+                           "per_layer_head_sizes_in_weights": (plan, list(plan.head_sizes))}
+                layouts = {}
+                for label, (p, sizes) in earlier.items():
+                    after = sum(spec.layer_params(padded_layer(
+                        l, spec.rope_head_dim, qk_head_dim=size, v_head_dim=size, index=i))
+                        for i, (l, size) in enumerate(zip(p.padded.layers, sizes)))
+                    layouts[label] = {
+                        "head_sizes": sorted(set(sizes)),
+                        "model_weight_overhead_pct": round(
+                            100 * (after - p.layer_params_before) /
+                            (p.layer_params_before + embedding), 3),
+                        "kv_cache_overhead_pct": round(p.kv_overhead_pct, 3)}
                 rows.append({"shape": name, "tensor_parallel_size": tp,
                              "derivation": shape["pruned"].get("derivation", ""),
                              "params_before": plan.layer_params_before + embedding,
                              "params_after": plan.layer_params_after + embedding,
-                             "one_head_size_for_all_layers": {
-                                 "head_size": one,
-                                 "model_weight_overhead_pct": round(old.overhead_pct(embedding), 3),
-                                 "kv_cache_overhead_pct": round(old.kv_overhead_pct, 3)},
+                             "earlier_layouts": layouts,
                              **{k: v for k, v in plan.as_dict(embedding).items() if k != "layers"}})
-                print(f"{name:12s} tp={tp} {backend:10s} before (one size {one}): "
-                      f"+{old.overhead_pct(embedding):.2f}% model, +{old.kv_overhead_pct:.2f}% KV"
-                      f" | per layer {sorted(set(plan.head_sizes))}: "
+                print(f"{name:16s} tp={tp} {backend:10s} " + " | ".join(
+                    f"{label}: +{d['model_weight_overhead_pct']:.2f}% model, "
+                    f"+{d['kv_cache_overhead_pct']:.2f}% KV" for label, d in layouts.items())
+                    + f" | now (run-time padding, {sorted(set(plan.head_sizes))}): "
                       f"+{plan.overhead_pct(embedding):.2f}% model, +{plan.kv_overhead_pct:.2f}% KV")
     _write("vllm_padding", {"results": rows})
 

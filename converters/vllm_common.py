@@ -1,5 +1,6 @@
-"""Pieces both vLLM model classes share: the spec check, per-head kept rotary, weight loading,
-and the top-level causal LM around each family's inner model.
+"""Pieces both vLLM model classes share: the spec check, the q|k|v projection and attention at
+pruned widths, per-head kept rotary, weight loading, and the top-level causal LM around each
+family's inner model.
 
 Imported only inside vLLM's process (it imports vLLM).
 """
@@ -10,10 +11,13 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
-from vllm.config import VllmConfig
+from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import (get_pp_group, get_tensor_model_parallel_rank,
                               get_tensor_model_parallel_world_size)
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.linear import MergedColumnParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import SupportsPP
@@ -23,7 +27,7 @@ from vllm.sequence import IntermediateTensors
 from ecospa_deploy.errors import UnsupportedError
 from ecospa_deploy.spec import LayerSpec, ModelSpec
 
-from .vllm_plan import ACCEPTED_HEAD_SIZES
+from .vllm_plan import ACCEPTED_HEAD_SIZES, attention_head_sizes
 
 # (vLLM parameter name, tensor, shard id or None)
 Loadable = tuple[str, torch.Tensor, "str | int | None"]
@@ -43,11 +47,12 @@ def check_spec(spec: ModelSpec, tp: int) -> None:
     accepted = ACCEPTED_HEAD_SIZES.get(backend, ACCEPTED_HEAD_SIZES["portable"])
     fix = (f"convert it with `ecospa convert vllm SRC -o OUT --tensor-parallel-size {tp}"
            f"{' --attention-backend cpu' if backend == 'cpu' else ''}`")
-    for i, layer in enumerate(spec.layers):
-        if layer.qk_head_dim != layer.v_head_dim or layer.qk_head_dim not in accepted:
+    for i, (layer, size) in enumerate(zip(spec.layers, attention_head_sizes(spec))):
+        if size not in accepted or size < max(layer.qk_head_dim, layer.v_head_dim):
             raise UnsupportedError(
-                f"layer {i}: head dims {layer.qk_head_dim}/{layer.v_head_dim}: vLLM's {backend} "
-                f"attention backend needs q/k and v dims equal to one of {list(accepted)}; {fix}")
+                f"layer {i}: head dims {layer.qk_head_dim}/{layer.v_head_dim} with attention "
+                f"head size {size}: vLLM's {backend} attention backend needs a head size from "
+                f"{list(accepted)} that holds both; {fix}")
         for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
             value = getattr(layer, name)
             if value % tp:
@@ -90,6 +95,55 @@ class KeptRotary(nn.Module):
         q = q.view(tokens, self.kv_heads, self.groups, self.qk_head_dim)
         q = self._rotate(q, cos[:, :, None], sin[:, :, None])
         return q.reshape(tokens, -1), k.reshape(tokens, -1)
+
+
+class PaddedAttention(nn.Module):
+    """vLLM's ``Attention`` at a layer's head size, fed q/k/v at the layer's pruned dims.
+
+    q, k and v are zero-padded per head to ``head_size`` right before attention and the output
+    is sliced back to the v dim: zero q/k dims add nothing to q·k and zero v dims only produce
+    output columns that are dropped, so this is exact, and the projections keep their pruned
+    widths (only the KV cache is stored at ``head_size``).
+    """
+
+    def __init__(self, layer: LayerSpec, head_size: int, tp: int,
+                 cache_config: CacheConfig | None, quant_config: QuantizationConfig | None,
+                 prefix: str, sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads = layer.num_attention_heads // tp
+        self.num_kv_heads = layer.num_key_value_heads // tp
+        self.qk_head_dim, self.v_head_dim, self.head_size = (layer.qk_head_dim,
+                                                             layer.v_head_dim, head_size)
+        self.attn = Attention(self.num_heads, head_size, layer.softmax_scale,
+                              num_kv_heads=self.num_kv_heads, cache_config=cache_config,
+                              quant_config=quant_config, per_layer_sliding_window=sliding_window,
+                              prefix=prefix)
+
+    def _pad(self, x: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+        if dim == self.head_size:
+            return x
+        x = x.view(x.shape[0], heads, dim)
+        return nn.functional.pad(x, (0, self.head_size - dim)).view(x.shape[0], -1)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = self.attn(self._pad(q, self.num_heads, self.qk_head_dim),
+                        self._pad(k, self.num_kv_heads, self.qk_head_dim),
+                        self._pad(v, self.num_kv_heads, self.v_head_dim))
+        if self.v_head_dim == self.head_size:
+            return out
+        out = out.view(out.shape[0], self.num_heads, self.head_size)[..., :self.v_head_dim]
+        return out.reshape(out.shape[0], -1)
+
+
+def qkv_linear(hidden_size: int, layer: LayerSpec, bias: bool,
+               quant_config: QuantizationConfig | None, prefix: str) -> nn.Module:
+    """One column-parallel q|k|v projection at the layer's own widths (shards 0, 1, 2).
+
+    Each part is split evenly across ranks; heads are contiguous and the converter makes every
+    head count divisible by the TP size, so each rank gets whole heads and the KV groups of its
+    query heads."""
+    return MergedColumnParallelLinear(hidden_size, [layer.q_width, layer.k_width, layer.v_width],
+                                      bias=bias, quant_config=quant_config, prefix=prefix)
 
 
 def load_mapped(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
@@ -168,4 +222,5 @@ class CausalLMForVLLM(nn.Module, SupportsPP):
         return load_mapped(self, weights, self._expand)
 
 
-__all__ = ["check_spec", "CausalLMForVLLM", "KeptRotary", "load_mapped", "tp_rank_and_size"]
+__all__ = ["check_spec", "CausalLMForVLLM", "KeptRotary",
+           "PaddedAttention", "load_mapped", "qkv_linear", "tp_rank_and_size"]

@@ -1,10 +1,10 @@
 """`ecospa convert vllm`: a checkpoint directory that `vllm serve` runs through our plugin.
 
 The output is our own format (``config.json`` with the per-layer ``ecospa`` block, safetensors,
-tokenizer), padded with exact zeros as ``vllm_plan`` prescribes: each layer's q/k and v head dims to the
-smallest head size the target attention backend accepts for that layer (recorded per layer in
-the spec's provenance as ``vllm_head_sizes``), KV groups and FFN neurons to multiples of the TP
-size. It is
+tokenizer), padded with exact zeros as ``vllm_plan`` prescribes: KV groups and FFN neurons to
+multiples of the TP size. Head dims keep their pruned widths; each layer's attention head size
+(the smallest the target backend accepts for it) is recorded in the spec's provenance as
+``vllm_head_sizes``, and our vLLM model pads q, k and v to it at run time. It is
 still an ordinary checkpoint of ours (transformers loads it and computes the same logits), and
 the ``ecospa`` vLLM plugin (entry point ``vllm.general_plugins``) serves it: install
 ecospa-deploy into vLLM's environment and run ``vllm serve OUT`` (GPU vLLM) or ``python -m
@@ -83,8 +83,7 @@ def convert_vllm(model: torch.nn.Module, out_dir: str | Path, *, tensor_parallel
     work = copy.deepcopy(model)
     if dtype is not None:
         work = work.to(dtypes.to_torch(dtype))
-    padded = pad_model(work, qk_head_dim=plan.head_sizes, v_head_dim=plan.head_sizes,
-                       kv_heads_multiple=plan.tensor_parallel_size,
+    padded = pad_model(work, kv_heads_multiple=plan.tensor_parallel_size,
                        ffn_multiple=plan.tensor_parallel_size)
     padded = padded.replace_layers(padded.layers, vllm_head_sizes=list(plan.head_sizes),
                                    vllm_attention_backend=plan.attention_backend,

@@ -1,7 +1,8 @@
 """vLLM model for ``ecospa_gpt2``: GPT-2 blocks each built from their own spec.
 
 The checkpoint's fused ``c_attn`` (Conv1D ``[in, q|k|v]``) is split by the layer's own widths
-and loaded into a ``QKVParallelLinear`` so tensor parallelism shards heads, not raw columns;
+and loaded into one column-parallel q|k|v projection (``vllm_common.qkv_linear``) so tensor
+parallelism shards heads, not raw columns;
 Conv1D weights are transposed to vLLM's ``[out, in]`` on load. Expects a checkpoint written by
 ``ecospa convert vllm``.
 """
@@ -16,9 +17,7 @@ from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.activation import get_act_fn
-from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.linear import (ColumnParallelLinear, QKVParallelLinear,
-                                               RowParallelLinear)
+from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.models.utils import (extract_layer_index,
@@ -28,7 +27,8 @@ from vllm.sequence import IntermediateTensors
 
 from ecospa_deploy.spec import LayerSpec
 
-from .vllm_common import CausalLMForVLLM, Loadable, check_spec, tp_rank_and_size
+from .vllm_common import (CausalLMForVLLM, Loadable, PaddedAttention, attention_head_sizes,
+                          check_spec, qkv_linear, tp_rank_and_size)
 
 # Conv1D weights stored [in, out] in the checkpoint.
 CONV1D = ("attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -36,25 +36,21 @@ IGNORED = (".attn.bias", ".attn.masked_bias")   # HF's causal-mask buffers in ol
 
 
 class EcospaVLLMGPT2Attention(nn.Module):
-    def __init__(self, config, layer: LayerSpec, cache_config: CacheConfig | None,
-                 quant_config: QuantizationConfig | None, prefix: str):
+    def __init__(self, config, layer: LayerSpec, head_size: int,
+                 cache_config: CacheConfig | None, quant_config: QuantizationConfig | None,
+                 prefix: str):
         super().__init__()
         _, tp = tp_rank_and_size()
-        size = layer.qk_head_dim
-        self.num_heads = layer.num_attention_heads // tp
-        self.q_size = self.num_heads * size
-        self.c_attn = QKVParallelLinear(config.n_embd, size, layer.num_attention_heads,
-                                        layer.num_key_value_heads, bias=True,
-                                        quant_config=quant_config, prefix=f"{prefix}.c_attn")
+        self.c_attn = qkv_linear(config.n_embd, layer, True, quant_config, f"{prefix}.c_attn")
         self.c_proj = RowParallelLinear(layer.o_width, config.n_embd, bias=True,
                                         quant_config=quant_config, prefix=f"{prefix}.c_proj")
-        self.attn = Attention(self.num_heads, size, layer.softmax_scale,
-                              num_kv_heads=self.num_heads, cache_config=cache_config,
-                              quant_config=quant_config, prefix=f"{prefix}.attn")
+        self.attn = PaddedAttention(layer, head_size, tp, cache_config, quant_config,
+                                    f"{prefix}.attn")
+        self.sizes = [layer.q_width // tp, layer.k_width // tp, layer.v_width // tp]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.c_attn(hidden_states)
-        q, k, v = qkv.split([self.q_size] * 3, dim=-1)
+        q, k, v = qkv.split(self.sizes, dim=-1)
         out, _ = self.c_proj(self.attn(q, k, v))
         return out
 
@@ -79,11 +75,13 @@ class EcospaVLLMGPT2Block(nn.Module):
     def __init__(self, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         config = vllm_config.model_config.hf_config
-        layer = config.ecospa_spec.layers[extract_layer_index(prefix)]
+        index = extract_layer_index(prefix)
+        layer = config.ecospa_spec.layers[index]
         quant = vllm_config.quant_config
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = EcospaVLLMGPT2Attention(config, layer, vllm_config.cache_config, quant,
-                                            f"{prefix}.attn")
+        self.attn = EcospaVLLMGPT2Attention(config, layer,
+                                            attention_head_sizes(config.ecospa_spec)[index],
+                                            vllm_config.cache_config, quant, f"{prefix}.attn")
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = EcospaVLLMGPT2MLP(config, layer, quant, f"{prefix}.mlp")
 
@@ -149,7 +147,7 @@ class EcospaGPT2ForVLLM(CausalLMForVLLM):
             layer = int(name.split(".h.")[1].split(".")[0])
             if name.endswith(".weight"):
                 tensor = tensor.t()
-            for shard, piece in zip("qkv", tensor.split(self._splits[layer], dim=0)):
+            for shard, piece in enumerate(tensor.split(self._splits[layer], dim=0)):
                 yield name, piece, shard
             return
         if name.endswith(CONV1D):

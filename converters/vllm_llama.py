@@ -1,10 +1,11 @@
 """vLLM model for ``ecospa_llama`` (Llama/Mistral/Qwen2 family), each layer built from its own spec.
 
-Built on vLLM's parallel layers (``QKVParallelLinear``, ``MergedColumnParallelLinear``,
+Built on vLLM's parallel layers (``MergedColumnParallelLinear`` for q|k|v and gate|up,
 ``RowParallelLinear``, vocab-parallel embedding and head), so tensor parallelism shards every
-layer by its own head counts and FFN width. Expects a checkpoint written by
-``ecospa convert vllm`` (one head size for q/k/v in every layer, counts divisible by the TP
-size) and says so otherwise. Weight names are our checkpoint's (HF ``LlamaForCausalLM``'s).
+layer by its own head counts and FFN width; projections keep their pruned widths and attention
+pads q/k/v to the layer's head size at run time (``vllm_common.PaddedAttention``). Expects a
+checkpoint written by ``ecospa convert vllm`` (counts divisible by the TP size, per-layer head
+sizes recorded) and says so otherwise. Weight names are our checkpoint's (HF ``LlamaForCausalLM``'s).
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.activation import SiluAndMul
-from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
-                                               RowParallelLinear)
+from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
@@ -31,42 +30,37 @@ from vllm.sequence import IntermediateTensors
 
 from ecospa_deploy.spec import LayerSpec
 
-from .vllm_common import CausalLMForVLLM, KeptRotary, Loadable, check_spec, tp_rank_and_size
+from .vllm_common import (CausalLMForVLLM, KeptRotary, Loadable, PaddedAttention,
+                          attention_head_sizes, check_spec, qkv_linear, tp_rank_and_size)
 
 # Our checkpoint's projection names -> (fused vLLM parameter, shard id).
-STACKED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
 class EcospaVLLMAttention(nn.Module):
-    def __init__(self, config, layer: LayerSpec, cache_config: CacheConfig | None,
-                 quant_config: QuantizationConfig | None, prefix: str):
+    def __init__(self, config, layer: LayerSpec, head_size: int,
+                 cache_config: CacheConfig | None, quant_config: QuantizationConfig | None,
+                 prefix: str):
         super().__init__()
         rank, tp = tp_rank_and_size()
         spec = config.ecospa_spec
-        size = layer.qk_head_dim
-        self.num_heads = layer.num_attention_heads // tp
-        self.num_kv_heads = layer.num_key_value_heads // tp
-        self.q_size = self.num_heads * size
-        self.kv_size = self.num_kv_heads * size
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, size, layer.num_attention_heads,
-                                          layer.num_key_value_heads, bias=layer.qkv_bias,
-                                          quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
+        self.qkv_proj = qkv_linear(config.hidden_size, layer, layer.qkv_bias, quant_config,
+                                   f"{prefix}.qkv_proj")
         self.o_proj = RowParallelLinear(layer.o_width, config.hidden_size, bias=layer.o_bias,
                                         quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        self.attn = PaddedAttention(layer, head_size, tp, cache_config, quant_config,
+                                    f"{prefix}.attn", layer.sliding_window)
+        self.sizes = [layer.q_width // tp, layer.k_width // tp, layer.v_width // tp]
         dense_rope = get_rope(spec.dense.head_dim, max_position=config.max_position_embeddings,
                               is_neox_style=True,
                               rope_parameters=getattr(config, "rope_parameters", None))
-        self.rotary = KeptRotary(dense_rope, layer, rank * self.num_kv_heads, self.num_kv_heads)
-        self.attn = Attention(self.num_heads, size, layer.softmax_scale,
-                              num_kv_heads=self.num_kv_heads, cache_config=cache_config,
-                              quant_config=quant_config,
-                              per_layer_sliding_window=layer.sliding_window,
-                              prefix=f"{prefix}.attn")
+        self.rotary = KeptRotary(dense_rope, layer, rank * self.attn.num_kv_heads,
+                                 self.attn.num_kv_heads)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = qkv.split(self.sizes, dim=-1)
         q, k = self.rotary(positions, q, k)
         out, _ = self.o_proj(self.attn(q, k, v))
         return out
@@ -94,9 +88,12 @@ class EcospaVLLMDecoderLayer(nn.Module):
     def __init__(self, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         config = vllm_config.model_config.hf_config
-        layer = config.ecospa_spec.layers[extract_layer_index(prefix)]
+        index = extract_layer_index(prefix)
+        layer = config.ecospa_spec.layers[index]
         quant = vllm_config.quant_config
-        self.self_attn = EcospaVLLMAttention(config, layer, vllm_config.cache_config, quant,
+        self.self_attn = EcospaVLLMAttention(config, layer,
+                                             attention_head_sizes(config.ecospa_spec)[index],
+                                             vllm_config.cache_config, quant,
                                              f"{prefix}.self_attn")
         self.mlp = EcospaVLLMMLP(config, layer, quant, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)

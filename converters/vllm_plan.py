@@ -5,11 +5,17 @@ grouped as ``UniformTypeKVCacheSpecs`` when every layer is full attention with o
 size), so each layer may have its own head size. Its standard attention backends run one head
 size for q, k and v of a layer, from a backend-specific set (``ACCEPTED_HEAD_SIZES``), and
 tensor parallelism splits every layer's query heads, KV heads and FFN neurons evenly across
-ranks and the (64-padded) vocabulary too. ``plan_vllm`` turns a ``ModelSpec`` into the padded
-spec that satisfies both — each layer's q/k and v head dims padded with zeros to the smallest
-head size the target backend accepts *for that layer*, KV groups and FFN neurons padded with
-zeros to multiples of the TP size — or refuses with the reason. It works on shapes only, so
-the overhead of a paper's shape is known without any weights.
+ranks and the (64-padded) vocabulary too.
+
+``plan_vllm`` turns a ``ModelSpec`` into what satisfies both, or refuses with the reason:
+
+- per layer, the smallest head size the target backend accepts that holds its q/k and v head
+  dims. Our vLLM model zero-pads q, k and v to it *at run time*, right before attention, and
+  slices the output back to the v dim, so the weights keep their pruned widths: only the KV
+  cache pays for the head size;
+- KV groups and FFN neurons padded with zeros (in the weights) to multiples of the TP size.
+
+It works on shapes only, so the overhead of a paper's shape is known without any weights.
 """
 
 from __future__ import annotations
@@ -65,7 +71,8 @@ def layer_head_size(qk_head_dim: int, v_head_dim: int, accepted: tuple[int, ...]
 
 @dataclass
 class VLLMPlan:
-    """The padded spec plus what it costs (bytes counted at equal element size)."""
+    """The padded spec (TP padding only), each layer's attention head size, and what both
+    cost (bytes counted at equal element size)."""
 
     source: ModelSpec
     padded: ModelSpec
@@ -108,8 +115,9 @@ class VLLMPlan:
             "notes": self.notes,
             "layers": [{"num_attention_heads": l.num_attention_heads,
                         "num_key_value_heads": l.num_key_value_heads,
-                        "head_size": l.qk_head_dim, "intermediate_size": l.intermediate_size}
-                       for l in self.padded.layers],
+                        "qk_head_dim": l.qk_head_dim, "v_head_dim": l.v_head_dim,
+                        "head_size": size, "intermediate_size": l.intermediate_size}
+                       for l, size in zip(self.padded.layers, self.head_sizes)],
         }
 
 
@@ -138,6 +146,23 @@ def choose_head_sizes(spec: ModelSpec, backend: str = DEFAULT_BACKEND,
             best = head_size
         sizes.append(best)
     return tuple(sizes)
+
+
+def attention_head_sizes(spec: ModelSpec) -> list[int | None]:
+    """Each layer's attention head size in a converted checkpoint: what ``ecospa convert vllm``
+    recorded, else (older conversions, which padded the weights) the layer's one head dim; None
+    where neither says."""
+    recorded = spec.provenance.get("vllm_head_sizes")
+    if isinstance(recorded, list) and len(recorded) == spec.num_layers:
+        return [int(s) for s in recorded]
+    return [l.qk_head_dim if l.qk_head_dim == l.v_head_dim else None for l in spec.layers]
+
+
+def kv_elements_per_token(spec: ModelSpec) -> int:
+    """K plus V elements vLLM stores per token for a converted checkpoint (every layer at its
+    attention head size)."""
+    return sum(2 * l.num_key_value_heads * (s or max(l.qk_head_dim, l.v_head_dim))
+               for l, s in zip(spec.layers, attention_head_sizes(spec)))
 
 
 def check_tensor_parallel(spec: ModelSpec, tp: int, vocab_size: int | None) -> None:
@@ -192,16 +217,16 @@ def plan_vllm(spec: ModelSpec, tensor_parallel_size: int = 1, head_size: int | N
         if ffn != layer.intermediate_size:
             notes.append(f"layer {i}: FFN {layer.intermediate_size} -> {ffn} zero-padded for "
                          f"tensor_parallel_size={tp}")
-        layers.append(padded_layer(layer, spec.rope_head_dim, qk_head_dim=size, v_head_dim=size,
-                                   num_key_value_heads=n_kv, intermediate_size=ffn, index=i))
+        layers.append(padded_layer(layer, spec.rope_head_dim, num_key_value_heads=n_kv,
+                                   intermediate_size=ffn, index=i))
     padded = spec.replace_layers(layers)
     before = sum(spec.layer_params(l) for l in spec.layers)
     after = sum(spec.layer_params(l) for l in layers)
     return VLLMPlan(spec, padded, tp, attention_backend, sizes, before, after,
                     sum(l.kv_cache_width for l in spec.layers),
-                    sum(l.kv_cache_width for l in layers), notes)
+                    sum(2 * l.num_key_value_heads * s for l, s in zip(layers, sizes)), notes)
 
 
 __all__ = ["ACCEPTED_HEAD_SIZES", "DEFAULT_BACKEND", "HEAD_SIZES", "VLLMPlan", "plan_vllm",
-           "accepted_head_sizes", "check_tensor_parallel", "choose_head_sizes",
+           "accepted_head_sizes", "attention_head_sizes", "kv_elements_per_token", "check_tensor_parallel", "choose_head_sizes",
            "layer_head_size"]

@@ -122,8 +122,7 @@ def test_vllm_plan_and_pad_model_pad_alike(family):
     model = tiny_pruned(family, 4)
     spec = model.config.ecospa_spec
     plan = plan_vllm(spec, tensor_parallel_size=2, attention_backend="cpu")
-    padded = pad_model(copy.deepcopy(model), qk_head_dim=plan.head_sizes,
-                       v_head_dim=plan.head_sizes, kv_heads_multiple=2, ffn_multiple=2)
+    padded = pad_model(copy.deepcopy(model), kv_heads_multiple=2, ffn_multiple=2)
     assert padded.layers == plan.padded.layers
 
 

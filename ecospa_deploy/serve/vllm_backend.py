@@ -99,11 +99,13 @@ def _config(model_dir: Path) -> dict:
 
 def kv_cache_bytes(model_dir: Path, max_model_len: int, max_num_seqs: int, dtype: str) -> int:
     """KV pool for ``max_num_seqs`` sequences of ``max_model_len`` tokens of this model (each
-    layer at its padded width), plus one 128-token block per sequence of slack, >= 16 MiB."""
+    layer at its attention head size), plus one 128-token block per sequence of slack,
+    >= 16 MiB."""
+    from ecospa_deploy.converters.vllm_plan import kv_elements_per_token
     from ecospa_deploy.padding import round_up
 
     spec = ModelSpec.from_dict(_config(model_dir)["ecospa"])
-    per_token = sum(layer.kv_cache_width for layer in spec.layers) * dtypes.element_size(dtype)
+    per_token = kv_elements_per_token(spec) * dtypes.element_size(dtype)
     tokens = (round_up(max_model_len, 128) + 128) * max_num_seqs
     return max(per_token * tokens, 16 << 20)
 
