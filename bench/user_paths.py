@@ -74,7 +74,10 @@ def _top_ops(fn, n: int = 8) -> list[dict]:
     ev = prof.key_averages()
     cpu = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:n]
     dev = sorted(ev, key=lambda e: -(e.self_device_time_total or 0))[:n]
-    return ([dict(op=e.key[:70], host_us=round(e.self_cpu_time_total), count=e.count)
+    launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                       "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+    return ([dict(launches=launches, host_us_total=round(sum(e.self_cpu_time_total for e in ev)))] +
+            [dict(op=e.key[:70], host_us=round(e.self_cpu_time_total), count=e.count)
              for e in cpu] +
             [dict(kernel=e.key[:70], device_us=round(e.self_device_time_total or 0),
                   count=e.count) for e in dev])
@@ -134,7 +137,7 @@ def hf_rows(shape, dtype, dev, args, emit) -> None:
                 backend.run(prompt, gen)
                 ttft, steps = backend.run(prompt, gen)
                 names = _kernel_names(lambda: backend.run(prompt, 3))
-                prof = _top_ops(lambda: backend.run(prompt, 4)) if args.kernels else []
+                prof = _top_ops(lambda: backend.run(prompt, 4), args.top) if args.kernels else []
             cudnn = sorted({n[:80] for n in names if "cudnn" in n.lower()})
             attn = sorted({n[:80] for n in names if any(s in n.lower() for s in
                                                          ("flash", "fmha", "attention"))})

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ecospa_deploy.modeling import attention
-from ecospa_deploy.modeling.attention import apply_rope, rope_index, rope_layout, sdpa_backends
+from ecospa_deploy.modeling.attention import (apply_rope, rope_index, rope_layout, rope_table,
+                                              sdpa_backends)
 from ecospa_deploy.testing import tiny_dense, tiny_pruned
 
 
@@ -21,8 +22,27 @@ def test_sdpa_backends_scoped_to_the_context():
         assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
+def _reference_rope(q, k, cos, sin, layer, rope_dim):
+    """HF's rotation (``x * cos + rotate_half(x) * sin``), head by head, at each KV head's
+    kept dense positions: what every layout must compute."""
+    from ecospa_deploy.spec import rope_dim_index
+
+    def rot(x, c, s):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * c + torch.cat((-x2, x1), dim=-1) * s
+
+    g = layer.num_attention_heads // layer.num_key_value_heads
+    q, k = q.clone(), k.clone()
+    for h, kept in enumerate(layer.rope_kept):
+        idx = rope_dim_index(kept, rope_dim)
+        c, s = cos[:, None][..., idx], sin[:, None][..., idx]
+        k[:, h:h + 1] = rot(k[:, h:h + 1], c, s)
+        q[:, h * g:(h + 1) * g] = rot(q[:, h * g:(h + 1) * g], c, s)
+    return q, k
+
+
 @pytest.mark.parametrize("ragged", [True, False])
-def test_rope_layouts_equal_the_per_head_gather(ragged):
+def test_rope_layouts_equal_hf_rotation(ragged):
     from ecospa_deploy.prune.surgery import slice_model
     from ecospa_deploy.testing import random_masks
 
@@ -38,11 +58,14 @@ def test_rope_layouts_equal_the_per_head_gather(ragged):
             g = layer.num_attention_heads // layer.num_key_value_heads
             q = torch.randn(2, layer.num_attention_heads, 5, layer.qk_head_dim)
             k = torch.randn(2, layer.num_key_value_heads, 5, layer.qk_head_dim)
-            cos, sin = torch.randn(2, 5, rope_dim), torch.randn(2, 5, rope_dim)
+            freqs = torch.randn(2, 5, rope_dim // 2)
+            cos, sin = torch.cat((freqs.cos(),) * 2, -1), torch.cat((freqs.sin(),) * 2, -1)
+            table = rope_table(cos, sin)
             index = rope_index(layer, rope_dim)
-            want = apply_rope(q, k, cos, sin, index, g, "per_head")
-            got = apply_rope(q, k, cos, sin, index, g, layout)
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            want = _reference_rope(q, k, cos, sin, layer, rope_dim)
+            for mode in {layout, "per_head"}:
+                got = apply_rope(q, k, table, index, g, mode)
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert "dense" in seen and len(seen) >= 2       # the fast paths and a gather were compared
 
 

@@ -12,16 +12,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ecospa_deploy.modeling.attention import pad_last
+
 from .cache import KVCache
 from .kernels.attention import decode_attention_op
 from .sampling import sample_tokens
 from .weights import LayerWeights, ModelWeights
 
 
-def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    """HF's ``rotate_half`` for the engine's interleaved layout: pair ``(2p, 2p+1)`` -> ``(-x[2p+1], x[2p])``."""
-    x2 = x.unflatten(-1, (-1, 2))
-    return torch.stack((-x2[..., 1], x2[..., 0]), dim=-1).flatten(-2)
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """HF's rotation in the engine's interleaved layout, pair ``(2p, 2p+1)`` ->
+    ``(x[2p] c - x[2p+1] s, x[2p+1] c + x[2p] s)``, as ``x * cos + swap_pairs(x) * signed_sin``
+    (``signed_sin`` is ``-s`` at even dims): three kernels."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
 class Forward:
@@ -53,27 +57,37 @@ class Forward:
         cos, sin = rotary(x, pos)
         self.cos = cos[0].to(self.device, self.dtype).contiguous()
         self.sin = sin[0].to(self.device, self.dtype).contiguous()
+        # [max_seq, 2D]: cos, then sin negated in its first half (the dims interleaving puts
+        # at even positions), so one gather per layer brings both and no negation is needed.
+        half = self.cos.shape[-1] // 2
+        self.table = torch.cat((self.cos, -self.sin[:, :half], self.sin[:, half:]), -1)
+        self.rope_index = [None if lw.k_rope is None else
+                           torch.cat((lw.k_rope, lw.k_rope + self.cos.shape[-1]), -1)
+                           for lw in self.w.layers]
 
     def _rope(self, i: int, lw: LayerWeights, q: torch.Tensor, k: torch.Tensor,
-              cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q [B,H,T,d]``, ``k [B,Hkv,T,d]``; ``cos/sin [B,T,D]`` at the dense head dim."""
+              table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q [B,H,T,d]``, ``k [B,Hkv,T,d]`` with ``table [B,T,2D]`` rows (cos | signed
+        sin at the dense head dim): one gather per layer; the query heads of a KV group
+        broadcast its cos/sin (``q`` viewed ``[B, Hkv, groups, T, d]``) instead of gathering."""
+        index = self.rope_index[i]
         if lw.rope_shared:
-            idx = lw.k_rope[0]
-            cq = ck = cos[..., idx][:, None]
-            sq = sk = sin[..., idx][:, None]
-        else:
-            ck = cos[:, :, lw.k_rope].transpose(1, 2)          # [B, Hkv, T, d]
-            sk = sin[:, :, lw.k_rope].transpose(1, 2)
-            cq = cos[:, :, lw.q_rope].transpose(1, 2)
-            sq = sin[:, :, lw.q_rope].transpose(1, 2)
-        return q * cq + _rotate_pairs(q) * sq, k * ck + _rotate_pairs(k) * sk
+            cos, sin = table[..., index[0]][:, None].chunk(2, dim=-1)      # [B, 1, T, d]
+            return _rotate_pairs(q, cos, sin), _rotate_pairs(k, cos, sin)
+        cos, sin = table[:, :, index].transpose(1, 2).chunk(2, dim=-1)    # [B, Hkv, T, d]
+        k = _rotate_pairs(k, cos, sin)
+        b, h, t, d = q.shape
+        groups = h // k.shape[1]
+        if groups == 1:
+            return _rotate_pairs(q, cos, sin), k
+        q = _rotate_pairs(q.view(b, h // groups, groups, t, d), cos[:, :, None], sin[:, :, None])
+        return q.view(b, h, t, d), k
 
     # -- pieces ---------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
               ) -> torch.Tensor:
-        if self.w.rms_norm:
-            h = x.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.w.norm_eps)
+        if self.w.rms_norm:     # HF's RMSNorm (fp32 statistics), in one fused op where torch has it
+            h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.w.norm_eps)
             return weight * h.to(x.dtype)
         return F.layer_norm(x, (x.shape[-1],), weight, bias, self.w.norm_eps)
 
@@ -103,10 +117,10 @@ class Forward:
             h = self.w.act(h)
         return F.linear(h, lw.down_w, lw.down_b)
 
-    def _layer(self, i: int, lw: LayerWeights, x: torch.Tensor, cos, sin, attend) -> torch.Tensor:
+    def _layer(self, i: int, lw: LayerWeights, x: torch.Tensor, table, attend) -> torch.Tensor:
         q, k, v = self._qkv(lw, self._norm(x, *lw.norm1))
-        if cos is not None:
-            q, k = self._rope(i, lw, q, k, cos, sin)
+        if table is not None:
+            q, k = self._rope(i, lw, q, k, table)
         out = attend(i, lw, q, k, v)                            # [B, H, T, v]
         b, _, t, _ = out.shape
         out = out.transpose(1, 2).reshape(b, t, lw.num_heads * lw.v_head_dim)
@@ -127,9 +141,7 @@ class Forward:
         b, t = tokens.shape
         pos = torch.arange(t, device=tokens.device)
         x = self._embed(tokens, pos[None].expand(b, t))
-        cos = sin = None
-        if self.cos is not None:
-            cos, sin = self.cos[:t][None], self.sin[:t][None]
+        table = None if self.cos is None else self.table[:t][None]
         kc, vc = self.cache.k, self.cache.v
         windows: dict[int, torch.Tensor] = {}
 
@@ -146,16 +158,16 @@ class Forward:
             if not self.prefill_pad or mask is not None or lw.qk_head_dim == lw.v_head_dim:
                 d = None
             elif lw.qk_head_dim < d:
-                q, k = F.pad(q, (0, d - lw.qk_head_dim)), F.pad(k, (0, d - lw.qk_head_dim))
+                q, k = pad_last(q, d), pad_last(k, d)
             else:
-                v = F.pad(v, (0, d - lw.v_head_dim))
+                v = pad_last(v, d)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=lw.scale,
                 enable_gqa=lw.gqa)
             return out if d is None else out[..., :lw.v_head_dim]
 
         for i, lw in enumerate(self.w.layers):
-            x = self._layer(i, lw, x, cos, sin, attend)
+            x = self._layer(i, lw, x, table, attend)
         last = x[torch.arange(b, device=x.device), lengths - 1]      # [B, hidden]
         return self._logits(last)
 
@@ -172,9 +184,7 @@ class Forward:
         tok, pos = tokens[:nb], positions[:nb]
         rows = torch.arange(nb, device=tok.device)
         x = self._embed(tok[:, None], pos[:, None])                   # [nb, 1, hidden]
-        cos = sin = None
-        if self.cos is not None:
-            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [nb, 1, D]
+        table = None if self.cos is None else self.table[pos][:, None]   # [nb, 1, 2D]
         kc, vc = self.cache.k, self.cache.v
         span = torch.arange(kv_len, device=tok.device)
         full = (span[None] <= pos[:, None])[:, None, None]            # [nb, 1, 1, L]
@@ -194,7 +204,7 @@ class Forward:
                 scale=lw.scale, enable_gqa=lw.gqa)
 
         for i, lw in enumerate(self.w.layers):
-            x = self._layer(i, lw, x, cos, sin, attend)
+            x = self._layer(i, lw, x, table, attend)
         logits = self._logits(x[:, 0])                                 # [nb, V]
         return self.advance(nb, logits, sample, tokens, positions, history, temperature, top_k,
                             top_p, seeds)

@@ -48,27 +48,46 @@ def pad_for_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if qk == vd or not PAD_FOR_FLASH or not query.is_cuda or max(qk, vd) > 256:
         return query, key, value, None
     if qk < vd:
-        pad = (0, vd - qk)
-        return nn.functional.pad(query, pad), nn.functional.pad(key, pad), value, None
-    return query, key, nn.functional.pad(value, (0, qk - vd)), vd
+        return pad_last(query, vd), pad_last(key, vd), value, None
+    return query, key, pad_last(value, qk), vd
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+_ZERO: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` with zeros appended on the last dim up to ``size``: one ``cat`` with a broadcast
+    zero scalar (kept per device and dtype), one kernel where ``F.pad`` launches two."""
+    key = (x.device, x.dtype)
+    zero = _ZERO.get(key)
+    if zero is None:
+        zero = _ZERO[key] = torch.zeros((), device=x.device, dtype=x.dtype)
+    return torch.cat((x, zero.expand(*x.shape[:-1], size - x.shape[-1])), dim=-1)
+
+
+def rope_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``[B, T, 2D]``: HF's dense ``cos`` then ``sin`` with its first half negated, built once
+    per forward so that each layer gathers its kept frequencies from it in one kernel and
+    rotates with ``x * cos + swap_halves(x) * signed_sin`` (three kernels, no negation).
+
+    ``rotate_half(x) * sin == swap_halves(x) * signed_sin`` exactly: ``-(a) * b == a * (-b)``.
+    """
+    half = cos.shape[-1] // 2
+    return torch.cat((cos, -sin[..., :half], sin[..., half:]), dim=-1)
 
 
 def rope_index(layer: LayerSpec, rope_head_dim: int) -> torch.Tensor:
-    """``[num_kv_heads, qk_head_dim]`` positions of each KV head's dims in the dense cos/sin."""
+    """``[num_kv_heads, 2 * qk_head_dim]``: positions in ``rope_table`` of each KV head's cos
+    entries, then of its signed-sin entries (its dims' dense positions, offset by the dense dim)."""
     assert layer.rope_kept is not None
-    return torch.tensor([rope_dim_index(k, rope_head_dim) for k in layer.rope_kept],
-                        dtype=torch.long)
+    rows = [rope_dim_index(k, rope_head_dim) for k in layer.rope_kept]
+    return torch.tensor([r + [j + rope_head_dim for j in r] for r in rows], dtype=torch.long)
 
 
 def rope_layout(layer: LayerSpec, rope_head_dim: int) -> str:
-    """``"dense"``: every head keeps every frequency in order (use cos/sin as they are);
+    """``"dense"``: every head keeps every frequency in order (use the table as it is);
     ``"shared"``: every KV head keeps the same ones (gather once, broadcast over heads);
-    ``"per_head"``: each head gathers its own."""
+    ``"per_head"``: each KV head gathers its own."""
     assert layer.rope_kept is not None
     kept = set(layer.rope_kept)
     if len(kept) > 1:
@@ -79,31 +98,38 @@ def rope_layout(layer: LayerSpec, rope_head_dim: int) -> str:
     return "shared"
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               index: torch.Tensor, groups: int, layout: str = "per_head"
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate ``q [B,H,T,d]`` and ``k [B,Hkv,T,d]`` with dense ``cos/sin [B,T,D]`` gathered per head.
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    swapped = torch.cat((x2, x1), dim=-1)
+    if torch.onnx.is_in_onnx_export():   # the legacy exporter types fp16 addcmul as float32
+        return x * cos + swapped * signed_sin
+    return torch.addcmul(x * cos, swapped, signed_sin)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
+               groups: int, layout: str = "per_head") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``q [B,H,T,d]`` and ``k [B,Hkv,T,d]`` with the dense ``rope_table [B,T,2D]``
+    gathered per KV head at ``index`` (``rope_index``).
 
     A pruned head stores its kept frequencies in rotate-half layout, so HF's rotation applies
-    unchanged once cos/sin are gathered at the dense positions the head kept. ``layout`` (from
-    ``rope_layout``) skips the gather where every head keeps the same frequencies: the same
-    numbers with fewer kernels, which is what keeps plain ``generate`` launch-light.
+    unchanged once cos/sin are taken at the dense positions the head kept. Plain ``generate``
+    at batch 1 is bound by kernel launches, so this path is written for few of them: one
+    gather per layer (none for ``"dense"``), and the query heads of a KV group share its
+    cos/sin by broadcasting (``q`` viewed as ``[B, Hkv, groups, T, d]``), not by copies.
     """
-    if layout != "per_head":
-        if layout == "shared":
-            cos, sin = cos[..., index[0]], sin[..., index[0]]
-        cos, sin = cos[:, None], sin[:, None]           # [B, 1, T, d]: broadcast over heads
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    cos_k = cos[:, :, index].transpose(1, 2)          # [B, Hkv, T, d]
-    sin_k = sin[:, :, index].transpose(1, 2)
+    if layout == "dense":
+        cos, sin = table[:, None].chunk(2, dim=-1)             # [B, 1, T, D]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    if layout == "shared":
+        cos, sin = table[:, None, :, index[0]].chunk(2, dim=-1)   # [B, 1, T, d]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    cos, sin = table[:, :, index].transpose(1, 2).chunk(2, dim=-1)   # [B, Hkv, T, d]
+    k = _rotate(k, cos, sin)
     if groups == 1:
-        cos_q, sin_q = cos_k, sin_k
-    else:
-        cos_q = cos_k.repeat_interleave(groups, dim=1)
-        sin_q = sin_k.repeat_interleave(groups, dim=1)
-    q = q * cos_q + rotate_half(q) * sin_q
-    k = k * cos_k + rotate_half(k) * sin_k
-    return q, k
+        return _rotate(q, cos, sin), k
+    b, h, t, d = q.shape
+    q = _rotate(q.view(b, h // groups, groups, t, d), cos[:, :, None], sin[:, :, None])
+    return q.view(b, h, t, d), k
 
 
 def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,

@@ -26,7 +26,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 
 from ..spec import LayerSpec
 from .attention import (apply_rope, eager_attention, pad_for_flash, rope_index, rope_layout,
-                        sdpa_backends)
+                        rope_table, sdpa_backends)
 from .kv_cache import CACHE_KWARG, cache_kwargs, one_cache, start_decode
 from .lm_head import causal_lm_output
 from .configuration_ecospa import EcospaLlamaConfig
@@ -69,7 +69,7 @@ class EcospaLlamaAttention(nn.Module):
         init.copy_(self.rope_index, rope_index(self._layer, self._rope_head_dim))
 
     def forward(self, hidden_states: torch.Tensor,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                position_embeddings: torch.Tensor,
                 attention_mask: torch.Tensor | None = None,
                 cache: Cache | None = None, **kwargs: Any
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -78,8 +78,7 @@ class EcospaLlamaAttention(nn.Module):
         k = self.k_proj(hidden_states).view(bsz, seq, self.num_key_value_heads, self.qk_head_dim)
         v = self.v_proj(hidden_states).view(bsz, seq, self.num_key_value_heads, self.v_head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rope(q, k, cos, sin, self.rope_index, self.num_key_value_groups,
+        q, k = apply_rope(q, k, position_embeddings, self.rope_index, self.num_key_value_groups,
                           self.rope_layout)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
@@ -127,7 +126,7 @@ class EcospaLlamaDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: Cache | None = None,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                position_embeddings: torch.Tensor | None = None,
                 **kwargs: Any) -> torch.Tensor:
         residual = hidden_states
         hidden_states, _ = self.self_attn(self.input_layernorm(hidden_states),
@@ -218,7 +217,7 @@ class EcospaLlamaModel(EcospaLlamaPreTrainedModel):
             if "sliding_attention" in self.config.layer_types:
                 masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        position_embeddings = rope_table(*self.rotary_emb(hidden_states, position_ids=position_ids))
         with sdpa_backends(hidden_states.device):
             for layer in self.layers:
                 hidden_states = layer(hidden_states, attention_mask=masks[layer.attention_type],
