@@ -85,8 +85,10 @@ class EcospaVLLMAttention(nn.Module):
         self.rotary = KeptRotary(dense_rope, layer, rank * self.num_kv_heads, self.num_kv_heads)
         self.qk_norm = bool(spec.qk_norm)
         if self.qk_norm:
-            norm = (qk_norm_heads(layer, spec.dense.head_dim), size, spec.dense.head_dim,
-                    config.rms_norm_eps, rank * self.num_kv_heads, self.num_kv_heads)
+            # at the layer's own q/k dim: the norm runs before any padding to a head size
+            norm = (qk_norm_heads(layer, spec.dense.head_dim), layer.qk_head_dim,
+                    spec.dense.head_dim, config.rms_norm_eps, rank * self.num_kv_heads,
+                    self.num_kv_heads)
             self.q_norm, self.k_norm = HeadRMSNormVLLM(*norm), HeadRMSNormVLLM(*norm)
         self.attn = Attention(self.num_heads, size, layer.softmax_scale,
                               num_kv_heads=self.num_kv_heads, cache_config=cache_config,
