@@ -97,7 +97,8 @@ def test_qk_dim_pruning_equals_the_masked_dense_model(attn):
     assert (_logits(wrong, x) - b).abs().max() > 100 * ATOL
     wrong = copy.deepcopy(sliced)
     with torch.no_grad():
-        for norm in (wrong.model.layers[0].self_attn.q_norm, wrong.model.layers[0].self_attn.k_norm):
+        attn = wrong.model.layers[0].self_attn
+        for norm in (attn.q_norm, attn.k_norm):
             norm.weight.view(2, -1)[1] = norm.weight.view(2, -1)[0]
     assert (_logits(wrong, x) - b).abs().max() > 100 * ATOL
 

@@ -3,8 +3,9 @@
 Greedy tokens of ``vllm.LLM`` on a checkpoint written by ``ecospa convert vllm`` must equal
 our transformers modeling on the original, unpadded model: Llama (GQA, llama3 RoPE scaling,
 ragged kept frequencies per KV head), Qwen2 (qkv bias), Mistral (sliding window, generation
-past the window), Qwen3 (per-head q/k norm, per-KV-head norm rows after q/k-dim pruning) and GPT-2 (Conv1D, fused c_attn); and with tensor_parallel_size=2 (one
-worker per CPU core), where a layer's single KV head is padded to two.
+past the window), Qwen3 (per-head q/k norm, per-KV-head norm rows after q/k-dim pruning) and
+GPT-2 (Conv1D, fused c_attn); and with tensor_parallel_size=2 (one worker per CPU core), where
+a layer's single KV head is padded to two.
 vLLM starts worker processes, so each run is a subprocess of ``vllm_parity``.
 """
 
