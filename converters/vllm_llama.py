@@ -1,4 +1,4 @@
-"""vLLM model for ``ecospa_llama`` (Llama/Mistral/Qwen2 family), each layer built from its own spec.
+"""vLLM model for ``ecospa_llama`` (Llama/Mistral/Qwen2/Qwen3), each layer built from its own spec.
 
 Built on vLLM's parallel layers (``MergedColumnParallelLinear`` for q|k|v and gate|up,
 ``RowParallelLinear``, vocab-parallel embedding and head), so tensor parallelism shards every
@@ -28,7 +28,7 @@ from vllm.model_executor.models.utils import (PPMissingLayer, extract_layer_inde
                                               make_layers)
 from vllm.sequence import IntermediateTensors
 
-from ecospa_deploy.spec import LayerSpec
+from ecospa_deploy.spec import LayerSpec, qk_norm_heads
 
 from .vllm_common import (CausalLMForVLLM, KeptRotary, Loadable, PaddedAttention,
                           attention_head_sizes, check_spec, qkv_linear, tp_rank_and_size)
@@ -36,6 +36,31 @@ from .vllm_common import (CausalLMForVLLM, KeptRotary, Loadable, PaddedAttention
 # Our checkpoint's projection names -> (fused vLLM parameter, shard id).
 STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+class HeadRMSNormVLLM(nn.Module):
+    """Qwen3's q/k norm as our modeling's ``HeadRMSNorm`` computes it (vLLM's Qwen3 applies an
+    RMSNorm per head before RoPE; ours divides by the dense head dim, so zero-padded and pruned
+    dims change nothing). ``rows`` is ``qk_norm_heads``: one shared row, or one per KV head,
+    of which this TP rank loads its own ``kv_heads`` from ``kv_start``."""
+
+    def __init__(self, rows: int, size: int, divisor: int, eps: float, kv_start: int,
+                 kv_heads: int):
+        super().__init__()
+        shared = rows == 1
+        self.size, self.divisor, self.eps = size, divisor, eps
+        self.start = 0 if shared else kv_start * size
+        self.weight = nn.Parameter(torch.ones((1 if shared else kv_heads) * size))
+        self.weight.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        param.data.copy_(loaded[self.start:self.start + param.numel()])
+
+    def forward(self, x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        """``x [T, kv_heads * group * size]`` -> the same, each head normalised."""
+        h = x.view(x.shape[0], kv_heads, -1, self.size).float()
+        h = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) / self.divisor + self.eps)
+        return (self.weight.view(-1, 1, self.size) * h.to(x.dtype)).reshape(x.shape)
 
 
 class EcospaVLLMAttention(nn.Module):
@@ -57,10 +82,20 @@ class EcospaVLLMAttention(nn.Module):
                               rope_parameters=getattr(config, "rope_parameters", None))
         self.rotary = KeptRotary(dense_rope, layer, rank * self.attn.num_kv_heads,
                                  self.attn.num_kv_heads)
+        self.qk_norm = bool(spec.qk_norm)
+        if self.qk_norm:
+            # at the layer's own q/k dim: the norm runs before the run-time head padding
+            norm = (qk_norm_heads(layer, spec.dense.head_dim), layer.qk_head_dim,
+                    spec.dense.head_dim, config.rms_norm_eps, rank * self.attn.num_kv_heads,
+                    self.attn.num_kv_heads)
+            self.q_norm, self.k_norm = HeadRMSNormVLLM(*norm), HeadRMSNormVLLM(*norm)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split(self.sizes, dim=-1)
+        if self.qk_norm:
+            kv_heads = self.attn.num_kv_heads
+            q, k = self.q_norm(q, kv_heads), self.k_norm(k, kv_heads)
         q, k = self.rotary(positions, q, k)
         out, _ = self.o_proj(self.attn(q, k, v))
         return out

@@ -10,9 +10,13 @@ Serve a directory written by ``ecospa convert vllm``.
 from __future__ import annotations
 
 from ecospa_deploy.families import families
+from ecospa_deploy.families.base import load
 
-# config.json "architectures" name -> vLLM implementation, imported lazily by vLLM.
-ARCHITECTURES: dict[str, str] = {f.architecture: f.vllm_model for f in families().values()}
+# config.json "architectures" name -> vLLM implementation, imported lazily by vLLM. Families
+# that share our model type (Qwen3 is stored as ecospa_llama) share one entry: the first's.
+ARCHITECTURES: dict[str, str] = {}
+for _fam in families().values():
+    ARCHITECTURES.setdefault(_fam.architecture, _fam.vllm_model)
 
 
 def register() -> None:
@@ -20,8 +24,9 @@ def register() -> None:
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
-    for fam in families().values():
-        AutoConfig.register(fam.model_type, fam.load("config_class"), exist_ok=True)
+    for model_type, config in dict.fromkeys((f.model_type, f.config_class)
+                                            for f in families().values()):
+        AutoConfig.register(model_type, load(config), exist_ok=True)
     supported = set(ModelRegistry.get_supported_archs())
     for arch, target in ARCHITECTURES.items():
         if arch not in supported:

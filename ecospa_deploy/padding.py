@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ecospa_deploy.spec import LayerSpec, SpecError
+from ecospa_deploy.spec import LayerSpec, SpecError, qk_norm_heads
 
 if TYPE_CHECKING:
     import torch
 
-# A layer's canonical projections: {q, k, v, o, [gate,] up, down: (weight [out, in], bias)}.
+# A layer's canonical projections: {q, k, v, o, [gate,] up, down: (weight [out, in], bias)},
+# plus {q_norm, k_norm: (weight [rows * qk_head_dim], None)} in q/k-norm (Qwen3) layers.
 Canon = dict[str, tuple["torch.Tensor", "torch.Tensor | None"]]
 
 
@@ -96,9 +97,34 @@ def padded_layer(layer: LayerSpec, rope_head_dim: int | None, *,
     return out
 
 
-def pad_canonical(c: Canon, old: LayerSpec, new: LayerSpec, rope: bool) -> Canon:
+QK_NORMS = ("q_norm", "k_norm")
+
+
+def head_norm_per_head(w: torch.Tensor, heads: int, d: int) -> torch.Tensor:
+    """A q/k norm weight as one row per KV head, flat ``[heads * d]`` (a shared row repeats)."""
+    return w if w.shape[0] == heads * d else w.repeat(heads)
+
+
+def head_norm_rows(per_head: torch.Tensor, heads: int, rows: int, index: int | None = None
+                   ) -> torch.Tensor:
+    """A per-KV-head flat q/k norm weight in the layout of ``rows`` (``qk_norm_heads``): as is,
+    or its one shared row, which every real head must agree on (never merged silently)."""
+    if rows == heads:
+        return per_head
+    grid = per_head.reshape(heads, -1)
+    if not bool((grid == grid[:1]).all()):
+        where = f"layer {index}: " if index is not None else ""
+        raise SpecError(f"{where}q/k norm rows differ between KV heads, but the new shape keeps "
+                        "every dense q/k dim and stores one shared row; keep a pruned dim or "
+                        "pad instead")
+    return grid[0].clone()
+
+
+def pad_canonical(c: Canon, old: LayerSpec, new: LayerSpec, rope: bool,
+                  rope_head_dim: int | None = None) -> Canon:
     """The canonical projections ``c`` of ``old`` grown with zeros to ``new`` (a
-    ``padded_layer`` of ``old``): head dims per head, then whole KV groups, then FFN neurons."""
+    ``padded_layer`` of ``old``): head dims per head, then whole KV groups, then FFN neurons.
+    q/k norm weights pad like k rows (their layout needs the model's ``rope_head_dim``)."""
     h, hk = old.num_attention_heads, old.num_key_value_heads
 
     def rows(key: str, heads: int, dims: tuple[int, int], width: int, pairs: bool):
@@ -118,7 +144,14 @@ def pad_canonical(c: Canon, old: LayerSpec, new: LayerSpec, rope: bool) -> Canon
             out[key] = tuple(pad_axis(t, ffn) for t in c[key])
     w, b = c["down"]
     out["down"] = (pad_axis(w, ffn, 1), b)
+    for key in QK_NORMS:        # like k rows, per KV head (padding rotary pairs ends dense order)
+        if key in c:
+            w = head_norm_per_head(c[key][0], hk, old.qk_head_dim)
+            w = pad_axis(pad_heads(w, hk, *qk, 0, rope), new.k_width)
+            out[key] = (head_norm_rows(w, new.num_key_value_heads,
+                                       qk_norm_heads(new, rope_head_dim)), None)
     return out
 
 
-__all__ = ["Canon", "round_up", "pad_heads", "pad_axis", "padded_layer", "pad_canonical"]
+__all__ = ["Canon", "QK_NORMS", "round_up", "pad_heads", "pad_axis", "padded_layer",
+           "pad_canonical", "head_norm_per_head", "head_norm_rows"]

@@ -204,6 +204,10 @@ class ModelSpec:
     positions: str = "rope"        # "rope" | "learned" (absolute position embeddings)
     norm: str = "rmsnorm"          # "rmsnorm" | "layernorm" (LayerNorm carries a bias)
     gated_mlp: bool = True
+    # Qwen3's per-head RMSNorm on q and on k before RoPE (``qk_norm_heads`` gives its weight
+    # layout). Its sum of squares is divided by the *dense* head dim, so a pruned head computes
+    # exactly what the masked dense head did (pruned dims were zero there). Needs RoPE.
+    qk_norm: bool = False
     provenance: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -233,8 +237,12 @@ class ModelSpec:
         return _norm_params(self.hidden_size, self.norm_bias)
 
     def layer_params(self, layer: LayerSpec, norms: int = 2) -> int:
-        """Parameters of ``layer`` in this model, counting ``norms`` of its norms."""
-        return layer.num_params(self.hidden_size, self.gated_mlp, norms, self.norm_bias)
+        """Parameters of ``layer`` in this model, counting ``norms`` of its norms (the q/k norm
+        weights, which follow the q/k dims, always count)."""
+        n = layer.num_params(self.hidden_size, self.gated_mlp, norms, self.norm_bias)
+        if self.qk_norm:
+            n += 2 * qk_norm_heads(layer, self.rope_head_dim) * layer.qk_head_dim
+        return n
 
     def validate(self, num_hidden_layers: int | None = None) -> "ModelSpec":
         if num_hidden_layers is not None and num_hidden_layers != len(self.layers):
@@ -246,6 +254,11 @@ class ModelSpec:
             raise _fail(None, "ecospa.positions", self.positions, f"one of {list(POSITIONS)}")
         if self.norm not in NORMS:
             raise _fail(None, "ecospa.norm", self.norm, f"one of {list(NORMS)}")
+        if not isinstance(self.qk_norm, bool):
+            raise _fail(None, "ecospa.qk_norm", self.qk_norm, "true or false")
+        if self.qk_norm and not self.rope:
+            raise _fail(None, "ecospa.qk_norm", True, "false for a model without RoPE (the q/k "
+                        "norm weight layout follows rope_kept)")
         if self.rope and self.dense.head_dim % 2:
             raise SpecError(f"dense head_dim={self.dense.head_dim} is odd; RoPE needs an even "
                             "head dim")
@@ -276,7 +289,7 @@ class ModelSpec:
 
     # -- (de)serialization: the ``ecospa`` block of config.json ----------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "version": SPEC_VERSION,
             "hidden_size": self.hidden_size,
             "positions": self.positions,
@@ -286,6 +299,9 @@ class ModelSpec:
             "layers": [layer.to_dict() for layer in self.layers],
             "provenance": dict(self.provenance),
         }
+        if self.qk_norm:            # written only when on: blocks without it read as before
+            d["qk_norm"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
@@ -298,7 +314,7 @@ class ModelSpec:
         for key in ("hidden_size", "dense", "layers"):
             if key not in d:
                 raise SpecError(f"ecospa block lacks {key!r}; expected keys hidden_size, "
-                                "dense, layers[, positions, norm, gated_mlp, provenance]")
+                                "dense, layers[, positions, norm, gated_mlp, qk_norm, provenance]")
         layers, dense = d["layers"], d["dense"]
         if not isinstance(layers, list):
             raise SpecError(f"ecospa.layers is {type(layers).__name__}; expected a list")
@@ -323,6 +339,7 @@ class ModelSpec:
                 positions=d.get("positions", "rope" if d.get("rope", True) else "learned"),
                 norm=d.get("norm", "rmsnorm" if d.get("gated_mlp", True) else "layernorm"),
                 gated_mlp=bool(d.get("gated_mlp", True)),
+                qk_norm=d.get("qk_norm", False),
                 provenance=dict(provenance),
             ).validate()
         except SpecError:
@@ -349,6 +366,25 @@ def _norm_params(hidden_size: int, bias: bool) -> int:
 
 def _round_even(n: int) -> int:
     return n + n % 2
+
+
+def qk_norm_heads(layer: LayerSpec, rope_head_dim: int | None) -> int:
+    """Rows of a layer's ``q_norm``/``k_norm`` weight (each ``qk_head_dim`` long).
+
+    1 (one row shared by every head, stock Qwen3's layout) while the layer keeps every dense
+    q/k dim in dense order: dense layers and whole-head pruning, so stock and foreign checkpoints
+    load by name. Otherwise one row per KV head, aligned with k_proj's heads (a query head uses
+    its KV group's row), since heads may keep different dims. Surgery only ever moves a layer
+    from shared to per-head (slicing never restores the dense dims, padding appends zero pairs
+    that break dense order), so distinct per-head rows (after training) are never merged; the
+    one way back, slicing the padding off a padded dense layer, checks that its rows agree.
+    """
+    if rope_head_dim is None or layer.rope_kept is None:
+        return 1
+    dense = list(range(rope_head_dim // 2))
+    if layer.qk_head_dim == rope_head_dim and all(list(k) == dense for k in layer.rope_kept):
+        return 1
+    return layer.num_key_value_heads
 
 
 def rope_dim_index(kept: Sequence[int], rope_head_dim: int) -> list[int]:

@@ -7,7 +7,7 @@ import torch
 
 from ecospa_deploy.engine import Engine, SamplingParams, kv_bucket
 from ecospa_deploy.errors import UnsupportedError
-from ecospa_deploy.testing import slot_join_tokens, tiny_dense, tiny_hf, tiny_pruned
+from ecospa_deploy.testing import FAMILIES, slot_join_tokens, tiny_dense, tiny_hf, tiny_pruned
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [3, 4] * 5]
 BUILDERS = {"hf": tiny_hf, "dense": tiny_dense, "pruned": tiny_pruned}
@@ -19,7 +19,7 @@ def hf_greedy(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", ["hf", "dense", "pruned"])
 def test_greedy_matches_hf_unequal_prompts(family, kind):
     model = BUILDERS[kind](family, seed=1)
@@ -28,7 +28,7 @@ def test_greedy_matches_hf_unequal_prompts(family, kind):
     assert out == [hf_greedy(model, p, 12) for p in PROMPTS]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3"])
 def test_padding_is_exact_and_actually_pads(family):
     model = tiny_pruned(family, seed=2)
     spec = model.config.ecospa_spec

@@ -22,7 +22,7 @@ def _hf_greedy(model, prompt, n):
 
 
 @pytest.mark.parametrize("compile", [False, True])
-@pytest.mark.parametrize("family", ["llama", "gpt2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mistral", "qwen3"])
 @pytest.mark.parametrize("build", [tiny_dense, tiny_pruned])
 def test_graph_greedy_matches_hf(family, build, compile):
     model = build(family, seed=3).cuda()

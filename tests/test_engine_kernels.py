@@ -175,3 +175,18 @@ def test_engine_refuses_kernels_it_cannot_run():
     with pytest.raises(UnsupportedError, match="exceeds"):
         Engine(model, max_batch_size=kl.MAX_ROWS + 1, max_seq_len=16, kernels=True)
     assert not Engine(model, max_batch_size=kl.MAX_ROWS + 1, max_seq_len=16).kernels
+
+
+def test_qk_norm_models_run_the_pytorch_step():
+    """The fused QKV epilogue has no q/k norm (Qwen3): forcing it is a clear error; by default
+    the engine keeps the PyTorch step, whose attention may still be the Triton kernel, and the
+    tokens are HF's."""
+    model = tiny_pruned("qwen3", seed=3)
+    with pytest.raises(UnsupportedError, match="q/k norm"):
+        Engine(model.to(DEVICE), max_batch_size=1, max_seq_len=32, kernels=True,
+               dtype=torch.float32)
+    eng = Engine(model.to(DEVICE), max_batch_size=1, max_seq_len=32, dtype=torch.float32)
+    assert not eng.kernels and eng._step_fn(1) == eng._decode
+    prompt = [5, 6, 7, 8, 9, 10]
+    assert eng.generate([prompt], SamplingParams(max_new_tokens=8)) == \
+        [_hf_greedy(model.cpu(), prompt, 8)]

@@ -77,7 +77,7 @@ def test_spec_is_parsed_once_per_block(tmp_path, monkeypatch):
     assert "_spec_cache" not in config.to_dict() and config == copy.deepcopy(config)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3"])
 def test_trust_remote_code_without_the_package(family, tmp_path):
     model = tiny_pruned(family, 2, "sdpa")
     model.save_pretrained(tmp_path / "ckpt")
@@ -115,7 +115,7 @@ def test_dtype_and_device_map(tmp_path):
 
 
 # -- foreign formats -------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3"])
 @pytest.mark.parametrize("biases,shard", [(False, False), (True, False), (True, True)])
 def test_foreign_llama_family(family, biases, shard, tmp_path):
     directory, ref = write_foreign_checkpoint(tmp_path, family, 1, biases=biases, shard=shard)

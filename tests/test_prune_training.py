@@ -50,7 +50,7 @@ def test_moments_are_sliced_like_the_weights(family):
         assert int(opt.state[p]["step"]) == 2
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "qwen3"])
 def test_step_after_sparsification_equals_fresh_pruned_model(family):
     model = tiny_dense(family)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)

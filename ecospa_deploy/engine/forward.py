@@ -91,6 +91,13 @@ class Forward:
             return weight * h.to(x.dtype)
         return F.layer_norm(x, (x.shape[-1],), weight, bias, self.w.norm_eps)
 
+    def _head_norm(self, x: torch.Tensor, weight: torch.Tensor, divisor: int) -> torch.Tensor:
+        """Per-head RMSNorm of ``x [B, heads, T, d]`` dividing by the dense head dim (Qwen3's
+        q/k norm; zero-padded dims add nothing to the sum)."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) / divisor + self.w.norm_eps)
+        return weight * h.to(x.dtype)
+
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = F.embedding(tokens, self.w.embed)
         if self.w.pos_embed is not None:
@@ -119,6 +126,9 @@ class Forward:
 
     def _layer(self, i: int, lw: LayerWeights, x: torch.Tensor, table, attend) -> torch.Tensor:
         q, k, v = self._qkv(lw, self._norm(x, *lw.norm1))
+        if lw.k_norm is not None:
+            q = self._head_norm(q, lw.q_norm, lw.qk_norm_divisor)
+            k = self._head_norm(k, lw.k_norm, lw.qk_norm_divisor)
         if table is not None:
             q, k = self._rope(i, lw, q, k, table)
         out = attend(i, lw, q, k, v)                            # [B, H, T, v]

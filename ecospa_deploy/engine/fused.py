@@ -25,6 +25,10 @@ def unsupported_reason(weights: ModelWeights, max_batch: int) -> str | None:
     if weights.act_name not in ACTIVATIONS:
         return (f"activation {weights.act_name!r} has no fused kernel; expected one of "
                 f"{sorted(ACTIVATIONS)}")
+    if any(lw.k_norm is not None for lw in weights.layers):
+        # A deliberate choice: the QKV epilogue fuses RoPE, and the q/k norm would need a
+        # per-head reduction before it; the PyTorch step (captured as a graph) runs these models.
+        return "the per-head q/k norm (Qwen3) is not fused into the QKV kernel"
     if max_batch > MAX_ROWS:
         return f"max_batch_size={max_batch} exceeds the fused decode's {MAX_ROWS} rows"
     return None

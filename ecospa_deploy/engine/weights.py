@@ -13,6 +13,10 @@ attribute names in our classes and in stock HF Llama/Mistral/Qwen2/GPT-2), then
   cache stores K in this order), and gate/up rows alternate ``gate_i, up_i``, so one block of
   output rows holds both members of every pair (engine/kernels/linear.py).
 
+q/k-norm layers (Qwen3) keep their norm weights per head (``[heads, 1, d]``, padded with zeros
+and pair-interleaved like the q/k rows they scale); the sum of squares is divided by the dense
+head dim, so padding and pruning change nothing (``modeling_ecospa_llama.HeadRMSNorm``).
+
 K is kept at the (padded) q/k head dim, not the v head dim, so the KV cache stores what the
 pruned model needs and long-context decode reads fewer bytes.
 """
@@ -27,7 +31,8 @@ from torch import nn
 
 from ecospa_deploy.errors import UnsupportedError
 from ecospa_deploy.families import Family, spec_of
-from ecospa_deploy.padding import pad_axis, pad_canonical, padded_layer, round_up
+from ecospa_deploy.padding import (head_norm_per_head, pad_axis, pad_canonical, padded_layer,
+                                   round_up)
 from ecospa_deploy.spec import LayerSpec, ModelSpec, rope_dim_index
 
 
@@ -57,10 +62,13 @@ class LayerWeights:
     k_rope: torch.Tensor | None       # [Hkv, qk_head_dim]; None = no RoPE
     rope_shared: bool                 # every head uses the same positions (gather once)
     gqa: bool = False                 # query heads share KV heads (a plain bool for compile)
+    q_norm: torch.Tensor | None = None    # [H, 1, qk_head_dim] per-head q norm (Qwen3), or None
+    k_norm: torch.Tensor | None = None    # [Hkv, 1, qk_head_dim]
+    qk_norm_divisor: int = 1              # the dense head dim (what the norm divides by)
 
     def tensors(self) -> list[torch.Tensor]:
         ts = [self.qkv_w, self.qkv_b, self.o_w, self.o_b, self.up_w, self.up_b, self.down_w,
-              self.down_b, *self.norm1, *self.norm2]
+              self.down_b, *self.norm1, *self.norm2, self.q_norm, self.k_norm]
         return [t for t in ts if t is not None]
 
 
@@ -136,8 +144,15 @@ def _layer_weights(layer_mod: nn.Module, layer: LayerSpec, family: Family,
                           qk_head_dim=round_up(layer.qk_head_dim, head_multiple),
                           v_head_dim=round_up(layer.v_head_dim, head_multiple),
                           intermediate_size=round_up(layer.intermediate_size, pad_multiple))
-    c = pad_canonical(c, layer, padded, rope)
+    c = pad_canonical(c, layer, padded, rope, rope_head_dim)
     H, Hkv, ffn = layer.num_attention_heads, layer.num_key_value_heads, padded.intermediate_size
+    qk_norms = {}
+    for key, heads in (("q_norm", H), ("k_norm", Hkv)):
+        if key in c:        # per KV head, pairs interleaved like k, then one row per head
+            w = head_norm_per_head(c[key][0], Hkv, padded.qk_head_dim)
+            w = _interleave_pairs(w, Hkv, 0) if rope else w
+            w = w.view(Hkv, 1, padded.qk_head_dim).repeat_interleave(heads // Hkv, dim=0)
+            qk_norms[key] = w
     (qw, qb), (kw, kb), (vw, vb) = c["q"], c["k"], c["v"]
     if rope:
         qw, qb = _interleave_pairs(qw, H, 0), _interleave_pairs(qb, H, 0)
@@ -170,7 +185,9 @@ def _layer_weights(layer_mod: nn.Module, layer: LayerSpec, family: Family,
         qkv_w=put(qkv_w), qkv_b=put(qkv_b), o_w=put(o_w), o_b=put(ob), up_w=put(up_w),
         up_b=put(up_b), down_w=put(down_w), down_b=put(db),
         norm1=(put(norm1[0]), put(norm1[1])), norm2=(put(norm2[0]), put(norm2[1])),
-        q_rope=q_rope, k_rope=k_rope, rope_shared=shared, gqa=H != Hkv)
+        q_rope=q_rope, k_rope=k_rope, rope_shared=shared, gqa=H != Hkv,
+        q_norm=put(qk_norms.get("q_norm")), k_norm=put(qk_norms.get("k_norm")),
+        qk_norm_divisor=rope_head_dim or 1)
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from ecospa_deploy.spec import ModelSpec
 FAMILY_MODULES: dict[str, str] = {
     "llama": "ecospa_deploy.families.llama",
     "gpt2": "ecospa_deploy.families.gpt2",
+    "qwen3": "ecospa_deploy.families.qwen3",
 }
 
 
@@ -40,7 +41,8 @@ def get(name: str) -> Family:
 
 
 def family_of(model_type: str | None, source: str = "config.json") -> Family:
-    """The family of our ``model_type`` or of a stock one; a clear error otherwise."""
+    """The family of our ``model_type`` or of a stock one; a clear error otherwise. Families may
+    share our model type (Qwen3 is stored as ``ecospa_llama``): the first listed owns it."""
     for fam in families().values():
         if model_type == fam.model_type or model_type in fam.stock:
             return fam

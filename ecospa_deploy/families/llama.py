@@ -51,6 +51,8 @@ class LlamaFamily(Family):
                         sliding_window=6)}
     # stock types whose q/k/v projections always carry a bias
     qkv_bias_types = ("qwen2",)
+    # whether q and k pass a per-head RMSNorm before RoPE (Qwen3: ModelSpec.qk_norm)
+    qk_norm = False
 
     def dense_spec(self, config: Any) -> ModelSpec:
         base_type = config.model_type if config.model_type in self.stock else "llama"
@@ -70,7 +72,7 @@ class LlamaFamily(Family):
                                       o_bias=attention_bias, gate_up_bias=mlp_bias,
                                       down_bias=mlp_bias, sliding_window=sliding))
         return ModelSpec(config.hidden_size, tuple(layers), dense, positions=self.positions,
-                         norm=self.norm, gated_mlp=self.gated_mlp,
+                         norm=self.norm, gated_mlp=self.gated_mlp, qk_norm=self.qk_norm,
                          provenance={"base_model_type": base_type}).validate()
 
     def infer_spec(self, config: Any, shapes: dict[str, tuple[int, ...]]) -> ModelSpec:

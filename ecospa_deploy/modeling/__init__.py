@@ -18,14 +18,18 @@ from .configuration_ecospa import EcospaGPT2Config, EcospaLlamaConfig
 from .modeling_ecospa_gpt2 import EcospaGPT2LMHeadModel, EcospaGPT2Model
 from .modeling_ecospa_llama import EcospaLlamaForCausalLM, EcospaLlamaModel
 
-for _fam in families().values():
+# Families may share our model type (Qwen3 is stored as ecospa_llama): register each type once,
+# by the first family that names it (the one ``family_of`` returns).
+_OWNERS = {f.model_type: f for f in reversed(list(families().values()))}
+for _fam in _OWNERS.values():
     _config = _fam.load("config_class")
     AutoConfig.register(_fam.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _fam.load("base_model_class"), exist_ok=True)
     AutoModelForCausalLM.register(_config, _fam.load("model_class"), exist_ok=True)
 
-# Our causal-LM classes, one per family.
-MODEL_CLASSES: tuple[type, ...] = tuple(f.load("model_class") for f in families().values())
+# Our causal-LM classes, once each.
+MODEL_CLASSES: tuple[type, ...] = tuple(dict.fromkeys(f.load("model_class")
+                                                      for f in families().values()))
 
 # Keys of a stock config that describe the checkpoint, not the model: never copied into ours.
 _DROP_KEYS = ("model_type", "architectures", "transformers_version", "_name_or_path",

@@ -1,10 +1,11 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) whose layers each have their own shape.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) whose layers each have their own shape.
 
 Weight names equal HF ``LlamaForCausalLM``'s. Layer ``i`` is built from
 ``config.ecospa_spec.layers[i]``: its own query/KV head counts, q/k head dim, v head dim, kept
 rotary frequencies per KV head, softmax scale and FFN width. Rotary cos/sin are computed once at
 the dense head dim (HF's rotary module, so llama3/yarn scaling apply unchanged) and each layer
-gathers the frequencies its heads kept.
+gathers the frequencies its heads kept. With ``spec.qk_norm`` (Qwen3) q and k pass a per-head
+RMSNorm before RoPE whose divisor is the dense head dim (``HeadRMSNorm``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
-from ..spec import LayerSpec
+from ..spec import LayerSpec, qk_norm_heads
 from .attention import (apply_rope, eager_attention, pad_for_flash, rope_index, rope_layout,
                         rope_table, sdpa_backends)
 from .kv_cache import CACHE_KWARG, cache_kwargs, one_cache, start_decode
@@ -38,6 +39,39 @@ class EcospaRotaryEmbedding(LlamaRotaryEmbedding):
 
     def __init__(self, config: EcospaLlamaConfig):
         super().__init__(config.rope_config)
+
+
+class HeadRMSNorm(nn.Module):
+    """Qwen3's per-head RMSNorm of q or k, exact under q/k-dim pruning and zero padding.
+
+    In the masked dense model a pruned dim is zero before the norm, so a head's RMS is
+    ``sqrt(sum over kept dims of x^2 / d_dense + eps)``: the sum of squares is divided by
+    ``divisor`` (the dense head dim), never by the layer's own or a padded dim; zero-padded dims
+    then change nothing. ``weight`` holds ``rows`` rows of ``head_dim`` (``qk_norm_heads``: one
+    shared row, or one per KV head); ``groups`` heads share a row (a KV group's query heads).
+    """
+
+    def __init__(self, rows: int, head_dim: int, divisor: int, eps: float, groups: int = 1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(rows * head_dim))
+        self.rows, self.head_dim, self.groups = rows, head_dim, groups
+        self.divisor, self.variance_epsilon = divisor, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, heads, T, head_dim]``."""
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) / self.divisor + self.variance_epsilon)
+        w = self.weight
+        if self.rows > 1:
+            w = w.view(self.rows, 1, self.head_dim)
+            if self.groups > 1:
+                w = w.repeat_interleave(self.groups, dim=0)
+        return w * h.to(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"rows={self.rows}, head_dim={self.head_dim}, divisor={self.divisor}, "
+                f"eps={self.variance_epsilon}")
 
 
 class EcospaLlamaAttention(nn.Module):
@@ -64,6 +98,12 @@ class EcospaLlamaAttention(nn.Module):
         self._rope_head_dim = rope_head_dim
         self.register_buffer("rope_index", rope_index(layer, rope_head_dim), persistent=False)
         self.rope_layout = rope_layout(layer, rope_head_dim)
+        if config.ecospa_spec.qk_norm:
+            rows = qk_norm_heads(layer, rope_head_dim)
+            norm = dict(divisor=rope_head_dim, eps=config.rms_norm_eps)
+            self.q_norm = HeadRMSNorm(rows, layer.qk_head_dim, **norm,
+                                      groups=self.num_key_value_groups)
+            self.k_norm = HeadRMSNorm(rows, layer.qk_head_dim, **norm)
 
     def reset_rope_index(self) -> None:
         init.copy_(self.rope_index, rope_index(self._layer, self._rope_head_dim))
@@ -78,6 +118,8 @@ class EcospaLlamaAttention(nn.Module):
         k = self.k_proj(hidden_states).view(bsz, seq, self.num_key_value_heads, self.qk_head_dim)
         v = self.v_proj(hidden_states).view(bsz, seq, self.num_key_value_heads, self.v_head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if hasattr(self, "k_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, k, position_embeddings, self.rope_index, self.num_key_value_groups,
                           self.rope_layout)
         if cache is not None:
@@ -144,20 +186,24 @@ class EcospaLlamaDecoderLayer(GradientCheckpointingLayer):
         for key, proj in _projections(self).items():
             weight, bias = tensors[key]
             proj.weight.copy_(weight)
-            if proj.bias is not None:
+            if getattr(proj, "bias", None) is not None:
                 proj.bias.copy_(bias)
 
 
-def _projections(layer: nn.Module) -> dict[str, nn.Linear]:
+def _projections(layer: nn.Module) -> dict[str, nn.Module]:
     a, m = layer.self_attn, layer.mlp
-    return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj,
-            "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
+    out = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj,
+           "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
+    if hasattr(a, "k_norm"):
+        out["q_norm"], out["k_norm"] = a.q_norm, a.k_norm
+    return out
 
 
 def canonical_projections(layer: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """``{q,k,v,o,gate,up,down: (weight [out, in], bias or None)}`` as views, of our layer or a
-    stock Llama/Mistral/Qwen2 one (same attribute names)."""
-    return {k: (p.weight, p.bias) for k, p in _projections(layer).items()}
+    stock Llama/Mistral/Qwen2/Qwen3 one (same attribute names); q/k-norm layers add
+    ``q_norm``/``k_norm: (weight [rows * qk_head_dim], None)`` (rows: ``qk_norm_heads``)."""
+    return {k: (p.weight, getattr(p, "bias", None)) for k, p in _projections(layer).items()}
 
 
 class EcospaLlamaPreTrainedModel(PreTrainedModel):

@@ -17,9 +17,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ecospa_deploy.padding import Canon, pad_canonical, padded_layer, round_up
+from ecospa_deploy.padding import (QK_NORMS, Canon, head_norm_per_head, head_norm_rows,
+                                   pad_canonical, padded_layer, round_up)
 from ecospa_deploy.prune.mask import LayerMask, ResolvedLayerMask, resolve
-from ecospa_deploy.spec import LayerSpec, ModelSpec, SpecError
+from ecospa_deploy.spec import LayerSpec, ModelSpec, SpecError, qk_norm_heads
 
 
 def _check_masks(model: nn.Module, masks: Sequence[LayerMask | None]) -> list[ResolvedLayerMask]:
@@ -67,8 +68,14 @@ def _take(t: torch.Tensor | None, idx: list[int], dim: int) -> torch.Tensor | No
     return t.index_select(dim, torch.tensor(idx, dtype=torch.long, device=t.device))
 
 
-def _slice_canonical(c: Canon, idx: dict[str, list[int]]) -> Canon:
+def _slice_canonical(c: Canon, idx: dict[str, list[int]], old: LayerSpec, new: LayerSpec,
+                     rope_head_dim: int | None, index: int) -> Canon:
     out: Canon = {}
+    for key in QK_NORMS:    # q/k norm weights follow the kept k rows (per KV head), no bias
+        if key in c:
+            w = head_norm_per_head(c[key][0], old.num_key_value_heads, old.qk_head_dim)
+            out[key] = (head_norm_rows(_take(w, idx["k"], 0), new.num_key_value_heads,
+                                       qk_norm_heads(new, rope_head_dim), index), None)
     for key in ("q", "k", "v"):
         w, b = c[key]
         out[key] = (_take(w, idx[key], 0), _take(b, idx[key], 0))
@@ -111,7 +118,8 @@ def slice_model(model: nn.Module, masks: Sequence[LayerMask | None]) -> ModelSpe
         new_spec = _sliced_spec(r, layer, spec.rope)
         new_spec.validate(i, spec.rope_head_dim)
         if new_spec != layer:
-            tensors = _slice_canonical(model.decoder_layers[i].canonical(), _indices(r, layer))
+            tensors = _slice_canonical(model.decoder_layers[i].canonical(), _indices(r, layer),
+                                       layer, new_spec, spec.rope_head_dim, i)
             _replace_layer(model, i, new_spec, tensors)
         layers.append(new_spec)
     return _commit_spec(model, layers)
@@ -127,7 +135,10 @@ def _zero(t: torch.Tensor | None, keep: list[int], dim: int) -> None:
 
 @torch.no_grad()
 def zero_out(model: nn.Module, masks: Sequence[LayerMask | None]) -> None:
-    """Write zeros wherever ``masks`` drop, keeping every shape (the golden reference)."""
+    """Write zeros wherever ``masks`` drop, keeping every shape (the golden reference).
+
+    q/k norm weights stay: a zeroed q/k dim is zero before the norm and after it, and the norm
+    divides by the dense head dim, which is what the sliced model's norm divides by too."""
     spec: ModelSpec = model.config.ecospa_spec
     resolved = _check_masks(model, masks)
     for i, (r, layer) in enumerate(zip(resolved, spec.layers)):
@@ -175,7 +186,8 @@ def pad_model(model: nn.Module, *, qk_multiple: int | None = None,
             num_key_value_heads=round_up(layer.num_key_value_heads, kv_heads_multiple), index=i)
         if new != layer:
             c = model.decoder_layers[i].canonical()
-            _replace_layer(model, i, new, pad_canonical(c, layer, new, spec.rope))
+            _replace_layer(model, i, new, pad_canonical(c, layer, new, spec.rope,
+                                                        spec.rope_head_dim))
         layers.append(new)
     return _commit_spec(model, layers)
 
