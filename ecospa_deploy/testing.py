@@ -179,6 +179,7 @@ def write_foreign_checkpoint(tmp: Path, family: str, seed: int, biases: bool = F
             state[f"model.layers.{i}.mlp.down_proj.bias"] = db
             bias_ref.append((ob, db))
         ref = with_output_biases(ref, bias_ref)
+    state = family_of(family).to_stock(state, ours.config.ecospa_spec)   # e.g. fused qkv
     stock.config.save_pretrained(tmp)
     if shard:
         save_torch_state_dict(state, tmp, max_shard_size="40KB")

@@ -25,6 +25,7 @@ from ecospa_deploy.spec import ModelSpec
 FAMILY_MODULES: dict[str, str] = {
     "llama": "ecospa_deploy.families.llama",
     "gpt2": "ecospa_deploy.families.gpt2",
+    "phi3": "ecospa_deploy.families.phi3",
 }
 
 
@@ -40,7 +41,10 @@ def get(name: str) -> Family:
 
 
 def family_of(model_type: str | None, source: str = "config.json") -> Family:
-    """The family of our ``model_type`` or of a stock one; a clear error otherwise."""
+    """The family of our ``model_type`` or of a stock one; a clear error otherwise.
+
+    Families may share our model type (Phi-3 converts into ``ecospa_llama``): our type maps to
+    the first family in ``FAMILY_MODULES`` that owns it, a stock type to the one listing it."""
     for fam in families().values():
         if model_type == fam.model_type or model_type in fam.stock:
             return fam

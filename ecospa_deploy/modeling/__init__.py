@@ -18,14 +18,17 @@ from .configuration_ecospa import EcospaGPT2Config, EcospaLlamaConfig
 from .modeling_ecospa_gpt2 import EcospaGPT2LMHeadModel, EcospaGPT2Model
 from .modeling_ecospa_llama import EcospaLlamaForCausalLM, EcospaLlamaModel
 
-for _fam in families().values():
+# Families may share our model type (Phi-3 converts into ecospa_llama): the first one owns it.
+_OWNERS = {f.model_type: f for f in reversed(list(families().values()))}
+for _fam in _OWNERS.values():
     _config = _fam.load("config_class")
     AutoConfig.register(_fam.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _fam.load("base_model_class"), exist_ok=True)
     AutoModelForCausalLM.register(_config, _fam.load("model_class"), exist_ok=True)
 
-# Our causal-LM classes, one per family.
-MODEL_CLASSES: tuple[type, ...] = tuple(f.load("model_class") for f in families().values())
+# Our causal-LM classes, one per model type.
+MODEL_CLASSES: tuple[type, ...] = tuple(dict.fromkeys(f.load("model_class")
+                                                      for f in families().values()))
 
 # Keys of a stock config that describe the checkpoint, not the model: never copied into ours.
 _DROP_KEYS = ("model_type", "architectures", "transformers_version", "_name_or_path",
@@ -49,7 +52,8 @@ def from_hf(model: PreTrainedModel) -> Any:
     cls = fam.load("model_class")
     param = next(model.parameters())
     ours = cls(config).to(device=param.device, dtype=param.dtype)
-    missing, unexpected = ours.load_state_dict(model.state_dict(), strict=False)
+    state = fam.to_ours(model.state_dict(), config.ecospa_spec)   # stock names -> ours (exact)
+    missing, unexpected = ours.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in ours.all_tied_weights_keys]
     unexpected = [k for k in unexpected if not k.endswith((".attn.bias", ".attn.masked_bias"))]
     if missing or unexpected:
