@@ -215,7 +215,8 @@ def _normalized(found: dict[str, Any], expected: dict[str, tuple], base_prefix: 
                 ) -> dict[str, Any]:
     """``found`` without ignored buffers, names of a bare decoder given the causal LM's prefix."""
     def norm(name: str) -> str:
-        return name if name in expected or not base_prefix else base_prefix + name
+        prefixed = base_prefix + name
+        return prefixed if base_prefix and name not in expected and prefixed in expected else name
 
     return {norm(n): v for n, v in found.items() if not n.endswith(IGNORED_TENSORS)}
 

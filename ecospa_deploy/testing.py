@@ -33,7 +33,8 @@ def tiny_hf_config(family: str, **overrides: Any):
     if family not in FAMILIES:
         raise ValueError(f"family={family!r}; expected one of {FAMILIES}")
     fam = family_of(family)
-    return fam.stock_config({**_COMMON, **fam.tiny[family], **overrides}, family)
+    # a deep copy: configs edit nested dicts (rope_parameters) in place
+    return fam.stock_config(copy.deepcopy({**_COMMON, **fam.tiny[family], **overrides}), family)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ def hf_greedy(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2", "phi3"])
 @pytest.mark.parametrize("kind", ["hf", "dense", "pruned"])
 def test_greedy_matches_hf_unequal_prompts(family, kind):
     model = BUILDERS[kind](family, seed=1)

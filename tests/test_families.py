@@ -61,7 +61,12 @@ def test_every_family_defines_every_fact(name):
 def test_facts_agree_with_the_built_models(variant):
     fam = family_of(variant)
     stock, ours = tiny_hf(variant), tiny_dense(variant)
-    assert family_of(ours.config.model_type) is fam
+    # our model type's owner: the family itself, or the first one sharing its model (Phi-3's
+    # checkpoints convert into ecospa_llama)
+    owner = family_of(ours.config.model_type)
+    assert owner.model_type == fam.model_type and owner.model_class == fam.model_class
+    assert owner is fam or list(FAMILY_MODULES).index(owner.name) < list(FAMILY_MODULES).index(
+        fam.name)
     _, spec = spec_of(ours)
     _, stock_spec = spec_of(stock)
     assert spec == stock_spec
