@@ -21,7 +21,8 @@ from ecospa_deploy.prune.mask import LayerMask
 from ecospa_deploy.prune.surgery import slice_model, zero_out
 from ecospa_deploy.prune.tracking import count_params
 from ecospa_deploy.spec import SpecError
-from ecospa_deploy.testing import VOCAB, tiny_hf, tiny_tokenizer, write_foreign_checkpoint
+from ecospa_deploy.testing import (VOCAB, tiny_dense, tiny_hf, tiny_tokenizer,
+                                   write_foreign_checkpoint)
 
 ATOL = 2e-5
 IDS = torch.randint(3, VOCAB, (2, 19), generator=torch.Generator().manual_seed(0))
@@ -80,6 +81,21 @@ def test_longrope_is_really_applied():
     plain = tiny_hf("phi3", 3, max_position_embeddings=128)
     assert from_hf(copy.deepcopy(rope)).model.rotary_emb.rope_type == "longrope"
     assert (_logits(rope) - _logits(plain)).abs().max() > 1e-2
+
+
+def test_engine_with_longrope():
+    """Exact under the switch; refused past it (a static table cannot follow it per request)."""
+    from ecospa_deploy.engine import Engine, SamplingParams
+    from ecospa_deploy.errors import UnsupportedError
+
+    model = tiny_dense("phi3", 1, **LONGROPE)
+    prompt = [5, 6, 7, 8, 9, 10]
+    eng = Engine(model, max_batch_size=1, max_seq_len=32)
+    assert eng.generate([prompt], SamplingParams(max_new_tokens=12))[0] == \
+        _greedy(model, torch.tensor([prompt]), 12)[0].tolist()
+    with pytest.raises(UnsupportedError, match=r"max_seq_len=48 exceeds "
+                                                r"original_max_position_embeddings=32"):
+        Engine(model, max_batch_size=1, max_seq_len=48)
 
 
 def test_canonical_views_of_a_stock_layer():
