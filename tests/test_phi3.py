@@ -154,6 +154,10 @@ def test_foreign_fused_checkpoint_loads_and_matches(foreign):
            for l in model.config.ecospa_spec.layers]
     assert got == [(2, 1, 48), (4, 2, 70), (2, 1, 31)]
     assert model.config.ecospa_spec.provenance["source_model_type"] == "phi3"
+    from ecospa_deploy.inspect import describe       # `ecospa inspect`, weights unread
+    info = describe(directory)
+    assert [r["num_key_value_heads"] for r in info["layers"]] == [1, 2, 1]
+    assert info["totals"]["params"] == count_params(model)
     torch.testing.assert_close(_logits(model), _logits(ref), atol=ATOL, rtol=0)
     half = load_model(directory, dtype="bfloat16", device="cpu")
     assert next(half.parameters()).dtype == torch.bfloat16
