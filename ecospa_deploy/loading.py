@@ -7,7 +7,9 @@ Accepted inputs:
   dense config.json (FLAP, Torch-Pruning, ``save_pretrained`` after surgery), single-file or
   sharded with an index. Per-layer dims are inferred from the safetensors *headers* (no weight
   is read for that) assuming whole heads were pruned at the config's head dim; extra
-  ``o_proj``/``down_proj`` biases (FLAP's compensation) are honoured;
+  ``o_proj``/``down_proj`` biases (FLAP's compensation) are honoured. A family whose stock
+  checkpoints fuse projections (Phi-3's ``qkv_proj``/``gate_up_proj``) is checked in its own
+  tensor names, then read and split exactly (``Family.to_ours``) into our model;
 - with ``allow_pickle=True`` only, an LLM-Pruner ``torch.save({'model', 'tokenizer'})`` file.
 
 Every tensor name and shape is checked against the model the spec describes before any weight
@@ -180,8 +182,11 @@ def _read_weight_map(index: Path) -> dict[str, str]:
 
 
 # -- shape check against the model the spec describes --------------------------------------
-def expected_shapes(model_cls: type[PreTrainedModel], config: Any) -> tuple[dict[str, tuple], set]:
-    """Parameter shapes of ``model_cls(config)`` built on the meta device, and tied names."""
+def expected_shapes(model_cls: type[PreTrainedModel], config: Any,
+                    family: Any = None) -> tuple[dict[str, tuple], set]:
+    """Parameter shapes of ``model_cls(config)`` built on the meta device, and tied names; with
+    ``family``, named and shaped as that family's stock checkpoints store them (fused
+    projections), so a checkpoint is checked in its own names."""
     try:
         with torch.device("meta"):
             model = model_cls(config)
@@ -189,7 +194,10 @@ def expected_shapes(model_cls: type[PreTrainedModel], config: Any) -> tuple[dict
             RuntimeError, StrictDataclassError) as exc:   # the last: transformers' validators
         raise CheckpointError(f"the config cannot build {model_cls.__name__} "
                               f"({type(exc).__name__}: {_one_line(exc)})") from None
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    if family is not None:
+        state = family.to_stock(state, config.ecospa_spec)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
     return shapes, set(model.all_tied_weights_keys)
 
 
@@ -203,12 +211,19 @@ def _layer_of(name: str) -> str:
     return ""
 
 
+def _normalized(found: dict[str, Any], expected: dict[str, tuple], base_prefix: str
+                ) -> dict[str, Any]:
+    """``found`` without ignored buffers, names of a bare decoder given the causal LM's prefix."""
+    def norm(name: str) -> str:
+        prefixed = base_prefix + name
+        return prefixed if base_prefix and name not in expected and prefixed in expected else name
+
+    return {norm(n): v for n, v in found.items() if not n.endswith(IGNORED_TENSORS)}
+
+
 def check_tensors(found: dict[str, TensorInfo], expected: dict[str, tuple], tied: set,
                   base_prefix: str = "") -> None:
-    def norm(name: str) -> str:
-        return name if name in expected or not base_prefix else base_prefix + name
-
-    names = {norm(n): info for n, info in found.items() if not n.endswith(IGNORED_TENSORS)}
+    names = _normalized(found, expected, base_prefix)
     missing = sorted(set(expected) - set(names) - tied)
     if missing:
         first = missing[0]
@@ -330,6 +345,11 @@ def _layer_indices(name: str) -> list[str]:
 
 def resolve_config(path: str | os.PathLike) -> tuple[Any, type[PreTrainedModel], bool]:
     """(our config, our model class, is_foreign) for a checkpoint directory."""
+    return _resolve(path)[:3]
+
+
+def _resolve(path: str | os.PathLike) -> tuple[Any, type[PreTrainedModel], bool, Any]:
+    """``resolve_config`` plus the family of the checkpoint's own model_type."""
     directory = Path(path)
     raw = _read_config(directory)
     model_type = raw.get("model_type")
@@ -339,7 +359,7 @@ def resolve_config(path: str | os.PathLike) -> tuple[Any, type[PreTrainedModel],
         # Validate the spec first, so errors name layer and field (not the config machinery).
         _our_spec(raw, directory / "config.json", fam.layers_key)
         return (_config_object(fam.load("config_class").from_pretrained, directory), model_cls,
-                False)
+                False, fam)
     _no_spec_in_stock(raw, directory / "config.json", fam.model_type)
     stock = _config_object(AutoConfig.from_pretrained, directory)
     found = read_checkpoint_index(directory)
@@ -355,7 +375,7 @@ def resolve_config(path: str | os.PathLike) -> tuple[Any, type[PreTrainedModel],
                               f"shapes ({type(exc).__name__}: {_one_line(exc)})") from None
     spec = spec.replace_layers(spec.layers, source=str(directory),
                                source_model_type=model_type)
-    return config_from_dense(stock, spec), model_cls, True
+    return config_from_dense(stock, spec), model_cls, True, fam
 
 
 def _num_layers(config: Any) -> int:
@@ -377,11 +397,13 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
             return _load_pickle(path, dtype, device, allow_pickle, attn_implementation)
         raise CheckpointError(f"{path}: expected a model directory (config.json + safetensors) "
                               f"or an LLM-Pruner pickle ({', '.join(PICKLE_SUFFIXES)})")
-    config, model_cls, _ = resolve_config(path)
+    config, model_cls, foreign, fam = _resolve(path)
+    convert = foreign and fam.converts_checkpoint
     found = read_checkpoint_index(path)
     check_layer_count(found, _num_layers(config), path)
-    expected, tied = expected_shapes(model_cls, config)
-    check_tensors(found, expected, tied, model_cls.base_model_prefix + ".")
+    expected, tied = expected_shapes(model_cls, config, fam if convert else None)
+    prefix = model_cls.base_model_prefix + "."
+    check_tensors(found, expected, tied, prefix)
     if isinstance(dtype, str):
         dtype = dtypes.to_torch(dtype)
     kwargs: dict[str, Any] = {"config": config, "dtype": dtype or "auto",
@@ -391,7 +413,12 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     if device is not None:
         kwargs["device_map"] = device
     try:
-        model, info = model_cls.from_pretrained(path, **kwargs)
+        if convert:   # stock names/shapes differ from ours: read, convert, build from them
+            state = fam.to_ours(_normalized(_read_tensors(found), expected, prefix),
+                                config.ecospa_spec)
+            model, info = model_cls.from_pretrained(None, state_dict=state, **kwargs)
+        else:
+            model, info = model_cls.from_pretrained(path, **kwargs)
     except (ValueError, TypeError) as exc:   # transformers' own config/shape validation
         raise CheckpointError(f"{path}: transformers cannot build this model "
                               f"({type(exc).__name__}: {_one_line(exc)})") from None
@@ -401,6 +428,23 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     if problems:
         raise CheckpointError(f"{path}: weights do not match the spec: {problems}")
     return model.eval()
+
+
+def _read_tensors(found: dict[str, TensorInfo]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``found`` (already checked against the spec), file by file."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted({info.file for info in found.values()}):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name in found:
+                        out[name] = f.get_tensor(name)
+        except (OSError, ValueError, RuntimeError) as exc:   # safetensors' own errors
+            raise CheckpointError(f"{file}: cannot read tensors ({type(exc).__name__}: "
+                                  f"{_one_line(exc)})") from None
+    return out
 
 
 def _load_pickle(path: Path, dtype, device, allow_pickle: bool,
@@ -414,13 +458,15 @@ def _load_pickle(path: Path, dtype, device, allow_pickle: bool,
     spec = spec.replace_layers(spec.layers, source=str(path), source_format="llm-pruner")
     config = config_from_dense(stock, spec)
     model_cls = fam.load("model_class")
-    expected, tied = expected_shapes(model_cls, config)
+    stock_layout = fam if fam.converts_checkpoint else None
+    expected, tied = expected_shapes(model_cls, config, stock_layout)
+    prefix = model_cls.base_model_prefix + "."
     check_tensors({k: TensorInfo(str(path), str(v.dtype), tuple(v.shape)) for k, v in sd.items()},
-                  expected, tied, model_cls.base_model_prefix + ".")
+                  expected, tied, prefix)
     if attn_implementation:
         config._attn_implementation = attn_implementation
     model = model_cls(config)
-    model.load_state_dict(sd, strict=False)
+    model.load_state_dict(fam.to_ours(_normalized(sd, expected, prefix), spec), strict=False)
     model.tie_weights()
     if isinstance(dtype, str):
         dtype = dtypes.to_torch(dtype)

@@ -33,7 +33,8 @@ def tiny_hf_config(family: str, **overrides: Any):
     if family not in FAMILIES:
         raise ValueError(f"family={family!r}; expected one of {FAMILIES}")
     fam = family_of(family)
-    return fam.stock_config({**_COMMON, **fam.tiny[family], **overrides}, family)
+    # a deep copy: configs edit nested dicts (rope_parameters) in place
+    return fam.stock_config(copy.deepcopy({**_COMMON, **fam.tiny[family], **overrides}), family)
 
 
 @torch.no_grad()
@@ -179,6 +180,7 @@ def write_foreign_checkpoint(tmp: Path, family: str, seed: int, biases: bool = F
             state[f"model.layers.{i}.mlp.down_proj.bias"] = db
             bias_ref.append((ob, db))
         ref = with_output_biases(ref, bias_ref)
+    state = family_of(family).to_stock(state, ours.config.ecospa_spec)   # e.g. fused qkv
     stock.config.save_pretrained(tmp)
     if shard:
         save_torch_state_dict(state, tmp, max_shard_size="40KB")

@@ -61,7 +61,7 @@ def test_every_family_defines_every_fact(name):
 def test_facts_agree_with_the_built_models(variant):
     fam = family_of(variant)
     stock, ours = tiny_hf(variant), tiny_dense(variant)
-    # our model type is owned by the first family naming it (Qwen3 is stored as ecospa_llama)
+    # our model type is owned by the first family naming it (Qwen3, Phi-3: ecospa_llama)
     owner = next(f for f in families().values() if f.model_type == fam.model_type)
     assert family_of(ours.config.model_type) is owner
     assert owner.architecture == fam.architecture and owner.vllm_model == fam.vllm_model

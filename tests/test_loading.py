@@ -115,7 +115,7 @@ def test_dtype_and_device_map(tmp_path):
 
 
 # -- foreign formats -------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3", "phi3"])
 @pytest.mark.parametrize("biases,shard", [(False, False), (True, False), (True, True)])
 def test_foreign_llama_family(family, biases, shard, tmp_path):
     directory, ref = write_foreign_checkpoint(tmp_path, family, 1, biases=biases, shard=shard)

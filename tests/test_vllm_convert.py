@@ -20,7 +20,8 @@ from ecospa_deploy.testing import VOCAB, tiny_pruned
 
 # Tiny models whose dense head dim is 64, the smallest head size every vLLM backend accepts.
 HEAD64 = {"llama": {"head_dim": 64}, "qwen2": {"hidden_size": 256},
-          "mistral": {"hidden_size": 256}, "gpt2": {"n_embd": 256}, "qwen3": {"head_dim": 64}}
+          "mistral": {"hidden_size": 256}, "gpt2": {"n_embd": 256}, "qwen3": {"head_dim": 64},
+          "phi3": {"hidden_size": 256}}
 
 
 def _logits(model, ids):

@@ -51,6 +51,7 @@ class Forward:
     def _rope_tables(self, max_seq: int) -> None:
         """Dense cos/sin ``[max_seq, rope_head_dim]`` from HF's rotary module (scalings included)."""
         rotary = self.w.rotary
+        _check_static_rope(rotary, max_seq)
         ref = next(iter(rotary.buffers()))
         pos = torch.arange(max_seq, device=ref.device)[None]
         x = torch.zeros(1, dtype=self.dtype, device=ref.device)
@@ -236,3 +237,18 @@ class Forward:
         tokens[:nb] = nxt
         positions[:nb] = nxt_pos
         return nxt
+
+
+def _check_static_rope(rotary, max_seq: int) -> None:
+    """LongRoPE (Phi-3) picks short or long factors by the sequence's length; one static table
+    built past ``original_max_position_embeddings`` would rotate short prompts with the long
+    factors (wrong tokens, silently), so such a table is refused."""
+    params = getattr(getattr(rotary, "config", None), "rope_parameters", None) or {}
+    limit = params.get("original_max_position_embeddings")
+    if getattr(rotary, "rope_type", None) == "longrope" and limit and max_seq > limit:
+        from ecospa_deploy.errors import UnsupportedError
+
+        raise UnsupportedError(f"max_seq_len={max_seq} exceeds original_max_position_embeddings="
+                               f"{limit} of this longrope model: the engine's static RoPE table "
+                               "cannot switch between LongRoPE's short and long factors per "
+                               f"request; expected max_seq_len <= {limit} (or use HF generate)")

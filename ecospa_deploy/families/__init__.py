@@ -26,6 +26,7 @@ FAMILY_MODULES: dict[str, str] = {
     "llama": "ecospa_deploy.families.llama",
     "gpt2": "ecospa_deploy.families.gpt2",
     "qwen3": "ecospa_deploy.families.qwen3",
+    "phi3": "ecospa_deploy.families.phi3",
 }
 
 
@@ -41,8 +42,11 @@ def get(name: str) -> Family:
 
 
 def family_of(model_type: str | None, source: str = "config.json") -> Family:
-    """The family of our ``model_type`` or of a stock one; a clear error otherwise. Families may
-    share our model type (Qwen3 is stored as ``ecospa_llama``): the first listed owns it."""
+    """The family of our ``model_type`` or of a stock one; a clear error otherwise.
+
+    Families may share our model type (Qwen3 and Phi-3 are stored as ``ecospa_llama``): our type
+    maps to the first family in ``FAMILY_MODULES`` that owns it, a stock type to the one listing
+    it."""
     for fam in families().values():
         if model_type == fam.model_type or model_type in fam.stock:
             return fam

@@ -51,6 +51,9 @@ class Family:
     tiny: ClassVar[dict[str, dict[str, Any]]]  # stock model_type -> its tiny test config keys
     train_shapes: ClassVar[dict[str, dict[str, Any]]]   # named shapes ecospa_deploy.train builds
     train_defaults: ClassVar[dict[str, Any]]            # stock-config keys those models share
+    # whether stock checkpoints name or shape tensors differently from ours (fused projections):
+    # then every stock -> ours path converts through ``to_ours``; else they load as they are
+    converts_checkpoint: ClassVar[bool] = False
 
     @property
     def architecture(self) -> str:
@@ -80,6 +83,17 @@ class Family:
 
     def num_layers(self, config: Any) -> int:
         return getattr(config, self.layers_key)
+
+    # -- stock checkpoint <-> ours (tensor names and shapes) ------------------------------
+    def to_ours(self, tensors: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
+        """A stock checkpoint's tensors (names as in the stock causal LM, or its bare decoder)
+        as our model names them, for ``spec``; exact (views where possible). Identity here."""
+        return tensors
+
+    def to_stock(self, tensors: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
+        """The inverse of ``to_ours``: our tensors named and shaped as a stock checkpoint stores
+        them (meta tensors give the stock shapes a checkpoint must have). Identity here."""
+        return tensors
 
     # -- configs ------------------------------------------------------------------------
     def stock_config(self, dims: dict[str, Any], model_type: str | None = None) -> Any:

@@ -18,8 +18,8 @@ from .configuration_ecospa import EcospaGPT2Config, EcospaLlamaConfig
 from .modeling_ecospa_gpt2 import EcospaGPT2LMHeadModel, EcospaGPT2Model
 from .modeling_ecospa_llama import EcospaLlamaForCausalLM, EcospaLlamaModel
 
-# Families may share our model type (Qwen3 is stored as ecospa_llama): register each type once,
-# by the first family that names it (the one ``family_of`` returns).
+# Families may share our model type (Qwen3 and Phi-3 are stored as ecospa_llama): register each
+# type once, by the first family that names it (the one ``family_of`` returns).
 _OWNERS = {f.model_type: f for f in reversed(list(families().values()))}
 for _fam in _OWNERS.values():
     _config = _fam.load("config_class")
@@ -53,7 +53,8 @@ def from_hf(model: PreTrainedModel) -> Any:
     cls = fam.load("model_class")
     param = next(model.parameters())
     ours = cls(config).to(device=param.device, dtype=param.dtype)
-    missing, unexpected = ours.load_state_dict(model.state_dict(), strict=False)
+    state = fam.to_ours(model.state_dict(), config.ecospa_spec)   # stock names -> ours (exact)
+    missing, unexpected = ours.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in ours.all_tied_weights_keys]
     unexpected = [k for k in unexpected if not k.endswith((".attn.bias", ".attn.masked_bias"))]
     if missing or unexpected:
