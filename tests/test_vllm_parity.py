@@ -3,7 +3,8 @@
 Greedy tokens of ``vllm.LLM`` on a checkpoint written by ``ecospa convert vllm`` must equal
 our transformers modeling on the original, unpadded model: Llama (GQA, llama3 RoPE scaling,
 ragged kept frequencies per KV head), Qwen2 (qkv bias), Mistral (sliding window, generation
-past the window), Qwen3 (per-head q/k norm, per-KV-head norm rows after q/k-dim pruning) and
+past the window), Qwen3 (per-head q/k norm, per-KV-head norm rows after q/k-dim pruning), Phi-3
+(fused checkpoints split on load, sliding window) and
 GPT-2 (Conv1D, fused c_attn); and with tensor_parallel_size=2 (one worker per CPU core), where
 a layer's single KV head is padded to two.
 vLLM starts worker processes, so each run is a subprocess of ``vllm_parity``.
@@ -29,7 +30,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41, 42, 43, 44, 45, 46]]
 MAX_TOKENS = 8
 HEAD64 = {"llama": {"head_dim": 64}, "qwen2": {"hidden_size": 256},
-          "mistral": {"hidden_size": 256}, "gpt2": {"n_embd": 256}, "qwen3": {"head_dim": 64}}
+          "mistral": {"hidden_size": 256}, "gpt2": {"n_embd": 256}, "qwen3": {"head_dim": 64},
+          "phi3": {"hidden_size": 256}}
 # (family, seed, overrides): RoPE heads of dense dim 16 and 32 (padded to 32, past the rotary
 # dim), and per-layer head sizes 32/64/64 on vLLM's CPU backend (seed 5 / 4 give those shapes).
 SMALL_AND_MIXED = {"llama16": ("llama", 0, {}), "llama32": ("llama", 0, {"head_dim": 32}),
@@ -85,7 +87,7 @@ def test_plugin_registers_our_architectures():
 
 def test_greedy_tokens_equal_hf_modeling(tmp_path):
     # Llama/GPT-2 at dense head dim 64 are the "-mixed" entries (seeds whose layers pad to 32/64).
-    paths, refs = _convert(tmp_path, ["qwen2", "mistral", "qwen3", *sorted(SMALL_AND_MIXED)],
+    paths, refs = _convert(tmp_path, ["qwen2", "mistral", "qwen3", "phi3", *sorted(SMALL_AND_MIXED)],
                            tp=1)
     code, result, log = run_vllm(paths)
     assert code == 0 and result is not None, log[-4000:]
