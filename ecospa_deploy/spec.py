@@ -379,12 +379,15 @@ def qk_norm_heads(layer: LayerSpec, rope_head_dim: int | None) -> int:
     that break dense order), so distinct per-head rows (after training) are never merged; the
     one way back, slicing the padding off a padded dense layer, checks that its rows agree.
     """
-    if rope_head_dim is None or layer.rope_kept is None:
-        return 1
-    dense = list(range(rope_head_dim // 2))
-    if layer.qk_head_dim == rope_head_dim and all(list(k) == dense for k in layer.rope_kept):
+    if rope_head_dim is None or layer.rope_kept is None or keeps_dense_rope(layer, rope_head_dim):
         return 1
     return layer.num_key_value_heads
+
+
+def keeps_dense_rope(layer: LayerSpec, rope_head_dim: int) -> bool:
+    """Whether every KV head of a RoPE layer keeps every dense q/k dim, in dense order."""
+    dense = list(range(rope_head_dim // 2))
+    return layer.qk_head_dim == rope_head_dim and all(list(k) == dense for k in layer.rope_kept)
 
 
 def rope_dim_index(kept: Sequence[int], rope_head_dim: int) -> list[int]:

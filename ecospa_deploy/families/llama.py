@@ -8,7 +8,7 @@ from typing import Any
 
 from ecospa_deploy.errors import CheckpointError
 from ecospa_deploy.families.base import Family, Parts, heads_in, matrix_shape
-from ecospa_deploy.spec import DenseShape, ModelSpec, SpecError
+from ecospa_deploy.spec import DenseShape, LayerSpec, ModelSpec, SpecError
 
 _M = "ecospa_deploy.modeling"
 
@@ -95,14 +95,8 @@ class LlamaFamily(Family):
             if o[1] != n_q * v_dim:
                 raise CheckpointError(f"layer {i}: {p}self_attn.o_proj.weight has {o[1]} input "
                                       f"columns; expected {n_q} heads x {v_dim} = {n_q * v_dim}")
-            layers.append(base.replace(
-                num_attention_heads=n_q, num_key_value_heads=n_kv, v_head_dim=v_dim,
-                intermediate_size=up[0],
-                rope_kept=tuple(tuple(range(d // 2)) for _ in range(n_kv)),
-                qkv_bias=p + "self_attn.q_proj.bias" in shapes,
-                o_bias=p + "self_attn.o_proj.bias" in shapes,
-                gate_up_bias=p + "mlp.up_proj.bias" in shapes,
-                down_bias=p + "mlp.down_proj.bias" in shapes))
+            layers.append(whole_head_layer(base, shapes, p, n_q, n_kv, v_dim, up[0], d,
+                                           qkv="self_attn.q_proj.", gate_up="mlp.up_proj."))
         return dense.replace_layers(layers)
 
     def stock_config(self, dims: dict[str, Any], model_type: str | None = None) -> Any:
@@ -134,6 +128,22 @@ class LlamaFamily(Family):
         base = model.model
         return Parts(embed=base.embed_tokens, positions=None, final_norm=base.norm,
                      rotary=base.rotary_emb)
+
+
+def whole_head_layer(base: LayerSpec, shapes: dict[str, tuple[int, ...]], prefix: str,
+                     n_q: int, n_kv: int, v_head_dim: int, ffn: int, head_dim: int, *,
+                     qkv: str, gate_up: str) -> LayerSpec:
+    """``base`` with a foreign checkpoint's counts: whole heads pruned, so every kept head keeps
+    every rotary frequency; biases where the checkpoint has them (``qkv``/``gate_up``: the
+    modules whose bias stands for q/k/v's and gate/up's)."""
+    def has_bias(module: str) -> bool:
+        return prefix + module + "bias" in shapes
+
+    return base.replace(
+        num_attention_heads=n_q, num_key_value_heads=n_kv, v_head_dim=v_head_dim,
+        intermediate_size=ffn, rope_kept=tuple(tuple(range(head_dim // 2)) for _ in range(n_kv)),
+        qkv_bias=has_bias(qkv), o_bias=has_bias("self_attn.o_proj."),
+        gate_up_bias=has_bias(gate_up), down_bias=has_bias("mlp.down_proj."))
 
 
 FAMILY = LlamaFamily()

@@ -15,7 +15,7 @@ from typing import Any
 
 from ecospa_deploy.errors import CheckpointError
 from ecospa_deploy.families.base import heads_in, matrix_shape
-from ecospa_deploy.families.llama import LlamaFamily
+from ecospa_deploy.families.llama import LlamaFamily, whole_head_layer
 from ecospa_deploy.spec import ModelSpec, SpecError
 
 _QKV = "self_attn.qkv_proj."
@@ -72,14 +72,8 @@ class Phi3Family(LlamaFamily):
                 raise CheckpointError(f"layer {i}: {p}{_GATE_UP}weight has {gate_up[0]} rows; "
                                       "expected an even number (gate rows, then as many up rows)")
             n_kv = kv_rows // (2 * d)
-            layers.append(base.replace(
-                num_attention_heads=n_q, num_key_value_heads=n_kv, v_head_dim=d,
-                intermediate_size=gate_up[0] // 2,
-                rope_kept=tuple(tuple(range(d // 2)) for _ in range(n_kv)),
-                qkv_bias=p + _QKV + "bias" in shapes,
-                o_bias=p + "self_attn.o_proj.bias" in shapes,
-                gate_up_bias=p + _GATE_UP + "bias" in shapes,
-                down_bias=p + "mlp.down_proj.bias" in shapes))
+            layers.append(whole_head_layer(base, shapes, p, n_q, n_kv, d, gate_up[0] // 2, d,
+                                           qkv=_QKV, gate_up=_GATE_UP))
         return dense.replace_layers(layers)
 
     # -- fused stock tensors <-> our split ones -------------------------------------------

@@ -12,7 +12,7 @@ import contextlib
 import torch
 from torch import nn
 
-from ..spec import LayerSpec, rope_dim_index
+from ..spec import LayerSpec, keeps_dense_rope, rope_dim_index
 
 
 # SDPA backends our models may use on CUDA. Left to itself, PyTorch (2.11, sm90) prefers cuDNN,
@@ -89,13 +89,9 @@ def rope_layout(layer: LayerSpec, rope_head_dim: int) -> str:
     ``"shared"``: every KV head keeps the same ones (gather once, broadcast over heads);
     ``"per_head"``: each KV head gathers its own."""
     assert layer.rope_kept is not None
-    kept = set(layer.rope_kept)
-    if len(kept) > 1:
-        return "per_head"
-    if layer.qk_head_dim == rope_head_dim and list(layer.rope_kept[0]) == \
-            list(range(rope_head_dim // 2)):
+    if keeps_dense_rope(layer, rope_head_dim):
         return "dense"
-    return "shared"
+    return "per_head" if len(set(layer.rope_kept)) > 1 else "shared"
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
