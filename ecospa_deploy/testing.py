@@ -55,6 +55,20 @@ def tiny_hf(family: str, seed: int = 0, **overrides: Any):
     return randomize(model, seed).eval()
 
 
+@torch.no_grad()
+def cached_decode_logits(model, prompt: torch.Tensor, steps: torch.Tensor, cache) -> torch.Tensor:
+    """Last-position logits of a prefill of ``prompt`` into ``cache``, then of each token of
+    ``steps`` fed one at a time through the cache: ``[batch, 1 + steps, vocab]``."""
+    from ecospa_deploy.modeling.kv_cache import cache_kwargs, output_cache
+
+    out = model(prompt, use_cache=True, **cache_kwargs(cache))
+    logits = [out.logits[:, -1]]
+    for t in range(steps.shape[1]):
+        out = model(steps[:, t:t + 1], use_cache=True, **cache_kwargs(output_cache(out)))
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
+
+
 def tiny_dense(family: str, seed: int = 0, attn: str = "eager", **overrides: Any):
     """Our model class with a dense spec and random weights (fp32, eval mode)."""
     model = from_hf(tiny_hf(family, seed, **overrides))
@@ -225,7 +239,7 @@ def write_llm_pruner_pickle(path: Path):
 
 
 
-__all__ = ["FAMILIES", "tiny_hf_config", "tiny_hf", "tiny_dense", "tiny_pruned", "tiny_shape",
+__all__ = ["FAMILIES", "cached_decode_logits", "tiny_hf_config", "tiny_hf", "tiny_dense", "tiny_pruned", "tiny_shape",
            "random_masks", "randomize", "tiny_tokenizer", "whole_head_masks",
            "write_foreign_checkpoint", "write_llm_pruner_pickle"]
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
-from ecospa_deploy.modeling.kv_cache import cache_kwargs, output_cache
+from ecospa_deploy.modeling.kv_cache import output_cache
 from ecospa_deploy.prune.mask import LayerMask
 from ecospa_deploy.prune.surgery import pad_model, slice_model, zero_out
 from ecospa_deploy.spec import SpecError
-from ecospa_deploy.testing import FAMILIES, VOCAB, random_masks, tiny_dense
+from ecospa_deploy.testing import FAMILIES, VOCAB, cached_decode_logits, random_masks, tiny_dense
 
 ATOL = 2e-5   # float32, logits of magnitude ~1-10
 
@@ -67,14 +67,7 @@ def test_cached_decode_matches(family, cache):
             pkv = DynamicCache(config=model.config)
         else:
             pkv = StaticCache(config=model.config, max_cache_len=32)
-        out = []
-        with torch.no_grad():
-            o = model(x, use_cache=True, **cache_kwargs(pkv))
-            out.append(o.logits[:, -1])
-            for t in range(steps.shape[1]):
-                o = model(steps[:, t:t + 1], use_cache=True, **cache_kwargs(output_cache(o)))
-                out.append(o.logits[:, -1])
-        logits.append(torch.stack(out, 1))
+        logits.append(cached_decode_logits(model, x, steps, pkv))
     torch.testing.assert_close(logits[0], logits[1], atol=ATOL, rtol=0)
     # Cached decode equals a full forward over the whole sequence.
     with torch.no_grad():

@@ -130,15 +130,21 @@ def _masks():
             for k, f in zip(kv, ffn)]
 
 
-@pytest.fixture()
-def foreign(tmp_path):
-    stock = tiny_hf("phi3", 4)
+def _pruned_stock(seed: int):
+    """(stock model, the masked dense reference, the pruned model's fused stock tensors)."""
+    stock = tiny_hf("phi3", seed)
     ours = from_hf(copy.deepcopy(stock))
     ref = copy.deepcopy(ours)
     zero_out(ref, _masks())
     slice_model(ours, _masks())
     state = families()["phi3"].to_stock(
         {k: v.contiguous() for k, v in ours.state_dict().items()}, ours.config.ecospa_spec)
+    return stock, ref, state
+
+
+@pytest.fixture()
+def foreign(tmp_path):
+    stock, ref, state = _pruned_stock(4)
     stock.config.save_pretrained(tmp_path / "f")
     save_file(state, tmp_path / "f" / "model.safetensors")
     return tmp_path / "f", ref
@@ -212,12 +218,7 @@ def test_bad_fused_shapes_are_refused(foreign, edit, error, match):
 
 # -- LLM-Pruner pickle of a pruned stock Phi3ForCausalLM ----------------------------------------
 def test_llm_pruner_pickle(tmp_path):
-    stock = tiny_hf("phi3", 5)
-    ours = from_hf(copy.deepcopy(stock))
-    ref = copy.deepcopy(ours)
-    zero_out(ref, _masks())
-    slice_model(ours, _masks())
-    fused = families()["phi3"].to_stock(ours.state_dict(), ours.config.ecospa_spec)
+    stock, ref, fused = _pruned_stock(5)
     for i, layer in enumerate(stock.model.layers):
         for owner, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
                             (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):

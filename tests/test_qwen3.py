@@ -20,12 +20,12 @@ from ecospa_deploy.errors import CheckpointError
 from ecospa_deploy.families import family_of
 from ecospa_deploy.loading import load_model
 from ecospa_deploy.modeling import from_hf
-from ecospa_deploy.modeling.kv_cache import cache_kwargs, output_cache
 from ecospa_deploy.padding import head_norm_rows
 from ecospa_deploy.prune.mask import LayerMask, pairs_to_dims
 from ecospa_deploy.prune.surgery import pad_model, slice_model, zero_out
 from ecospa_deploy.spec import ModelSpec, SpecError, qk_norm_heads
-from ecospa_deploy.testing import VOCAB, tiny_dense, tiny_hf, write_foreign_checkpoint
+from ecospa_deploy.testing import (VOCAB, cached_decode_logits, tiny_dense, tiny_hf,
+                                   write_foreign_checkpoint)
 
 ATOL = 2e-5
 D = 16      # the tiny Qwen3's dense head dim (8 rotary pairs), 2 KV heads of 2 query heads
@@ -107,16 +107,8 @@ def test_qk_dim_pruning_equals_the_masked_dense_model(attn):
 def test_cached_decode_equals_the_masked_dense_model(attn):
     ref, sliced = _pair(attn)
     x, steps = _tokens(1, 9), _tokens(2, 5)
-    logits = []
-    for model in (sliced, ref):
-        out = []
-        with torch.no_grad():
-            o = model(x, use_cache=True, **cache_kwargs(DynamicCache(config=model.config)))
-            out.append(o.logits[:, -1])
-            for t in range(steps.shape[1]):
-                o = model(steps[:, t:t + 1], use_cache=True, **cache_kwargs(output_cache(o)))
-                out.append(o.logits[:, -1])
-        logits.append(torch.stack(out, 1))
+    logits = [cached_decode_logits(model, x, steps, DynamicCache(config=model.config))
+              for model in (sliced, ref)]
     torch.testing.assert_close(logits[0], logits[1], atol=ATOL, rtol=0)
     full = _logits(sliced, torch.cat([x, steps], 1))[:, x.shape[1] - 1:]
     torch.testing.assert_close(logits[0], full, atol=ATOL, rtol=0)
