@@ -142,15 +142,19 @@ def tiny_shape(head_dim: int = 16) -> dict[str, Any]:
 
 
 def tiny_tokenizer(vocab_size: int = VOCAB):
-    """A byte-level BPE trained in a second on a few sentences (ids 0/1/2 = pad/bos/eos)."""
+    """A byte-level BPE trained in a second on a few sentences (ids 0/1/2 = pad/bos/eos),
+    the same in every process."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    # ``alphabet()`` comes from a hash set, in a new order each call: sorted, the vocabulary
+    # (and so every test's token ids) is the same in every process.
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())[:60]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:60])
+                                  initial_alphabet=alphabet)
     text = ["To be, or not to be, that is the question:",
             "Whether 'tis nobler in the mind to suffer",
             "The slings and arrows of outrageous fortune,"] * 20
