@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ecospa_deploy.modeling import attention
-from ecospa_deploy.modeling.attention import (apply_rope, rope_index, rope_layout, rope_table,
-                                              sdpa_backends)
+from ecospa_deploy.modeling.attention import (RopeGather, apply_rope, rope_index, rope_layout,
+                                              rope_table, sdpa_backends)
 from ecospa_deploy.testing import tiny_dense, tiny_pruned
 
 
@@ -43,6 +43,8 @@ def _reference_rope(q, k, cos, sin, layer, rope_dim):
 
 @pytest.mark.parametrize("ragged", [True, False])
 def test_rope_layouts_equal_hf_rotation(ragged):
+    """Each layer's views of the one per-forward gather (and a per-head gather of any layer)
+    rotate exactly as HF does head by head."""
     from ecospa_deploy.prune.surgery import slice_model
     from ecospa_deploy.testing import random_masks
 
@@ -52,20 +54,24 @@ def test_rope_layouts_equal_hf_rotation(ragged):
     rope_dim = dense.config.ecospa_spec.dense.head_dim
     seen = set()
     for model in (dense, pruned):
-        for layer in model.config.ecospa_spec.layers:
-            layout = rope_layout(layer, rope_dim)
-            seen.add(layout)
+        layers = model.config.ecospa_spec.layers
+        freqs = torch.randn(2, 5, rope_dim // 2)
+        cos, sin = torch.cat((freqs.cos(),) * 2, -1), torch.cat((freqs.sin(),) * 2, -1)
+        table = rope_table(cos, sin)
+        rope = RopeGather(layers, rope_dim)
+        model(torch.tensor([[1, 2, 3]]))        # a forward picks up the spec surgery set
+        torch.testing.assert_close(model.model.rope_gather, rope.index, rtol=0, atol=0)
+        gathered = rope.gather(table, rope.index)
+        for i, layer in enumerate(layers):
+            seen.add(rope_layout(layer, rope_dim))
             g = layer.num_attention_heads // layer.num_key_value_heads
             q = torch.randn(2, layer.num_attention_heads, 5, layer.qk_head_dim)
             k = torch.randn(2, layer.num_key_value_heads, 5, layer.qk_head_dim)
-            freqs = torch.randn(2, 5, rope_dim // 2)
-            cos, sin = torch.cat((freqs.cos(),) * 2, -1), torch.cat((freqs.sin(),) * 2, -1)
-            table = rope_table(cos, sin)
-            index = rope_index(layer, rope_dim)
             want = _reference_rope(q, k, cos, sin, layer, rope_dim)
-            for mode in {layout, "per_head"}:
-                got = apply_rope(q, k, table, index, g, mode)
-                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            per_head = table[..., rope_index(layer, rope_dim).flatten()]
+            per_head = per_head.unflatten(-1, (layer.num_key_value_heads, -1)).transpose(1, 2)
+            for c, s in (rope.layer(i, table, gathered), per_head.chunk(2, dim=-1)):
+                torch.testing.assert_close(apply_rope(q, k, c, s, g), want, rtol=1e-6, atol=1e-6)
     assert "dense" in seen and len(seen) >= 2       # the fast paths and a gather were compared
 
 

@@ -36,8 +36,13 @@ def sdpa_backends(device: torch.device):
 
 
 # On CUDA, pad q/k (or v) of a pruned layer to one head dim so SDPA's flash kernel runs: it
-# refuses q/k dim != v dim, and the memory-efficient kernel it falls back to measured slower.
+# refuses q/k dim != v dim. Calls with fewer than ``PAD_MIN_QUERY_LEN`` query rows would skip it
+# where the memory-efficient kernel takes the dims as they are (no GQA, dims multiples of 8),
+# saving the two or three kernels a layer that padding costs a launch-bound decode step.
+# Off (0) until ``bench/sdpa_pad.py`` and ``bench/user_paths.py`` (its variant
+# ``ours_unpadded_decode``) have measured the two kernels on a GPU.
 PAD_FOR_FLASH = True
+PAD_MIN_QUERY_LEN = 0
 
 
 def pad_for_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
@@ -47,9 +52,19 @@ def pad_for_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     qk, vd = query.shape[-1], value.shape[-1]
     if qk == vd or not PAD_FOR_FLASH or not query.is_cuda or max(qk, vd) > 256:
         return query, key, value, None
+    if (query.shape[-2] < PAD_MIN_QUERY_LEN and query.shape[1] == key.shape[1]
+            and qk % 8 == 0 and vd % 8 == 0):
+        return query, key, value, None
     if qk < vd:
         return pad_last(query, vd), pad_last(key, vd), value, None
     return query, key, pad_last(value, qk), vd
+
+
+def aligned(x: torch.Tensor) -> torch.Tensor:
+    """``x``, copied when its data pointer is not 16-byte aligned. A pruned GPT-2's q/k/v are
+    views into one ``c_attn`` output at offsets of odd widths; CUDA attention kernels load
+    16-byte vectors and fault ("misaligned address") on such a base pointer."""
+    return x if not x.is_cuda or x.data_ptr() % 16 == 0 else x.clone()
 
 
 _ZERO: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -81,7 +96,8 @@ def rope_index(layer: LayerSpec, rope_head_dim: int) -> torch.Tensor:
     entries, then of its signed-sin entries (its dims' dense positions, offset by the dense dim)."""
     assert layer.rope_kept is not None
     rows = [rope_dim_index(k, rope_head_dim) for k in layer.rope_kept]
-    return torch.tensor([r + [j + rope_head_dim for j in r] for r in rows], dtype=torch.long)
+    return torch.tensor([r + [j + rope_head_dim for j in r] for r in rows], dtype=torch.long,
+                        device="cpu")
 
 
 def rope_layout(layer: LayerSpec, rope_head_dim: int) -> str:
@@ -102,30 +118,64 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return torch.addcmul(x * cos, swapped, signed_sin)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
-               groups: int, layout: str = "per_head") -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate ``q [B,H,T,d]`` and ``k [B,Hkv,T,d]`` with the dense ``rope_table [B,T,2D]``
-    gathered per KV head at ``index`` (``rope_index``).
+class RopeGather:
+    """Every layer's kept cos/sin from the dense ``rope_table`` in one gather per forward.
+
+    Plain ``generate`` at batch 1 is bound by kernel launches, so a pruned model must not pay
+    one gather per layer where the dense model pays none: the model gathers the kept positions
+    of all layers at once (``index``, a buffer it owns) and each layer takes views of its slice.
+    ``slots[i]`` is ``(layout, offset, num_kv_heads, 2 * qk_head_dim)`` of layer ``i``.
+    """
+
+    def __init__(self, layers: list[LayerSpec], rope_head_dim: int):
+        self.slots: list[tuple[str, int, int, int]] = []
+        parts, offset = [], 0
+        for layer in layers:
+            layout = rope_layout(layer, rope_head_dim)
+            index = rope_index(layer, rope_head_dim)
+            if layout == "shared":
+                index = index[:1]
+            self.slots.append((layout, offset, index.shape[0], index.shape[1]))
+            if layout != "dense":
+                parts.append(index.flatten())
+                offset += index.numel()
+        # On the CPU even while a model is built on the meta device: the buffer is a copy.
+        self.index = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device="cpu")
+
+    def gather(self, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+        """``[B, T, N]``: one kernel for all layers (None when every layer is dense)."""
+        return table[..., index] if index.numel() else None
+
+    def layer(self, i: int, table: torch.Tensor, gathered: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s ``(cos, signed_sin)``: ``[B, 1, T, D]`` (dense, the table itself),
+        ``[B, 1, T, d]`` (shared) or ``[B, Hkv, T, d]`` (per head); views, no kernel."""
+        layout, offset, heads, width = self.slots[i]
+        if layout == "dense":
+            part = table[:, None]
+        else:
+            part = gathered[..., offset:offset + heads * width]
+            part = part[:, None] if layout == "shared" else \
+                part.unflatten(-1, (heads, width)).transpose(1, 2)
+        return part.chunk(2, dim=-1)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``q [B,H,T,d]`` and ``k [B,Hkv,T,d]`` with one layer's ``(cos, signed_sin)``
+    (``RopeGather.layer``).
 
     A pruned head stores its kept frequencies in rotate-half layout, so HF's rotation applies
-    unchanged once cos/sin are taken at the dense positions the head kept. Plain ``generate``
-    at batch 1 is bound by kernel launches, so this path is written for few of them: one
-    gather per layer (none for ``"dense"``), and the query heads of a KV group share its
-    cos/sin by broadcasting (``q`` viewed as ``[B, Hkv, groups, T, d]``), not by copies.
+    unchanged once cos/sin are taken at the dense positions the head kept. With per-head cos/sin
+    the query heads of a KV group share theirs by broadcasting (``q`` viewed as
+    ``[B, Hkv, groups, T, d]``), not by copies.
     """
-    if layout == "dense":
-        cos, sin = table[:, None].chunk(2, dim=-1)             # [B, 1, T, D]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-    if layout == "shared":
-        cos, sin = table[:, None, :, index[0]].chunk(2, dim=-1)   # [B, 1, T, d]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-    cos, sin = table[:, :, index].transpose(1, 2).chunk(2, dim=-1)   # [B, Hkv, T, d]
-    k = _rotate(k, cos, sin)
-    if groups == 1:
-        return _rotate(q, cos, sin), k
+    k_out = _rotate(k, cos, sin)
+    if cos.shape[1] == 1 or groups == 1:
+        return _rotate(q, cos, sin), k_out
     b, h, t, d = q.shape
     q = _rotate(q.view(b, h // groups, groups, t, d), cos[:, :, None], sin[:, :, None])
-    return q.view(b, h, t, d), k
+    return q.view(b, h, t, d), k_out
 
 
 def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,

@@ -23,7 +23,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ..spec import LayerSpec
-from .attention import eager_attention, pad_for_flash, sdpa_backends
+from .attention import aligned, eager_attention, pad_for_flash, sdpa_backends
 from .kv_cache import cache_kwargs, one_cache, start_decode
 from .lm_head import causal_lm_output
 from .configuration_ecospa import EcospaGPT2Config
@@ -61,7 +61,7 @@ class EcospaGPT2Attention(nn.Module):
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention)
         v_dim = None
         if impl == "sdpa":
-            q, k, v, v_dim = pad_for_flash(q, k, v)
+            q, k, v, v_dim = pad_for_flash(aligned(q), aligned(k), aligned(v))
         out, _ = attend(self, q, k, v, attention_mask, scaling=self.scaling,
                         dropout=self.attn_dropout if self.training else 0.0, **kwargs)
         if v_dim is not None:
@@ -210,6 +210,9 @@ class EcospaGPT2LMHeadModel(RemoteCodeSaveMixin, EcospaGPT2PreTrainedModel, Gene
     @property
     def decoder_layers(self) -> nn.ModuleList:
         return self.transformer.h
+
+    def spec_changed(self) -> None:
+        """Nothing outside the layers derives from the spec (learned positions, no RoPE)."""
 
     def build_layer(self, layer: LayerSpec, layer_idx: int) -> EcospaGPT2Block:
         """A fresh block of shape ``layer`` (for surgery)."""

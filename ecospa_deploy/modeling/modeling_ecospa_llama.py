@@ -26,8 +26,8 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
 from ..spec import LayerSpec, qk_norm_heads
-from .attention import (apply_rope, eager_attention, pad_for_flash, rope_index, rope_layout,
-                        rope_table, sdpa_backends)
+from .attention import RopeGather, apply_rope, eager_attention, pad_for_flash, rope_table, \
+    sdpa_backends
 from .kv_cache import CACHE_KWARG, cache_kwargs, one_cache, start_decode
 from .lm_head import causal_lm_output
 from .configuration_ecospa import EcospaLlamaConfig
@@ -94,10 +94,6 @@ class EcospaLlamaAttention(nn.Module):
         self.k_proj = nn.Linear(h, layer.k_width, bias=layer.qkv_bias)
         self.v_proj = nn.Linear(h, layer.v_width, bias=layer.qkv_bias)
         self.o_proj = nn.Linear(layer.o_width, h, bias=layer.o_bias)
-        self._layer = layer
-        self._rope_head_dim = rope_head_dim
-        self.register_buffer("rope_index", rope_index(layer, rope_head_dim), persistent=False)
-        self.rope_layout = rope_layout(layer, rope_head_dim)
         if config.ecospa_spec.qk_norm:
             rows = qk_norm_heads(layer, rope_head_dim)
             norm = dict(divisor=rope_head_dim, eps=config.rms_norm_eps)
@@ -105,11 +101,8 @@ class EcospaLlamaAttention(nn.Module):
                                       groups=self.num_key_value_groups)
             self.k_norm = HeadRMSNorm(rows, layer.qk_head_dim, **norm)
 
-    def reset_rope_index(self) -> None:
-        init.copy_(self.rope_index, rope_index(self._layer, self._rope_head_dim))
-
     def forward(self, hidden_states: torch.Tensor,
-                position_embeddings: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None,
                 cache: Cache | None = None, **kwargs: Any
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -120,8 +113,7 @@ class EcospaLlamaAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if hasattr(self, "k_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, k, position_embeddings, self.rope_index, self.num_key_value_groups,
-                          self.rope_layout)
+        q, k = apply_rope(q, k, *position_embeddings, self.num_key_value_groups)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         # Looked up per call: set_attn_implementation on the shared config reaches every layer.
@@ -168,8 +160,9 @@ class EcospaLlamaDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: Cache | None = None,
-                position_embeddings: torch.Tensor | None = None,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 **kwargs: Any) -> torch.Tensor:
+        """``position_embeddings``: this layer's ``(cos, signed_sin)`` (``RopeGather.layer``)."""
         residual = hidden_states
         hidden_states, _ = self.self_attn(self.input_layernorm(hidden_states),
                                           position_embeddings=position_embeddings,
@@ -222,8 +215,8 @@ class EcospaLlamaPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, EcospaLlamaAttention):
-            module.reset_rope_index()
+        if isinstance(module, EcospaLlamaModel):
+            init.copy_(module.rope_gather, module.rope.index)
 
 
 class EcospaLlamaModel(EcospaLlamaPreTrainedModel):
@@ -237,8 +230,17 @@ class EcospaLlamaModel(EcospaLlamaPreTrainedModel):
             for i, layer in enumerate(spec.layers))
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = EcospaRotaryEmbedding(config)
+        self._set_rope(spec)
         self.gradient_checkpointing = False
         self.post_init()
+
+    def _set_rope(self, spec) -> None:
+        """The one RoPE gather of ``spec``'s layers; rebuilt when surgery sets a new spec."""
+        self._rope_spec = spec
+        self.rope = RopeGather(spec.layers, spec.dense.head_dim)
+        old = getattr(self, "rope_gather", None)
+        device = old.device if old is not None else None
+        self.register_buffer("rope_gather", self.rope.index.to(device), persistent=False)
 
     def forward(self, input_ids: torch.LongTensor | None = None,
                 attention_mask: torch.Tensor | None = None,
@@ -247,6 +249,8 @@ class EcospaLlamaModel(EcospaLlamaPreTrainedModel):
                 inputs_embeds: torch.FloatTensor | None = None,
                 use_cache: bool | None = None, past_key_values: Cache | None = None,
                 **kwargs: Any) -> BaseModelOutputWithPast:
+        if self._rope_spec is not self.config.ecospa_spec:
+            self._set_rope(self.config.ecospa_spec)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -263,11 +267,13 @@ class EcospaLlamaModel(EcospaLlamaPreTrainedModel):
             if "sliding_attention" in self.config.layer_types:
                 masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
         hidden_states = inputs_embeds
-        position_embeddings = rope_table(*self.rotary_emb(hidden_states, position_ids=position_ids))
+        table = rope_table(*self.rotary_emb(hidden_states, position_ids=position_ids))
+        gathered = self.rope.gather(table, self.rope_gather)
         with sdpa_backends(hidden_states.device):
-            for layer in self.layers:
+            for i, layer in enumerate(self.layers):
                 hidden_states = layer(hidden_states, attention_mask=masks[layer.attention_type],
-                                      cache=cache, position_embeddings=position_embeddings,
+                                      cache=cache,
+                                      position_embeddings=self.rope.layer(i, table, gathered),
                                       position_ids=position_ids, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
                                        **cache_kwargs(cache if use_cache else None))
@@ -299,6 +305,11 @@ class EcospaLlamaForCausalLM(RemoteCodeSaveMixin, EcospaLlamaPreTrainedModel, Ge
     @property
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.layers
+
+    def spec_changed(self) -> None:
+        """Rebuild what the model derives from the spec's layers (surgery calls this; a forward
+        also notices, but a tracer would not see a buffer registered inside it)."""
+        self.model._set_rope(self.config.ecospa_spec)
 
     def build_layer(self, layer: LayerSpec, layer_idx: int) -> EcospaLlamaDecoderLayer:
         """A fresh decoder layer of shape ``layer`` (for surgery)."""

@@ -105,6 +105,7 @@ def _replace_layer(model: nn.Module, i: int, new_spec: LayerSpec, tensors: Canon
 def _commit_spec(model: nn.Module, layers: list[LayerSpec], **provenance) -> ModelSpec:
     spec = model.config.ecospa_spec.replace_layers(layers, **provenance)
     model.config.set_spec(spec)
+    model.spec_changed()
     return spec
 
 
