@@ -106,5 +106,17 @@ def prefill_floor_s(flops: float, ceilings: Ceilings) -> float:
     return flops / ceilings.matmul
 
 
-__all__ = ["Ceilings", "measure_ceilings", "model_params", "kv_bytes_per_token",
+def burst_ttft_floor_s(spec: ModelSpec, params_no_embed: int, lengths: list[int],
+                       matmul_flops_per_s: float) -> list[float]:
+    """TTFT floor of each prompt of a burst that arrives at once, in the order that minimises
+    every percentile (shortest first): the prefill FLOPs of it and of every shorter prompt at the
+    matmul ceiling. No server can beat this for the burst, whatever it batches."""
+    done, out = 0.0, {}
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        done += prefill_flops(spec, params_no_embed, 1, lengths[i])
+        out[i] = done / matmul_flops_per_s
+    return [out[i] for i in range(len(lengths))]
+
+
+__all__ = ["Ceilings", "burst_ttft_floor_s", "measure_ceilings", "model_params", "kv_bytes_per_token",
            "decode_read_bytes", "decode_floor_s", "prefill_flops", "prefill_floor_s"]

@@ -4,7 +4,9 @@
 weights, a word-level tokenizer whose every id decodes to text, so each streamed token is one
 event) to a temporary directory, starts the server on it, sends ``--requests`` streamed
 completions at once with distinct prompt lengths and mixed ``max_tokens``, and writes
-``serve_<shape>.json`` with TTFT/TPOT p50/p99 and output tokens/s per model, plus their ratio.
+``serve_<shape>.json`` with TTFT/TPOT p50/p99 and output tokens/s per model, plus their ratio,
+and each model's TTFT floor for the burst (its prefill FLOPs, shortest prompt first, at the
+measured matmul ceiling), which no scheduler can beat.
 """
 
 from __future__ import annotations
@@ -31,10 +33,24 @@ def word_tokenizer(vocab: int):
                                    eos_token="</s>")
 
 
+def ttft_floor_ms(model, prompts: list[list[int]], matmul_flops_per_s: float) -> dict:
+    """p50/p99 of the burst's TTFT floor (``floor.burst_ttft_floor_s``) for ``model``."""
+    from ecospa_deploy.serve.loadtest import percentile
+
+    from .floor import burst_ttft_floor_s
+    from .harness import model_facts
+
+    facts = model_facts(model, torch.bfloat16)
+    floor = burst_ttft_floor_s(facts["spec"], facts["matmul_params"],
+                               [len(p) for p in prompts], matmul_flops_per_s)
+    return {q: round(1e3 * percentile(floor, n), 2) for q, n in (("p50", 50), ("p99", 99))}
+
+
 def main(argv=None) -> int:
     from ecospa_deploy.serve.loadtest import run_stream_load, token_prompts
     from ecospa_deploy.serve.process import ServerProcess
 
+    from .floor import measure_ceilings
     from .shapes import build_model, load_shape
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -53,13 +69,16 @@ def main(argv=None) -> int:
     server_args = ["--backend", "engine", "--dtype", "bfloat16", "--device", "cuda",
                    "--max-batch-size", str(args.requests), "--max-model-len",
                    str(args.max_model_len), "--max-queue", str(4 * args.requests)]
+    ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     result = dict(shape=args.shape, server_args=server_args, requests=args.requests,
-                  prompt_lens=args.prompt_lens, max_tokens_mix=mix, runs={})
+                  prompt_lens=args.prompt_lens, max_tokens_mix=mix, ceilings=ceil.to_dict(),
+                  runs={})
     for label in ("dense", "pruned"):
         with tempfile.TemporaryDirectory(prefix=f"ecospa-serve-{label}-") as tmp:
             model = build_model(shape, label == "pruned", torch.bfloat16, torch.device("cuda"))
             model.save_pretrained(tmp)
             word_tokenizer(vocab).save_pretrained(tmp)
+            floor = ttft_floor_ms(model, prompts, ceil.matmul)
             del model
             torch.cuda.empty_cache()
             with ServerProcess(tmp, *server_args, startup_timeout=600.0) as srv:
@@ -68,6 +87,7 @@ def main(argv=None) -> int:
             run = runs[-1]
             run.pop("results")
             run["first_run_tokens_per_s"] = runs[0]["output_tokens_per_s"]
+            run["ttft_floor_ms"] = floor      # shortest first at the matmul ceiling
             result["runs"][label] = run
             print(label, json.dumps(run), flush=True)
     d, p = result["runs"]["dense"], result["runs"]["pruned"]

@@ -29,6 +29,7 @@ class FakeBackend:
         self.slots: dict[int, int] = {}
         self.batches: list[list[int]] = []
         self.freed: list[int] = []
+        self.added: list[int] = []          # prompt length of each add, in order
         self.gate = threading.Event()
         self.gate.set()
 
@@ -38,6 +39,7 @@ class FakeBackend:
         if slot in self.slots:
             raise AssertionError(f"slot {slot} reused before free")
         self.slots[slot] = 0
+        self.added.append(len(prompt_ids))
         return 10
 
     def step(self):
@@ -90,6 +92,22 @@ def test_late_requests_join_the_running_batch():
         assert len(events[0]) == 21 and events[0][-1].finish == "length"
         assert sorted(backend.freed) == [0, 1, 2]
         assert sched.metrics.batch_size._sum.get() >= 3 * len(joined)
+    finally:
+        sched.stop()
+
+
+def test_a_burst_is_prefilled_shortest_prompt_first():
+    """TTFTs of a burst are prefix sums of its prefills: shortest first minimises them."""
+    backend = FakeBackend()
+    sched = Scheduler(backend, max_batch_size=8, max_queue=8).start()
+    try:
+        events = [[] for _ in range(5)]
+        lengths = [50, 1, 30, 7, 30]
+        sched.submit([Sequence(list(range(3, 3 + n)), SamplingParams(max_new_tokens=2),
+                               events[i].append) for i, n in enumerate(lengths)])
+        wait_for(lambda: all(e and e[-1].finish for e in events))
+        assert backend.added == [1, 7, 30, 30, 50]
+        assert [len(e) for e in events] == [3] * 5       # every one still ran to its length
     finally:
         sched.stop()
 
