@@ -52,6 +52,20 @@ def _stock_dispatch():
 
 
 @contextlib.contextmanager
+def _unpadded_decode():
+    """Our HF models leaving decode steps unpadded (``PAD_MIN_QUERY_LEN = 2``: the
+    memory-efficient kernel at the pruned dims), to compare with the default."""
+    from ecospa_deploy.modeling import attention
+
+    saved = attention.PAD_MIN_QUERY_LEN
+    attention.PAD_MIN_QUERY_LEN = 2
+    try:
+        yield
+    finally:
+        attention.PAD_MIN_QUERY_LEN = saved
+
+
+@contextlib.contextmanager
 def _no_pad():
     """Our HF models without the q/k padding that lets flash run (pruned layers)."""
     from ecospa_deploy.modeling import attention
@@ -91,7 +105,11 @@ def _no_cudnn():
 
 
 def _kernel_names(fn) -> list[str]:
+    """Names of the CUDA kernels ``fn`` runs (none off CUDA)."""
     from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        return []
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
@@ -112,42 +130,67 @@ def _stock_model(model, shape, dtype, dev):
 
 
 def hf_rows(shape, dtype, dev, args, emit) -> None:
-    """Plain ``generate`` bs 1, TPOT median of the second of two runs (the first warms up)."""
+    """Plain ``generate`` bs 1: every variant built up front, then ``--hf-rounds`` rounds that
+    run each variant once (the order rotating per round), so the shared host's drift reaches
+    every variant alike. TPOT: the median over rounds of each round's median step."""
     cfg = types.SimpleNamespace(device=dev)
     vocab = shape["dense"]["vocab_size"]
     prompt = [_prompt(args.hf_prompt, vocab, 1)]
-    for label in ("dense", "pruned"):
-        model = build_model(shape, label == "pruned", dtype, dev)
-        variants = [("ours", model, contextlib.nullcontext)]
-        if args.baseline:
-            variants.append(("ours_stock_dispatch", model, _stock_dispatch))
-            if label == "pruned":
-                variants.append(("ours_no_pad", model, _no_pad))
-        stock = None
-        stock_name = f"stock_{shape['family']}"
-        if label == "dense":
-            stock = _stock_model(model, shape, dtype, dev)
-            variants += [(stock_name, stock, contextlib.nullcontext),
-                         (f"{stock_name}_no_cudnn", stock, _no_cudnn)]
-        for name, m, ctx in variants:
-            backend = HFBackend(m, cfg, 1, 0)
-            gen = args.hf_gen if "stock_dispatch" not in name and name != stock_name \
-                else max(6, args.hf_gen // 4)
-            with ctx():
-                backend.run(prompt, gen)
-                ttft, steps = backend.run(prompt, gen)
-                names = _kernel_names(lambda: backend.run(prompt, 3))
-                prof = _top_ops(lambda: backend.run(prompt, 4), args.top) if args.kernels else []
-            cudnn = sorted({n[:80] for n in names if "cudnn" in n.lower()})
-            attn = sorted({n[:80] for n in names if any(s in n.lower() for s in
-                                                         ("flash", "fmha", "attention"))})
-            emit(dict(section="hf", model=label, variant=name, prompt_len=args.hf_prompt,
-                      gen=gen, tpot_ms=1e3 * statistics.median(steps), ttft_ms=1e3 * ttft,
-                      tpot_min_ms=1e3 * min(steps),
-                      cudnn_kernels=len(cudnn), attention_kernels=attn[:6],
-                      cudnn_examples=cudnn[:3], profile=prof))
-        del model, stock, variants, backend
-        _free()
+    dense = build_model(shape, False, dtype, dev)
+    pruned = build_model(shape, True, dtype, dev)
+    stock_name = f"stock_{shape['family']}"
+    stock = _stock_model(dense, shape, dtype, dev)
+    variants = [("dense", "ours", dense, contextlib.nullcontext),
+                ("pruned", "ours", pruned, contextlib.nullcontext),
+                ("dense", f"{stock_name}_no_cudnn", stock, _no_cudnn),
+                ("pruned", "ours_unpadded_decode", pruned, _unpadded_decode)]
+    if args.baseline:
+        variants += [("dense", stock_name, stock, contextlib.nullcontext),
+                     ("dense", "ours_stock_dispatch", dense, _stock_dispatch),
+                     ("pruned", "ours_stock_dispatch", pruned, _stock_dispatch),
+                     ("pruned", "ours_no_pad", pruned, _no_pad)]
+    backends = [HFBackend(m, cfg, 1, 0) for _, _, m, _ in variants]
+    # cuDNN's per-shape graph builds make the stock dispatch slow: fewer tokens there.
+    gens = [max(6, args.hf_gen // 4) if "stock_dispatch" in name or name == stock_name
+            else args.hf_gen for _, name, _, _ in variants]
+    for (_, _, _, ctx), backend, gen in zip(variants, backends, gens):
+        with ctx():
+            backend.run(prompt, gen)                       # warm-up
+    rounds: list[list[float]] = [[] for _ in variants]
+    ttfts: list[list[float]] = [[] for _ in variants]
+    for r in range(args.hf_rounds):
+        order = list(range(len(variants)))
+        order = order[r % len(order):] + order[:r % len(order)]
+        for i in order:
+            with variants[i][3]():
+                ttft, steps = backends[i].run(prompt, gens[i])
+            rounds[i].append(statistics.median(steps))
+            ttfts[i].append(ttft)
+    for i, (label, name, _, ctx) in enumerate(variants):
+        with ctx():
+            names = _kernel_names(lambda: backends[i].run(prompt, 3))
+            prof = _top_ops(lambda: backends[i].run(prompt, 4), args.top) if args.kernels else []
+        cudnn = sorted({n[:80] for n in names if "cudnn" in n.lower()})
+        attn = sorted({n[:80] for n in names if any(s in n.lower() for s in
+                                                     ("flash", "fmha", "attention"))})
+        emit(dict(section="hf", model=label, variant=name, prompt_len=args.hf_prompt,
+                  gen=gens[i], rounds=len(rounds[i]),
+                  tpot_ms=1e3 * statistics.median(rounds[i]),
+                  tpot_min_ms=1e3 * min(rounds[i]),
+                  tpot_round_ms=[round(1e3 * t, 3) for t in rounds[i]],
+                  ttft_ms=1e3 * statistics.median(ttfts[i]),
+                  cudnn_kernels=len(cudnn), attention_kernels=attn[:6],
+                  cudnn_examples=cudnn[:3], profile=prof))
+    by = {(row_label, name): statistics.median(rounds[i])
+          for i, (row_label, name, _, _) in enumerate(variants)}
+    emit(dict(section="hf_ratio", pruned_over_dense_speed=by[("dense", "ours")] /
+              by[("pruned", "ours")],
+              ours_over_stock_speed=by[("dense", f"{stock_name}_no_cudnn")] /
+              by[("dense", "ours")],
+              per_round_pruned_speed=[round(d / p, 3) for d, p in
+                                      zip(rounds[0], rounds[1])]))
+    del dense, pruned, stock, variants, backends
+    _free()
 
 
 def _ttft(eng, n: int, vocab: int, seed: int) -> float:
@@ -292,6 +335,7 @@ def main(argv=None) -> int:
                     help="also the before-the-fix prefill (slow: a cuDNN build per shape)")
     ap.add_argument("--hf-prompt", type=int, default=128)
     ap.add_argument("--hf-gen", type=int, default=32)
+    ap.add_argument("--hf-rounds", type=int, default=5)
     ap.add_argument("--max-seq", type=int, default=2048)
     ap.add_argument("--prefill", nargs="+", default=["1x128", "1x2048", "32x128"])
     ap.add_argument("--decode", nargs="+", default=["1x128", "32x128", "32x2048"])
