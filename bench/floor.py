@@ -118,5 +118,5 @@ def burst_ttft_floor_s(spec: ModelSpec, params_no_embed: int, lengths: list[int]
     return [out[i] for i in range(len(lengths))]
 
 
-__all__ = ["Ceilings", "burst_ttft_floor_s", "measure_ceilings", "model_params", "kv_bytes_per_token",
-           "decode_read_bytes", "decode_floor_s", "prefill_flops", "prefill_floor_s"]
+__all__ = ["Ceilings", "burst_ttft_floor_s", "measure_ceilings", "model_params",
+           "kv_bytes_per_token", "decode_read_bytes", "decode_floor_s", "prefill_flops", "prefill_floor_s"]

@@ -20,19 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ecospa_deploy.modeling.attention import pad_last
+from ecospa_deploy.modeling.attention import pad_for_flash
 
 from .shapes import load_shape
 
 
 def _padded(q, k, v):
-    qk, vd = q.shape[-1], v.shape[-1]
+    """Our HF modules' path: ``pad_for_flash``, flash, the output sliced back to the v dim."""
+    causal = q.shape[-2] > 1
+    q, k, v, v_dim = pad_for_flash(q, k, v)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        if qk < vd:
-            return F.scaled_dot_product_attention(pad_last(q, vd), pad_last(k, vd), v,
-                                                  is_causal=q.shape[-2] > 1)
-        out = F.scaled_dot_product_attention(q, k, pad_last(v, qk), is_causal=q.shape[-2] > 1)
-        return out[..., :vd].contiguous()
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return out if v_dim is None else out[..., :v_dim].contiguous()
 
 
 def _efficient(q, k, v):

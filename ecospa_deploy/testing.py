@@ -243,9 +243,9 @@ def write_llm_pruner_pickle(path: Path):
 
 
 
-__all__ = ["FAMILIES", "cached_decode_logits", "tiny_hf_config", "tiny_hf", "tiny_dense", "tiny_pruned", "tiny_shape",
-           "random_masks", "randomize", "tiny_tokenizer", "whole_head_masks",
-           "write_foreign_checkpoint", "write_llm_pruner_pickle"]
+__all__ = ["FAMILIES", "cached_decode_logits", "tiny_hf_config", "tiny_hf", "tiny_dense",
+           "tiny_pruned", "tiny_shape", "random_masks", "randomize", "tiny_tokenizer",
+           "whole_head_masks", "write_foreign_checkpoint", "write_llm_pruner_pickle"]
 
 
 def slot_join_tokens(engine, first: tuple[int, list[int]], second: tuple[int, list[int]],

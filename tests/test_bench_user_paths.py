@@ -3,24 +3,13 @@ runs in every round (so host drift reaches all alike), and the ratios come from 
 
 from __future__ import annotations
 
-import copy
 import statistics
 import types
 
 import torch
 
 from ecospa_deploy.bench import user_paths
-from ecospa_deploy.bench.shapes import load_shape
-
-
-def tiny_shape() -> dict:
-    shape = copy.deepcopy(load_shape("llama-1b"))
-    shape["dense"].update(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                          head_dim=16, intermediate_size=96, vocab_size=200, num_hidden_layers=2)
-    shape["pruned"]["layers"] = [
-        dict(num_attention_heads=4, qk_head_dim=8, v_head_dim=16, intermediate_size=40),
-        dict(num_attention_heads=2, qk_head_dim=16, v_head_dim=8, intermediate_size=64)]
-    return shape
+from ecospa_deploy.testing import tiny_shape
 
 
 def test_hf_rows_interleave_every_variant_and_derive_the_ratios():

@@ -87,8 +87,8 @@ def test_plugin_registers_our_architectures():
 
 def test_greedy_tokens_equal_hf_modeling(tmp_path):
     # Llama/GPT-2 at dense head dim 64 are the "-mixed" entries (seeds whose layers pad to 32/64).
-    paths, refs = _convert(tmp_path, ["qwen2", "mistral", "qwen3", "phi3", *sorted(SMALL_AND_MIXED)],
-                           tp=1)
+    families = ["qwen2", "mistral", "qwen3", "phi3", *sorted(SMALL_AND_MIXED)]
+    paths, refs = _convert(tmp_path, families, tp=1)
     code, result, log = run_vllm(paths)
     assert code == 0 and result is not None, log[-4000:]
     for path in paths:

@@ -242,10 +242,7 @@ class EcospaLlamaModel(EcospaLlamaPreTrainedModel):
         # Where the model is being built (the meta device under from_pretrained, whose
         # _init_weights then fills it on the target device), or where the old buffer lives.
         device = old.device if old is not None else torch.empty(0).device
-        index = torch.empty_like(self.rope.index, device=device)
-        if device.type != "meta":
-            index.copy_(self.rope.index)
-        self.register_buffer("rope_gather", index, persistent=False)
+        self.register_buffer("rope_gather", self.rope.index.to(device), persistent=False)
 
     def forward(self, input_ids: torch.LongTensor | None = None,
                 attention_mask: torch.Tensor | None = None,

@@ -3,9 +3,9 @@
 Each iteration first frees the slots of cancelled sequences, then prefills waiting sequences
 into free slots (``backend.add``; shortest prompt first among those admitted together), then
 decodes one token for every occupied slot (``backend.step``). A request that arrives while a
-batch decodes therefore joins it at the next step; nothing is serialised per request. Tokens go back to the asyncio side through
-``loop.call_soon_threadsafe``; the model never runs on the event loop, so the HTTP side
-stays responsive while it computes.
+batch decodes therefore joins it at the next step; nothing is serialised per request. Tokens go
+back to the asyncio side through ``loop.call_soon_threadsafe``; the model never runs on the
+event loop, so the HTTP side stays responsive while it computes.
 
 The waiting queue is bounded (``QueueFull`` → HTTP 429; a request with more sequences than
 the whole queue holds can never fit: ``NeverFits`` → HTTP 400). A failing ``add`` fails only its
