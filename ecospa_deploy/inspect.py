@@ -66,9 +66,31 @@ def describe_spec(spec: ModelSpec, total_params: int | None = None) -> dict[str,
     }
 
 
+def describe_gguf(path: Path) -> dict[str, Any]:
+    """Describe a GGUF file from its metadata and tensor table (a dense model)."""
+    from ecospa_deploy.families import family_of
+    from ecospa_deploy.gguf_input import read_config, tensor_types
+
+    config, header = read_config(path)
+    fam = family_of(config.model_type, str(path))
+    total = sum(math.prod(t.shape) for t in header.tensors.values())
+    out = describe_spec(fam.dense_spec(config), total)
+    out.update(path=str(path), model_type=config.model_type,
+               architecture=fam.load("model_class").__name__,
+               format=f"gguf (architecture {header.architecture!r}; dequantized to float32 on "
+                      "load)",
+               checkpoint_dtypes=tensor_types(header))
+    return out
+
+
 def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """Describe a checkpoint directory (ours or foreign) without loading its weights."""
+    """Describe a checkpoint directory (ours or foreign) or a GGUF file without loading its
+    weights."""
+    from ecospa_deploy.gguf_input import is_gguf
+
     path = Path(path)
+    if is_gguf(path):
+        return describe_gguf(path)
     config, model_cls, foreign = resolve_config(path)
     tensors = read_checkpoint_index(path)
     total = sum(math.prod(t.shape) for t in tensors.values())  # a tied head is stored once

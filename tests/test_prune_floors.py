@@ -13,6 +13,11 @@ from ecospa_deploy.errors import EcospaError
 from ecospa_deploy.prune.ecospa import schedule
 from ecospa_deploy.prune.floors import Floors
 from ecospa_deploy.prune.run import METHODS, PruneOptions, prune_model
+
+# LLM-Pruner leaves the first and last layers dense (its paper's layer range), so on these
+# 3-layer models it prunes one layer and the targets below are out of its reach; its floors are
+# tested in tests/test_prune_anchors.py
+EVERY_LAYER = [m for m in METHODS if m != "llm-pruner"]
 from ecospa_deploy.prune.tracking import ParamCounter, count_params
 from ecospa_deploy.testing import FAMILIES, VOCAB, tiny_dense
 
@@ -30,7 +35,7 @@ def _assert_floors(spec, dense, min_keep):
         assert layer.num_key_value_heads >= 1
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", EVERY_LAYER)
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_no_layer_below_the_floors_at_half_size(family, method):
     model = tiny_dense(family)
@@ -58,7 +63,7 @@ def test_the_floor_is_what_stops_the_collapse():
         _assert_floors(model.config.ecospa_spec, spec, 0.125)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", EVERY_LAYER)
 def test_larger_floor_is_honoured(method):
     model = tiny_dense("llama")
     dense = model.config.ecospa_spec
@@ -66,7 +71,7 @@ def test_larger_floor_is_honoured(method):
     _assert_floors(model.config.ecospa_spec, dense, 0.4)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", EVERY_LAYER)
 def test_impossible_target_names_the_floor(method):
     model = tiny_dense("llama")
     with pytest.raises(EcospaError, match=r"min-keep 0\.5.*smaller --min-keep"):

@@ -43,7 +43,10 @@ def _check_golden(model, masks):
     return sliced
 
 
-@pytest.mark.parametrize("method", METHODS)
+# LLM-Pruner leaves the first and last layers dense (its paper's layer range): on these 3-layer
+# models only one layer is pruned and 0.75 is out of reach; tests/test_prune_anchors.py tests it
+# with its layer range given.
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "llm-pruner"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_method_golden_and_target(family, method):
     model = tiny_dense(family)

@@ -6,6 +6,7 @@ onnx needs the optional 'onnx' dependencies: pip install 'ecospa-deploy[onnx]'.
 
 examples:
   ecospa convert native ./llm-pruner.bin -o ./pruned --allow-pickle
+  ecospa convert native ./SmolLM2-135M-Instruct.Q4_1.gguf -o ./smollm2   # needs [gguf]
   ecospa convert onnx ./pruned -o ./pruned-onnx                  # fp32, KV cache, verified
   ecospa convert onnx ./pruned -o ./pruned-onnx16 --dtype fp16
   ecospa convert onnx ./pruned -o ./pruned-genai --target genai  # smaller KV, genai only
@@ -28,7 +29,8 @@ from ecospa_deploy.converters.vllm_plan import ACCEPTED_HEAD_SIZES, DEFAULT_BACK
 def _common(sub: argparse.ArgumentParser) -> None:
     from ecospa_deploy.commands.args import add_output_arguments
 
-    sub.add_argument("src", help="checkpoint directory (ours or a foreign HF directory)")
+    sub.add_argument("src", help="checkpoint directory (ours or a foreign HF directory), a GGUF "
+                                   "file, or (native, --allow-pickle) an LLM-Pruner pickle")
     add_output_arguments(sub)
 
 

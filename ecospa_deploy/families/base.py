@@ -133,6 +133,12 @@ class Family:
     def parts(self, model: Any) -> Parts:
         raise NotImplementedError
 
+    def stat_modules(self, layer: Any) -> dict[str, Any]:
+        """Modules whose *inputs* activation-aware pruners measure: ``attn`` (takes the normed
+        attention input), ``o`` (takes the concatenated head outputs), ``down`` (takes the FFN
+        activations)."""
+        raise NotImplementedError
+
 
 # -- shared by the families' shape inference -------------------------------------------
 def heads_in(n: int, d: int, what: str, layer: int, tensor: str) -> int:

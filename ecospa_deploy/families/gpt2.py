@@ -100,5 +100,8 @@ class GPT2Family(Family):
         base = model.transformer
         return Parts(embed=base.wte, positions=base.wpe, final_norm=base.ln_f, rotary=None)
 
+    def stat_modules(self, layer: Any) -> dict[str, Any]:
+        return {"attn": layer.attn.c_attn, "o": layer.attn.c_proj, "down": layer.mlp.c_proj}
+
 
 FAMILY = GPT2Family()

@@ -129,6 +129,10 @@ class LlamaFamily(Family):
         return Parts(embed=base.embed_tokens, positions=None, final_norm=base.norm,
                      rotary=base.rotary_emb)
 
+    def stat_modules(self, layer: Any) -> dict[str, Any]:
+        return {"attn": layer.self_attn.q_proj, "o": layer.self_attn.o_proj,
+                "down": layer.mlp.down_proj}
+
 
 def whole_head_layer(base: LayerSpec, shapes: dict[str, tuple[int, ...]], prefix: str,
                      n_q: int, n_kv: int, v_head_dim: int, ffn: int, head_dim: int, *,

@@ -56,8 +56,13 @@ from ecospa_deploy.prune.fisher import FisherAccumulator, calibration_fisher
 from ecospa_deploy.prune.mask import LayerMask
 from ecospa_deploy.prune.surgery import slice_model
 from ecospa_deploy.prune.tracking import KeptIndices, LayerKeep, ParamCounter
-from ecospa_deploy.prune.units import canonical_of, layer_fisher, layer_norms, shrink, unit_counts
+from ecospa_deploy.prune.activations import collect
+from ecospa_deploy.prune.units import (activation_norms, canonical_of, layer_fisher, layer_norms,
+                                       shrink, unit_counts)
 from ecospa_deploy.spec import LayerSpec
+
+
+SCORES = ("weights", "activations")
 
 
 @dataclass
@@ -65,8 +70,13 @@ class EcoSpaConfig:
     top_k: float = 0.3
     theta: float = 0.9
     rounds: int = 20     # one-shot: at most this many rounds, whatever the target
+    # Eq. 10's unit scores: "weights" (the paper) or "activations" (the variant ecospa-act:
+    # the data term of Eq. 9 kept exact, ``units.activation_norms``)
+    scores: str = "weights"
 
     def validate(self) -> "EcoSpaConfig":
+        if self.scores not in SCORES:
+            raise EcospaError(f"scores={self.scores!r} is invalid; expected one of {SCORES}")
         if not (isinstance(self.rounds, int) and self.rounds >= 1):
             raise EcospaError(f"rounds={self.rounds!r} is invalid; expected an integer >= 1")
         if not 0 < self.top_k <= 1:
@@ -115,14 +125,17 @@ class RoundScores:
     scores: dict[tuple[int, str], torch.Tensor]    # (layer, block) -> [groups, units]
 
 
-def round_scores(model: nn.Module, fisher: FisherAccumulator, floors: Floors) -> RoundScores:
-    """Eq. 8 pair importances and Eq. 10 unit scores of the model as it is now."""
+def round_scores(model: nn.Module, fisher: FisherAccumulator, floors: Floors,
+                 stats: list | None = None) -> RoundScores:
+    """Eq. 8 pair importances and Eq. 10 unit scores of the model as it is now (with ``stats``,
+    ``activations.collect`` of the model as it is now: the activation-aware Eq. 10)."""
     spec = model.config.ecospa_spec
     rope = spec.rope
     pairs = []
     scores = {}
     for i, (layer, lspec) in enumerate(zip(model.decoder_layers, spec.layers)):
-        norms = layer_norms(layer.canonical(), lspec, rope)
+        norms = layer_norms(layer.canonical(), lspec, rope) if stats is None else \
+            activation_norms(layer.canonical(), lspec, rope, stats[i])
         imp = layer_fisher(canonical_of(layer, fisher.mean(i)), lspec)
         units = unit_counts(lspec, rope)
         for block in ("qk", "vo", "ffn"):
@@ -171,7 +184,8 @@ def _plan(rs: RoundScores, spec, counter: ParamCounter, target: int, top_k: floa
 
 def plan_round(model: nn.Module, fisher: FisherAccumulator, counter: ParamCounter,
                target: int, cfg: EcoSpaConfig, floors: Floors | None = None,
-               round_target: int | None = None) -> tuple[list[Removal], int, int]:
+               round_target: int | None = None, stats: list | None = None
+               ) -> tuple[list[Removal], int, int]:
     """The removals of one round (not applied), the number of selected and of all pairs.
 
     With the paper's ``top_k``/``theta`` first; if that plan leaves the model above
@@ -181,7 +195,7 @@ def plan_round(model: nn.Module, fisher: FisherAccumulator, counter: ParamCounte
     """
     spec = model.config.ecospa_spec
     floors = floors or Floors.of(spec)
-    rs = round_scores(model, fisher, floors)
+    rs = round_scores(model, fisher, floors, stats)
     if not rs.pairs:
         return [], 0, 0
     goal = target if round_target is None else max(target, round_target)
@@ -261,11 +275,12 @@ def apply_removals(model: nn.Module, removals: list[Removal], kept: KeptIndices,
 
 def ecospa_round(model: nn.Module, fisher: FisherAccumulator, counter: ParamCounter,
                  target: int, cfg: EcoSpaConfig, kept: KeptIndices, floors: Floors | None = None,
-                 round_target: int | None = None, slicer: Callable = slice_model
-                 ) -> tuple[RoundReport, list[LayerMask]]:
+                 round_target: int | None = None, slicer: Callable = slice_model,
+                 stats: list | None = None) -> tuple[RoundReport, list[LayerMask]]:
     """Plan and apply one round on ``model`` (in place)."""
     before = counter.total(model.config.ecospa_spec.layers)
-    removals, k, n_pairs = plan_round(model, fisher, counter, target, cfg, floors, round_target)
+    removals, k, n_pairs = plan_round(model, fisher, counter, target, cfg, floors, round_target,
+                                      stats)
     masks = apply_removals(model, removals, kept, slicer) if removals else []
     after = counter.total(model.config.ecospa_spec.layers)
     removed: dict[str, int] = {}
@@ -314,8 +329,12 @@ def prune_ecospa(model: nn.Module, windows: torch.Tensor, target: int,
                 break
             fisher = calibration_fisher(work, windows, batch_size,
                                         desc=f"round {round_idx + 1} gradients")
+            stats = collect(work, windows, batch_size, desc=f"round {round_idx + 1} activations",
+                            progress=False) if cfg.scores == "activations" else None
             report, _ = ecospa_round(work, fisher, counter, target, cfg, kept, floors,
-                                     schedule(start, target, cfg.rounds, round_idx))
+                                     schedule(start, target, cfg.rounds, round_idx),
+                                     stats=stats)
+            del stats
             del fisher
             reports.append(report)
             # the last round may overshoot the target: the bar stops at its total, exactly

@@ -52,6 +52,18 @@ class Floors:
                         for b in BLOCKS})
         return cls(min_keep, tuple(out))
 
+    def raised(self, spec: ModelSpec, block: str, min_keep: float) -> "Floors":
+        """These floors with ``block``'s raised to ``min_keep`` of the dense width (a layer
+        already narrower keeps its width as floor)."""
+        dense = spec.dense
+        n = {"qk": dense.head_dim // 2 if spec.rope else dense.head_dim, "vo": dense.head_dim,
+             "ffn": dense.intermediate_size}[block]
+        units = []
+        for layer, u in zip(spec.layers, self.units):
+            now = unit_counts(layer, spec.rope)[block]
+            units.append({**u, block: max(u[block], min(now, math.ceil(min_keep * n)))})
+        return Floors(self.min_keep, tuple(units), self.kv_groups)
+
     def __call__(self, layer: int, block: str) -> int:
         return self.units[layer][block]
 

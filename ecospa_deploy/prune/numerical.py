@@ -10,12 +10,15 @@ Per layer and module (attention: ``W = W_O``, input ``X`` = the concatenated hea
   ``z₀ = 1`` already lands on the optimum; we iterate until the step vanishes (at most ``T``).
   ``r = (1 − ρ)D`` with ``ρ`` the model's overall pruning ratio; the paper leaves ``λ`` open: we
   use ``λ = mean(diag(H_l))`` so the penalty has the data term's scale.
-- **Units.** Like the paper: whole heads (a GQA group: removing a K/V head removes its whole
-  group) and MLP channels, each MLP channel keeping its own ``z``. To reach the same targets
-  as the other methods at the same floors (a 2-group tiny model cannot lose half its
-  parameters by whole heads and channels without going below the FFN floor), the kept heads
-  may also lose **v dims** and **q/k dims** (rotary pairs under RoPE), the same number in
-  every KV group of a layer (one stored head dim per layer), each group its lowest-scored.
+- **Units.** The paper's: whole heads (a GQA group: removing a K/V head removes its whole
+  group) and MLP channels, each MLP channel keeping its own ``z``. The variant
+  ``numerical-dims`` (``NumericalConfig.dims``; this module's default until the real-model
+  study, docs/real_model.md) lets the kept heads also lose **v dims** and **q/k dims** (rotary
+  pairs under RoPE), the same number in every KV group of a layer (one stored head dim per
+  layer), each group its lowest-scored. On SmolLM2-135M it ranks q/k pairs below everything
+  else and cuts most layers to the q/k floor at 10 % pruning, and every chat answer comes back
+  empty: the q/k score below ignores softmax, mask and rotation, and misses what the
+  high-frequency pairs do for position.
   A v dim is an o_proj input channel, so it has its own ``z`` already (summed over the
   group's query heads). For q/k, the same Newton problem is solved on the attention logits
   ``S = QKᵀ`` read as a linear map of ``Q`` with weight ``Kᵀ``:
@@ -60,6 +63,9 @@ class NumericalConfig:
     newton_steps: int = 50
     damp: float = 0.01
     compensate: bool = True
+    # False: the paper's units (whole heads and MLP channels). True: the ``numerical-dims``
+    # variant, which also removes v dims and q/k dims (rotary pairs) inside kept heads.
+    dims: bool = False
 
 
 def _modules(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -221,7 +227,8 @@ def prune_numerical(model: nn.Module, windows: torch.Tensor, target: int,
         z_d = numerical_score(w_d, xd.to(w_d.device), keep * w_d.shape[0], cfg.newton_steps)
         n_q, n_kv = lspec.num_attention_heads, lspec.num_key_value_heads
         v_z = z_o.view(n_kv, n_q // n_kv, lspec.v_head_dim).sum(1)
-        qk_z = qk_score(c, lspec, xa.to(w_o.device), keep, rope, cfg.newton_steps)
+        qk_z = qk_score(c, lspec, xa.to(w_o.device), keep, rope, cfg.newton_steps) if cfg.dims \
+            else torch.zeros(n_kv, unit_counts(lspec, rope)["qk"], device=w_o.device)
         st = _Layer(group_z=v_z.sum(1), v_z=v_z, qk_z=qk_z, ffn_z=z_d, groups=[], ffn=[])
         state.append(st)
         cost = _costs(counter, i, lspec, rope)
@@ -233,10 +240,13 @@ def prune_numerical(model: nn.Module, windows: torch.Tensor, target: int,
             units += [(float(z) * ch / cost["group"], i, "group", g)
                       for g, z in enumerate(st.group_z.tolist())]
         # the k-th v (q/k) unit to leave each group is its k-th lowest: one slot per k
-        v_slots = torch.sort(v_z, dim=1).values.sum(0)
-        qk_slots = torch.sort(qk_z, dim=1).values.sum(0)
-        units += [(float(z) * ch / cost["v"], i, "v", k) for k, z in enumerate(v_slots.tolist())]
-        units += [(float(z) * ch / cost["qk"], i, "qk", k) for k, z in enumerate(qk_slots.tolist())]
+        if cfg.dims:
+            v_slots = torch.sort(v_z, dim=1).values.sum(0)
+            qk_slots = torch.sort(qk_z, dim=1).values.sum(0)
+            units += [(float(z) * ch / cost["v"], i, "v", k)
+                      for k, z in enumerate(v_slots.tolist())]
+            units += [(float(z) * ch / cost["qk"], i, "qk", k)
+                      for k, z in enumerate(qk_slots.tolist())]
     units.sort(key=lambda u: u[0])
     layers = list(spec.layers)
     current = total

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ecospa_deploy.errors import EcospaError, UnsupportedError
+from ecospa_deploy.families.base import load
 from ecospa_deploy.prune.align import AlignReport, align_masks
 from ecospa_deploy.prune.floors import DEFAULT_MIN_KEEP, Floors, check_min_keep
 from ecospa_deploy.prune.mask import LayerMask
@@ -23,6 +24,19 @@ from ecospa_deploy.prune.surgery import slice_model
 from ecospa_deploy.prune.tracking import count_params, masks_to_json
 
 from ecospa_deploy.prune.methods import METHODS  # noqa: E402  (torch-free, for the CLI)
+
+# anchors: "module:function" with the signature (model, windows, target, floors, batch_size,
+# heads=...) -> masks, imported when used
+ANCHORS = {
+    "wanda-sp": "ecospa_deploy.prune.wanda_sp:prune_wanda_sp",
+    "flap": "ecospa_deploy.prune.flap:prune_flap",
+    "llm-pruner": "ecospa_deploy.prune.llm_pruner:prune_llm_pruner",
+}
+HEADS = ("groups", "query")
+# ecospa-act keeps at least this share of every layer's q/k dims: on SmolLM2-135M a uniform
+# 25 % q/k cut costs 1.13x perplexity, while EcoSpa's energy-share rule (theta) cut some layers
+# to 8 of 64 dims at 20 % pruning and the chat answers came back empty (docs/real_model.md)
+ACT_QK_MIN_KEEP = 0.75
 
 
 @dataclass
@@ -36,6 +50,7 @@ class PruneOptions:
     seed: int = 0
     min_keep: float = DEFAULT_MIN_KEEP   # per-layer floor, a fraction of the dense widths
     rounds: int = 20                     # ecospa: at most this many rounds
+    heads: str = "groups"                # anchors: whole KV groups, or query heads per group
 
     def validate(self) -> "PruneOptions":
         check_min_keep(self.min_keep)
@@ -47,6 +62,9 @@ class PruneOptions:
                               "of the input's parameters strictly between 0 and 1 (0.7 keeps 70%)")
         if not (isinstance(self.rounds, int) and self.rounds >= 1):
             raise EcospaError(f"rounds={self.rounds!r} is invalid; expected an integer >= 1")
+        if self.heads not in HEADS:
+            raise EcospaError(f"heads={self.heads!r} is not supported; expected one of "
+                              f"{list(HEADS)}")
         if self.align is not None and self.align < 1:
             raise EcospaError(f"align={self.align} is invalid; expected an integer >= 1")
         return self
@@ -72,21 +90,29 @@ def compute_masks(model: nn.Module, windows: torch.Tensor, opts: PruneOptions,
     target = round(opts.target_size * count_params(model))
     floors = Floors.of(model.config.ecospa_spec, opts.min_keep)
     facts: dict[str, Any] = {"min_keep": opts.min_keep}
-    if opts.method == "ecospa":
+    if opts.method in ("ecospa", "ecospa-act"):
         from ecospa_deploy.prune.ecospa import EcoSpaConfig, prune_ecospa
 
-        cfg = EcoSpaConfig(opts.top_k, opts.theta, opts.rounds).validate()
+        scores = "activations" if opts.method == "ecospa-act" else "weights"
+        cfg = EcoSpaConfig(opts.top_k, opts.theta, opts.rounds, scores).validate()
+        if scores == "activations":
+            floors = floors.raised(model.config.ecospa_spec, "qk", ACT_QK_MIN_KEEP)
+            facts["qk_min_keep"] = ACT_QK_MIN_KEEP
         masks, reports = prune_ecospa(model, windows, target, cfg, batch_size=opts.batch_size,
                                       floors=floors, in_place=in_place)
         return masks, len(reports), {**facts, "top_k": opts.top_k, "theta": opts.theta,
-                                     "max_rounds": opts.rounds}
-    if opts.method == "numerical":
+                                     "max_rounds": opts.rounds, "scores": scores}
+    if opts.method in ("numerical", "numerical-dims"):
         from ecospa_deploy.prune.numerical import NumericalConfig, prune_numerical
 
-        cfg = NumericalConfig()
+        cfg = NumericalConfig(dims=opts.method == "numerical-dims")
         masks = prune_numerical(model, windows, target, cfg, opts.batch_size, floors)
         return masks, 1, {**facts, "damp": cfg.damp, "newton_steps": cfg.newton_steps,
-                          "compensation": "weights (Eq. 11)"}
+                          "compensation": "weights (Eq. 11)", "dims": cfg.dims}
+    if opts.method in ANCHORS:
+        prune = load(ANCHORS[opts.method])
+        masks = prune(model, windows, target, floors, opts.batch_size, heads=opts.heads)
+        return masks, 1, {**facts, "heads": opts.heads}
     from ecospa_deploy.prune.baselines import prune_uniform
 
     masks, ratio = prune_uniform(model, target, opts.method, floors)
@@ -114,7 +140,7 @@ def prune_model(model: nn.Module, windows: torch.Tensor, opts: PruneOptions,
     before = count_params(model)
     target = round(opts.target_size * before)
     # EcoSpa's rounds slice the model itself unless --align needs the input's weights after.
-    in_place = opts.method == "ecospa" and not opts.align
+    in_place = opts.method in ("ecospa", "ecospa-act") and not opts.align
     masks, rounds, facts = compute_masks(model, windows, opts, in_place=in_place)
     report = None
     if opts.align:

@@ -6,6 +6,8 @@ All three work on each layer's canonical projections (``layer.canonical()``: ``q
 - ``slice_model`` removes what a mask drops, in place, and returns the new ``ModelSpec``.
 - ``zero_out`` keeps shapes and writes zeros where a mask drops: the masked dense model the
   golden invariant compares against (docs/DESIGN.md §3).
+- ``add_output_biases`` adds a bias to o_proj/down_proj (bias compensation: the mean of what
+  a removal took away, FLAP), creating the bias and setting the spec flag where there was none.
 - ``pad_model`` appends exact zeros (q/k dims by rotary pair, v dims, FFN neurons, KV groups)
   so widths reach hardware-friendly sizes without changing a single logit.
 """
@@ -193,4 +195,35 @@ def pad_model(model: nn.Module, *, qk_multiple: int | None = None,
     return _commit_spec(model, layers)
 
 
-__all__ = ["slice_model", "zero_out", "pad_model", "LayerMask"]
+@torch.no_grad()
+def add_output_biases(model: nn.Module, biases: Sequence[dict[str, torch.Tensor] | None]
+                      ) -> ModelSpec:
+    """Add ``biases[i]["o"]`` / ``["down"]`` (``[hidden]``) to layer ``i``'s output projections,
+    in place; a layer without such a bias gets one (``o_bias``/``down_bias`` set in its spec)."""
+    spec: ModelSpec = model.config.ecospa_spec
+    if len(biases) != spec.num_layers:
+        raise SpecError(f"got {len(biases)} layer biases; expected {spec.num_layers}")
+    layers = []
+    for i, (add, layer) in enumerate(zip(biases, spec.layers)):
+        unknown = set(add or {}) - {"o", "down"}
+        if unknown:
+            raise SpecError(f"layer {i}: biases for {sorted(unknown)}; expected 'o' or 'down'")
+        if not add:
+            layers.append(layer)
+            continue
+        c = dict(model.decoder_layers[i].canonical())
+        new = layer.replace(o_bias=layer.o_bias or "o" in add,
+                            down_bias=layer.down_bias or "down" in add)
+        for key, delta in add.items():
+            w, b = c[key]
+            base = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
+            c[key] = (w, base + delta.to(device=w.device, dtype=w.dtype))
+        if new != layer:
+            _replace_layer(model, i, new, c)
+        else:
+            model.decoder_layers[i].load_canonical(c)
+        layers.append(new)
+    return _commit_spec(model, layers)
+
+
+__all__ = ["slice_model", "zero_out", "pad_model", "add_output_biases", "LayerMask"]

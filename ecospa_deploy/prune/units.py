@@ -92,6 +92,41 @@ def layer_norms(c: Canon, spec: LayerSpec, rope: bool) -> LayerNorms:
                       ffn2=down)
 
 
+def activation_norms(c: Canon, spec: LayerSpec, rope: bool, stats) -> LayerNorms:
+    """Eq. 10 with its data term kept exact: the squared norms of what each side of a unit
+    *computes* on the calibration data, not of its weights.
+
+    EcoSpa's Eq. 9 bounds a unit's error by ``‖X‖_F·‖w1_j‖·‖w2_j‖``; the weight norms are the
+    bound's only unit-dependent part, and they ignore what the input does to each weight (an
+    RMSNorm gain of 30 on one channel, or the few channels that carry massive activations). The
+    exact term is ``‖X w1_j‖·‖w2_j‖``: here ``‖X w1_j‖²`` is ``w1_j Σ w1_jᵀ`` (``Σ`` the attention
+    input's second moment) for query and key dims, the measured energy of the o_proj input
+    channel for value dims (the head output after attention mixing, summed over the group's
+    query heads with their W_O columns) and of the FFN activation ``act(gate_j)·up_j`` for
+    FFN neurons. ``stats`` is the layer's ``activations.LayerStats``.
+    """
+    n_q, n_kv = spec.num_attention_heads, spec.num_key_value_heads
+    group, dqk, dv = n_q // n_kv, spec.qk_head_dim, spec.v_head_dim
+    sigma = stats.attn.second.float()
+
+    def data(key: str) -> torch.Tensor:
+        w = _rows(*c[key])
+        if w.shape[1] != sigma.shape[0]:          # a bias column: x gains a constant 1
+            w, b = w[:, :-1], w[:, -1]
+            mu = stats.attn.mean.float()
+            return ((w @ sigma) * w).sum(1) + 2 * b * (w @ mu) + b * b
+        return ((w @ sigma) * w).sum(1)
+
+    q = data("q").view(n_kv, group, dqk).sum(1)
+    k = data("k").view(n_kv, dqk)
+    o = _sq(c["o"][0].detach().float()).sum(0)
+    vo = (stats.o.energy.float() * o).view(n_kv, group, dv).sum(1)
+    ffn = stats.down.energy.float() * _sq(c["down"][0].detach().float()).sum(0)
+    one = torch.ones_like
+    return LayerNorms(qk1=_pairs(q, rope), qk2=_pairs(k, rope), vo1=vo, vo2=one(vo), ffn1=ffn,
+                      ffn2=one(ffn))
+
+
 def layer_fisher(f: Canon, spec: LayerSpec) -> dict[str, torch.Tensor]:
     """Eq. 8 per coupled matrix pair: mean of the two component matrices' mean squared gradient.
 
@@ -141,5 +176,5 @@ def shrink(spec: LayerSpec, block: str, units: int, rope: bool) -> LayerSpec:
     return spec.replace(intermediate_size=units, rope_kept=None)
 
 
-__all__ = ["BLOCKS", "LayerNorms", "layer_norms", "layer_fisher", "canonical_of", "unit_counts",
+__all__ = ["BLOCKS", "LayerNorms", "layer_norms", "activation_norms", "layer_fisher", "canonical_of", "unit_counts",
            "shrink"]
