@@ -144,8 +144,8 @@ def activation_facts(model, stats, tokens) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from ecospa_deploy.domains import domain_perplexity, load_domains, read_domains
-    from ecospa_deploy.loading import load_model, load_tokenizer
+    from ecospa_deploy.bench.real_quality import load_dense
+    from ecospa_deploy.domains import domain_perplexity
     from ecospa_deploy.prune.activations import collect
     from ecospa_deploy.prune.selftext import selftext_windows
     from ecospa_deploy.prune.surgery import slice_model
@@ -163,15 +163,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.model:
-        model_dir = args.model
-    else:
-        from ecospa_deploy.smollm2 import dense_dir
-
-        model_dir = dense_dir()
-    dense = load_model(model_dir, device=args.device).eval()
-    tok = load_tokenizer(model_dir)
-    texts = read_domains(args.texts) if args.texts else load_domains()
+    dense, tok, texts = load_dense(args.model, args.texts, args.device)
     calib = selftext_windows(dense, tok, args.calib, args.seq_len, 0, batch_size=64)
     stats = collect(dense, calib.windows, 16, progress=False)
 

@@ -45,6 +45,20 @@ def target_size(model, fraction: float) -> float:
     return 1.0 - fraction * layers / total
 
 
+def load_dense(model_dir: str | None, texts_dir: str | None, device: str):
+    """(dense model, tokenizer, evaluation texts): ``model_dir`` or the converted SmolLM2;
+    ``texts_dir`` as ``domains.write_domains`` wrote it, or built from this machine's packages."""
+    from ecospa_deploy.domains import load_domains, read_domains
+    from ecospa_deploy.loading import load_model, load_tokenizer
+
+    if model_dir is None:
+        from ecospa_deploy.smollm2 import dense_dir
+
+        model_dir = dense_dir()
+    texts = read_domains(texts_dir) if texts_dir else load_domains()
+    return load_model(model_dir, device=device).eval(), load_tokenizer(model_dir), texts
+
+
 def evaluate(model, tokenizer, texts, args) -> dict:
     from ecospa_deploy.domains import domain_perplexity
     from ecospa_deploy.questions import answer_questions
@@ -71,8 +85,6 @@ def _jobs(args) -> list[tuple[int, str, float]]:
 
 
 def run(args) -> None:
-    from ecospa_deploy.domains import load_domains, read_domains
-    from ecospa_deploy.loading import load_model, load_tokenizer
     from ecospa_deploy.prune.distill import DistillConfig, distill
     from ecospa_deploy.prune.run import PruneOptions, prune_model
     from ecospa_deploy.prune.selftext import selftext_windows
@@ -85,15 +97,7 @@ def run(args) -> None:
     todo = [j for j in _jobs(args) if j not in done]
     if not todo and not args.prepare:
         return
-    if args.model:
-        model_dir = args.model
-    else:
-        from ecospa_deploy.smollm2 import dense_dir
-
-        model_dir = dense_dir()
-    dense = load_model(model_dir, device=args.device).eval()
-    tok = load_tokenizer(model_dir)
-    texts = read_domains(args.texts) if args.texts else load_domains()
+    dense, tok, texts = load_dense(args.model, args.texts, args.device)
     dense_path = out / "dense.json"
     if not dense_path.exists() and args.shard[0] == 0:
         dense_path.write_text(json.dumps(evaluate(dense, tok, texts, args), indent=1))

@@ -163,6 +163,15 @@ def tiny_tokenizer(vocab_size: int = VOCAB):
                                    eos_token="</s>")
 
 
+def tiny_chat_tokenizer(vocab_size: int = VOCAB):
+    """``tiny_tokenizer`` with the project's ChatML chat template (``data.CHAT_TEMPLATE``)."""
+    from ecospa_deploy.data import CHAT_TEMPLATE
+
+    tok = tiny_tokenizer(vocab_size)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 # -- foreign checkpoints, written the way pruning tools write them --------------------------
 def whole_head_masks(model, seed: int) -> list[LayerMask]:
     """What FLAP/LLM-Pruner/Torch-Pruning remove: whole GQA groups of heads and FFN neurons."""

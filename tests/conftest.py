@@ -12,6 +12,17 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a loaded 2-core machine two threads
+    waiting on each other at every small op made such tests 50-100x slower. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the real reference model, SmolLM2-135M-Instruct in float32 on the

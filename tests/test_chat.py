@@ -3,14 +3,12 @@
 import pytest
 
 from ecospa_deploy.chat import encode_chat, end_of_turn_ids, pad_id
-from ecospa_deploy.data import CHAT_TEMPLATE
 from ecospa_deploy.errors import EcospaError
-from ecospa_deploy.testing import tiny_tokenizer
+from ecospa_deploy.testing import tiny_chat_tokenizer, tiny_tokenizer
 
 
 def test_prompts_are_left_padded_chat_turns():
-    tok = tiny_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
+    tok = tiny_chat_tokenizer()
     batch = encode_chat(tok, ["Hi?", "What is the question?"])
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert ids.shape == mask.shape and ids.shape[0] == 2

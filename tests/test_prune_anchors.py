@@ -28,14 +28,7 @@ METHODS = {"wanda_sp": prune_wanda_sp, "flap": prune_flap, "llm_pruner": prune_l
 LAYERS = {"llm_pruner": 6}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core box OpenMP's
-    spinning threads made each forward ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _windows(seed: int = 0, n: int = 2, length: int = 16) -> torch.Tensor:

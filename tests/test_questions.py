@@ -4,27 +4,12 @@ import pytest
 import torch
 
 from ecospa_deploy import questions
-from ecospa_deploy.data import CHAT_TEMPLATE
 from ecospa_deploy.errors import EcospaError
 from ecospa_deploy.questions import QUESTIONS, Question, is_correct, is_empty, normalize
-from ecospa_deploy.testing import tiny_dense, tiny_tokenizer
+from ecospa_deploy.testing import tiny_chat_tokenizer, tiny_dense, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a loaded machine two threads waiting on each
-    other at every small op made these tests a hundred times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def chat_tokenizer():
-    """The tiny tokenizer with the ChatML template (set here when it has none)."""
-    tok = tiny_tokenizer()
-    tok.chat_template = tok.chat_template or CHAT_TEMPLATE
-    return tok
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_set_has_forty_distinct_questions_none_giving_its_answer_away():
@@ -75,7 +60,7 @@ def test_only_whitespace_is_empty():
 
 def test_batched_answers_equal_one_at_a_time():
     model = tiny_dense("llama", max_position_embeddings=512)
-    tok = chat_tokenizer()
+    tok = tiny_chat_tokenizer()
     asked = QUESTIONS[:5]
     one = questions.answer_questions(model, tok, asked, max_new_tokens=8, batch_size=1)
     batched = questions.answer_questions(model, tok, asked, max_new_tokens=8, batch_size=3)
@@ -85,7 +70,7 @@ def test_batched_answers_equal_one_at_a_time():
 
 
 def test_an_answer_matching_an_alias_is_counted_right():
-    model, tok = tiny_dense("llama", max_position_embeddings=512), chat_tokenizer()
+    model, tok = tiny_dense("llama", max_position_embeddings=512), tiny_chat_tokenizer()
     said = questions.generate_answers(model, tok, ["What is 2 plus 2?"], max_new_tokens=8)[0]
     word = normalize(said)[0]
     result = questions.answer_questions(model, tok, [Question("What is 2 plus 2?", (word,))],
@@ -96,7 +81,7 @@ def test_an_answer_matching_an_alias_is_counted_right():
 def test_an_empty_answer_is_empty_and_wrong():
     """With a zero output layer every logit ties and greedy picks id 0, the pad token: the
     decoded answer (special tokens skipped) is empty."""
-    model, tok = tiny_dense("llama", max_position_embeddings=512), chat_tokenizer()
+    model, tok = tiny_dense("llama", max_position_embeddings=512), tiny_chat_tokenizer()
     with torch.no_grad():
         model.lm_head.weight.zero_()
     result = questions.answer_questions(model, tok, [Question("Say nothing.", ("nothing",))],
@@ -111,7 +96,7 @@ def test_answers_stop_at_the_first_end_of_turn_token():
     first occurrence."""
     from ecospa_deploy.chat import encode_chat
 
-    model, tok = tiny_dense("llama", max_position_embeddings=512), chat_tokenizer()
+    model, tok = tiny_dense("llama", max_position_embeddings=512), tiny_chat_tokenizer()
     batch = encode_chat(tok, ["Hi?"])
     free = model.generate(**batch, max_new_tokens=8, do_sample=False, eos_token_id=[],
                           pad_token_id=0)[0, batch["input_ids"].shape[1]:].tolist()
@@ -126,6 +111,6 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(EcospaError, match="no chat template"):
         questions.answer_questions(model, tiny_tokenizer(), QUESTIONS[:1])
     with pytest.raises(EcospaError, match="questions is empty"):
-        questions.answer_questions(model, chat_tokenizer(), [])
+        questions.answer_questions(model, tiny_chat_tokenizer(), [])
     with pytest.raises(EcospaError, match="max_new_tokens=0"):
-        questions.generate_answers(model, chat_tokenizer(), ["Hi?"], max_new_tokens=0)
+        questions.generate_answers(model, tiny_chat_tokenizer(), ["Hi?"], max_new_tokens=0)

@@ -6,36 +6,22 @@ import pytest
 import torch
 
 from ecospa_deploy.chat import encode_chat
-from ecospa_deploy.data import CHAT_TEMPLATE
 from ecospa_deploy.errors import EcospaError
 from ecospa_deploy.prune import selftext
 from ecospa_deploy.prune.selftext import PROMPTS, choose_prompts, selftext_windows
 from ecospa_deploy.questions import QUESTIONS
-from ecospa_deploy.testing import tiny_dense, tiny_tokenizer
+from ecospa_deploy.testing import tiny_chat_tokenizer, tiny_dense
 
 SEQ = 160     # the tiny tokenizer spends about a token per character on a prompt
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a loaded machine two threads waiting on each
-    other at every small op made these tests a hundred times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ECOSPA_CACHE", str(tmp_path))
     return tmp_path
-
-
-def chat_tokenizer():
-    tok = tiny_tokenizer()
-    tok.chat_template = tok.chat_template or CHAT_TEMPLATE
-    return tok
 
 
 def model():
@@ -58,7 +44,7 @@ def test_prompts_are_chosen_by_seed_without_repeats_until_the_list_is_used_up():
 
 
 def test_windows_have_the_shape_and_start_with_their_prompt(cache):
-    tok = chat_tokenizer()
+    tok = tiny_chat_tokenizer()
     got = selftext_windows(model(), tok, samples=5, seq_len=SEQ, seed=0, batch_size=2,
                            progress=False)
     assert got.windows.shape == (5, SEQ) and got.windows.dtype == torch.int64
@@ -72,7 +58,7 @@ def test_windows_have_the_shape_and_start_with_their_prompt(cache):
 
 
 def test_same_seed_same_windows_other_seed_other_windows(cache):
-    m, tok = model(), chat_tokenizer()
+    m, tok = model(), tiny_chat_tokenizer()
     kw = dict(samples=3, seq_len=SEQ, batch_size=2, progress=False, cache=False)
     a, b = selftext_windows(m, tok, seed=0, **kw), selftext_windows(m, tok, seed=0, **kw)
     c = selftext_windows(m, tok, seed=1, **kw)
@@ -82,7 +68,7 @@ def test_same_seed_same_windows_other_seed_other_windows(cache):
 
 
 def test_a_second_call_reads_the_cache(cache):
-    m, tok = model(), chat_tokenizer()
+    m, tok = model(), tiny_chat_tokenizer()
     first = selftext_windows(m, tok, samples=2, seq_len=SEQ, seed=0, progress=False)
     assert not first.cached and first.path.is_file()
     assert first.path.parent == cache / "selftext"
@@ -104,7 +90,7 @@ def test_the_cache_key_follows_the_weights():
 def test_generation_goes_on_past_eos(cache):
     """A zero output layer samples every token alike, eos included: rows must carry on after
     an eos with sampled tokens, not stop and pad."""
-    m, tok = model(), chat_tokenizer()
+    m, tok = model(), tiny_chat_tokenizer()
     with torch.no_grad():
         m.lm_head.weight.zero_()
     got = selftext_windows(m, tok, samples=4, seq_len=SEQ + 100, seed=0, batch_size=2,
@@ -122,6 +108,6 @@ def test_generation_goes_on_past_eos(cache):
 
 def test_bad_arguments_are_clear_errors(cache):
     with pytest.raises(EcospaError, match="leaves no room to generate"):
-        selftext_windows(model(), chat_tokenizer(), samples=2, seq_len=16, progress=False)
+        selftext_windows(model(), tiny_chat_tokenizer(), samples=2, seq_len=16, progress=False)
     with pytest.raises(EcospaError, match="expected samples >= 1"):
-        selftext_windows(model(), chat_tokenizer(), samples=0, progress=False)
+        selftext_windows(model(), tiny_chat_tokenizer(), samples=0, progress=False)

@@ -67,4 +67,35 @@ def batches(windows: torch.Tensor, batch_size: int):
         yield windows[start:start + batch_size]
 
 
-__all__ = ["Calibration", "read_text", "tokenize", "calibration_windows", "batches"]
+def backward_passes(model, windows: torch.Tensor, batch_size: int, params,
+                    desc: str = "gradients", show: bool = False):
+    """One LM-loss backward per batch of ``windows``, yielding after each with the gradients
+    set: only ``params`` require a gradient (what is scored; embeddings and the LM head cost
+    memory and time for nothing), the model is in eval mode; flags and mode are restored and
+    gradients cleared afterwards. The weights are not changed."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    every = list(model.parameters())
+    flags = [p.requires_grad for p in every]
+    scored = {id(p) for p in params}
+    was_training = model.training
+    model.eval()
+    for p in every:
+        p.requires_grad_(id(p) in scored)
+    try:
+        for batch in tqdm(list(batches(windows, batch_size)), desc=desc, leave=False,
+                          disable=not show):
+            batch = batch.to(device)
+            model.zero_grad(set_to_none=True)
+            model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+            yield
+        model.zero_grad(set_to_none=True)
+    finally:
+        for p, f in zip(every, flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+__all__ = ["Calibration", "read_text", "tokenize", "calibration_windows", "batches",
+           "backward_passes"]

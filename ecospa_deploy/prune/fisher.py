@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ecospa_deploy.prune.calibration import batches
+from ecospa_deploy.prune.calibration import backward_passes
 from ecospa_deploy.prune.mask import LayerMask
 from ecospa_deploy.prune.surgery import pad_model, slice_model
 
@@ -106,27 +105,9 @@ def calibration_fisher(model: nn.Module, windows: torch.Tensor, batch_size: int 
 def _fisher(model: nn.Module, windows: torch.Tensor, batch_size: int, desc: str, show: bool
             ) -> FisherAccumulator:
     acc = FisherAccumulator(model)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    params = [p for p in model.parameters()]
-    flags = [p.requires_grad for p in params]
-    scored = {id(p) for layer in model.decoder_layers for p in layer.parameters()}
-    for p in params:
-        p.requires_grad_(id(p) in scored)
-    try:
-        for batch in tqdm(list(batches(windows, batch_size)), desc=desc, leave=False,
-                          disable=not show):
-            batch = batch.to(device)
-            model.zero_grad(set_to_none=True)
-            out = model(input_ids=batch, labels=batch, use_cache=False)
-            out.loss.backward()
-            acc.accumulate()
-        model.zero_grad(set_to_none=True)
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-        model.train(was_training)
+    params = [p for layer in model.decoder_layers for p in layer.parameters()]
+    for _ in backward_passes(model, windows, batch_size, params, desc, show):
+        acc.accumulate()
     return acc
 
 

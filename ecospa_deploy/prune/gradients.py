@@ -2,10 +2,9 @@
 
 First-order Taylor scores (LLM-Pruner's ``|w·∂L/∂w|``) need the gradient itself, summed over
 the calibration set *before* taking the magnitude; the empirical Fisher (``fisher.py``) sums
-its square per batch instead, so the two cannot share one accumulator. The pass mirrors
-``fisher._fisher``: eval mode, only the asked decoder layers' parameters require a gradient
-(embeddings and the LM head are never scored), fp32 sums on the model's device, flags and
-mode restored afterwards; the weights are not changed.
+its square per batch instead, so the two cannot share one accumulator; they share the pass
+(``calibration.backward_passes``): eval mode, only the asked decoder layers' parameters
+require a gradient, fp32 sums on the model's device, flags and mode restored afterwards.
 """
 
 from __future__ import annotations
@@ -14,9 +13,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ecospa_deploy.prune.calibration import batches
+from ecospa_deploy.prune.calibration import backward_passes
 
 
 def loss_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
@@ -27,36 +25,19 @@ def loss_gradients(model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
     a layer not in ``layers`` (default: every layer)."""
     decoder = list(model.decoder_layers)
     wanted = set(range(len(decoder)) if layers is None else layers)
-    device = next(model.parameters()).device
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    scored = {id(p) for i in wanted for p in decoder[i].parameters()}
     sums: list[dict[str, torch.Tensor] | None] = [
         {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
          for name, p in layer.named_parameters()} if i in wanted else None
         for i, layer in enumerate(decoder)]
     count = 0
-    was_training = model.training
-    model.eval()
-    for p in params:
-        p.requires_grad_(id(p) in scored)
-    try:
-        for batch in tqdm(list(batches(windows, batch_size)), desc=desc, leave=False,
-                          disable=not show):
-            batch = batch.to(device)
-            model.zero_grad(set_to_none=True)
-            model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-            with torch.no_grad():
-                for i in wanted:
-                    for name, p in decoder[i].named_parameters():
-                        if p.grad is not None:
-                            sums[i][name] += p.grad.float()
-            count += 1
-        model.zero_grad(set_to_none=True)
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-        model.train(was_training)
+    params = [p for i in wanted for p in decoder[i].parameters()]
+    for _ in backward_passes(model, windows, batch_size, params, desc, show):
+        with torch.no_grad():
+            for i in wanted:
+                for name, p in decoder[i].named_parameters():
+                    if p.grad is not None:
+                        sums[i][name] += p.grad.float()
+        count += 1
     for layer in sums:
         for g in (layer or {}).values():
             g /= max(count, 1)

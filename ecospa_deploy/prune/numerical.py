@@ -49,9 +49,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ecospa_deploy.prune.calibration import batches
+from ecospa_deploy.prune.activations import collect
 from ecospa_deploy.prune.floors import Floors
 from ecospa_deploy.prune.mask import LayerMask
 from ecospa_deploy.prune.tracking import KeptIndices, LayerKeep, ParamCounter
@@ -68,38 +67,11 @@ class NumericalConfig:
     dims: bool = False
 
 
-def _modules(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(attention output projection, MLP down projection, attention input projection)."""
-    if hasattr(layer, "self_attn"):
-        return layer.self_attn.o_proj, layer.mlp.down_proj, layer.self_attn.q_proj
-    return layer.attn.c_proj, layer.mlp.c_proj, layer.attn.c_attn
-
-
-@torch.no_grad()
 def input_gram(model: nn.Module, windows: torch.Tensor, batch_size: int = 1
                ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per layer ``XᵀX`` (float64) of the o_proj, down_proj and attention inputs."""
-    device = next(model.parameters()).device
-    grams: list[list[torch.Tensor | None]] = [[None, None, None] for _ in model.decoder_layers]
-    hooks = []
-    for i, layer in enumerate(model.decoder_layers):
-        for j, module in enumerate(_modules(layer)):
-            def hook(_m, args, _out, i=i, j=j):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                g = (x.t() @ x).double()
-                grams[i][j] = g if grams[i][j] is None else grams[i][j] + g
-            hooks.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in tqdm(list(batches(windows, batch_size)), desc="numerical: activations",
-                          leave=False):
-            model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return [tuple(g) for g in grams]
+    stats = collect(model, windows, batch_size, desc="numerical: activations")
+    return [(st.o.gram, st.down.gram, st.attn.gram) for st in stats]
 
 
 def newton_score(h_l: torch.Tensor, r: float, steps: int = 50) -> torch.Tensor:
