@@ -35,16 +35,6 @@ import torch
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 
-def target_size(model, fraction: float) -> float:
-    """The ``PruneOptions.target_size`` (share of all parameters) that removes ``fraction`` of
-    the decoder-layer parameters."""
-    from ecospa_deploy.prune.tracking import count_params
-
-    total = count_params(model)
-    layers = sum(count_params(layer) for layer in model.decoder_layers)
-    return 1.0 - fraction * layers / total
-
-
 def load_dense(model_dir: str | None, texts_dir: str | None, device: str):
     """(dense model, tokenizer, evaluation texts): ``model_dir`` or the converted SmolLM2;
     ``texts_dir`` as ``domains.write_domains`` wrote it, or built from this machine's packages."""
@@ -88,6 +78,7 @@ def run(args) -> None:
     from ecospa_deploy.prune.distill import DistillConfig, distill
     from ecospa_deploy.prune.run import PruneOptions, prune_model
     from ecospa_deploy.prune.selftext import selftext_windows
+    from ecospa_deploy.prune.tracking import layer_fraction_target
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,9 +96,9 @@ def run(args) -> None:
 
     def texts_of(seed):
         if seed not in windows:
-            calib = selftext_windows(dense, tok, args.calib, args.seq_len, seed,
+            calib = selftext_windows(dense, tok, args.calib, args.calib_seq_len, seed,
                                      batch_size=args.gen_batch)
-            recov = selftext_windows(dense, tok, args.recover_samples, args.seq_len,
+            recov = selftext_windows(dense, tok, args.recover_samples, args.calib_seq_len,
                                      10_000 + seed, batch_size=args.gen_batch) \
                 if args.recover_steps else None
             windows[seed] = (calib, recov)
@@ -121,10 +112,10 @@ def run(args) -> None:
         calib, recov = texts_of(seed)
         row = {"seed": seed, "method": method, "fraction": fraction,
                "calibration": {"sha256": calib.sha256, "samples": args.calib,
-                               "seq_len": args.seq_len}}
+                               "seq_len": args.calib_seq_len}}
         model = copy.deepcopy(dense)
         try:
-            opts = PruneOptions(method=method, target_size=target_size(dense, fraction),
+            opts = PruneOptions(method=method, target_size=layer_fraction_target(dense, fraction),
                                 seed=seed, batch_size=args.batch_size)
             torch.cuda.synchronize() if args.device == "cuda" else None
             start = time.perf_counter()
@@ -233,7 +224,9 @@ def main(argv=None) -> int:
     p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--calib", type=int, default=128, help="calibration windows")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per evaluation window")
+    p.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration "
+                   "and recovery window (default: --seq-len)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per pass")
     p.add_argument("--eval-windows", type=int, default=64, help="per domain")
     p.add_argument("--recover-steps", type=int, default=300)
@@ -249,6 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--report", action="store_true", help="merge the shards' rows and write "
                    "the table (no pruning)")
     args = p.parse_args(argv)
+    args.calib_seq_len = args.calib_seq_len or args.seq_len
     if args.report:
         print(report(Path(args.out)))
         return 0

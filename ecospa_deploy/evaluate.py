@@ -55,8 +55,8 @@ def windows_of(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int = 1,
-               progress: bool = True, max_windows: int | None = None, bf16: bool = False
-               ) -> Perplexity:
+               progress: bool = True, max_windows: int | None = None, bf16: bool = False,
+               desc: str = "perplexity") -> Perplexity:
     """Perplexity of ``model`` on the token ids ``ids`` (1-D) under the module's protocol;
     ``bf16`` runs the forward under CUDA bf16 autocast (the loss stays fp32)."""
     from tqdm.auto import tqdm
@@ -76,7 +76,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: in
     total_nll, count = 0.0, 0
     start = time.perf_counter()
     try:
-        for s in tqdm(range(0, wins.shape[0], batch_size), desc="perplexity",
+        for s in tqdm(range(0, wins.shape[0], batch_size), desc=desc,
                       disable=not progress, leave=False):
             batch = wins[s:s + batch_size].to(device)
             ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and batch.is_cuda

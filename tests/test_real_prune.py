@@ -8,11 +8,10 @@ import copy
 
 import pytest
 
-from ecospa_deploy.bench.real_quality import target_size
 from ecospa_deploy.domains import domain_perplexity, plays
 from ecospa_deploy.prune.run import PruneOptions, prune_model
 from ecospa_deploy.prune.selftext import selftext_windows
-from ecospa_deploy.prune.tracking import count_params
+from ecospa_deploy.prune.tracking import count_params, layer_fraction_target
 from ecospa_deploy.questions import answer_questions, _q
 
 pytestmark = pytest.mark.slow
@@ -28,7 +27,7 @@ def test_a_little_pruning_keeps_the_real_model_working(smollm2):
     calib = selftext_windows(dense, tok, samples=8, seq_len=160, seed=0, progress=False)
     model = copy.deepcopy(dense)
     result = prune_model(model, calib.windows, PruneOptions(
-        method="ecospa-act", target_size=target_size(dense, 0.05), batch_size=4))
+        method="ecospa-act", target_size=layer_fraction_target(dense, 0.05), batch_size=4))
     assert result.params_after < 0.965 * count_params(dense)
     text = {"plays": plays()}
     before = domain_perplexity(dense, tok, text, seq_len=256, max_windows=4)["plays"]

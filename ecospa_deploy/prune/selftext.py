@@ -148,6 +148,18 @@ def _autocast(device: torch.device, model, bf16: bool):
     return contextlib.nullcontext(), str(next(model.parameters()).dtype).replace("torch.", "")
 
 
+class _Ticker:
+    """A stopping criterion that never stops: it advances a progress bar by one decode step,
+    so the bar's ETA is per token, not per batch."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        self.bar.update(1)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def _generate(model, tokenizer, prompts: list[str], seq_len: int, seed: int, batch_size: int,
               bf16: bool, progress: bool) -> tuple[torch.Tensor, str]:
@@ -171,21 +183,25 @@ def _generate(model, tokenizer, prompts: list[str], seq_len: int, seed: int, bat
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            for s in tqdm(range(0, len(order), batch_size), desc="selftext",
-                          disable=not progress, leave=False):
+            starts = range(0, len(order), batch_size)
+            steps = [seq_len - min(lengths[i] for i in order[s:s + batch_size]) for s in starts]
+            bar = tqdm(total=sum(steps), desc=f"calibration text ({len(prompts)} samples)",
+                       unit="step", disable=not progress, leave=False)
+            for s, new in zip(starts, steps):
                 rows = order[s:s + batch_size]
                 batch = {k: v.to(device) for k, v in
                          encode_chat(tokenizer, [prompts[i] for i in rows]).items()}
                 width = batch["input_ids"].shape[1]
-                new = seq_len - min(lengths[i] for i in rows)
                 with ctx:
                     # eos_token_id=[]: no stop token (None would fall back to the model's eos)
                     out = model.generate(**batch, do_sample=True, max_new_tokens=new,
                                          temperature=SAMPLING["temperature"],
                                          top_p=SAMPLING["top_p"], top_k=SAMPLING["top_k"],
-                                         eos_token_id=[], pad_token_id=pad_id(tokenizer))
+                                         eos_token_id=[], pad_token_id=pad_id(tokenizer),
+                                         stopping_criteria=[_Ticker(bar)])
                 for j, i in enumerate(rows):
                     windows[i] = out[j, width - lengths[i]:][:seq_len].cpu()
+            bar.close()
     finally:
         model.train(was_training)
     return windows, dtype

@@ -26,6 +26,14 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def layer_fraction_target(model: nn.Module, fraction: float) -> float:
+    """The ``PruneOptions.target_size`` (share of all parameters) that removes ``fraction`` of
+    the decoder-layer parameters (the papers' "pruning ratio"; embeddings are never pruned)."""
+    total = count_params(model)
+    layers = sum(count_params(layer) for layer in model.decoder_layers)
+    return 1.0 - fraction * layers / total
+
+
 class ParamCounter:
     """Parameter count of a model as a function of its per-layer specs."""
 
@@ -132,4 +140,4 @@ def masks_to_json(masks: Sequence[LayerMask], spec: ModelSpec) -> list[dict]:
     return out
 
 
-__all__ = ["count_params", "ParamCounter", "LayerKeep", "KeptLayer", "KeptIndices", "masks_to_json"]
+__all__ = ["count_params", "layer_fraction_target", "ParamCounter", "LayerKeep", "KeptLayer", "KeptIndices", "masks_to_json"]
