@@ -163,7 +163,8 @@ def report(out: Path) -> str:
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"Dense: perplexity {dense['perplexity']}, quiz {dense['quiz']['correct']}/"
              f"{dense['quiz']['total']} right. Cells: perplexity / dense (geometric mean over "
-             f"the domains), mean ± std over seeds {seeds}; quiz right (empty) answers, mean.", ""]
+             f"the domains), mean ± std over seeds {seeds} ([n]: only n of them); quiz right "
+             "(empty) answers, mean.", ""]
     for stage in ("oneshot", "recovered"):
         lines += [f"### {stage}", "",
                   "| method | " + " | ".join(f"−{f:.0%} layers" for f in fractions) + " |",
@@ -178,7 +179,8 @@ def report(out: Path) -> str:
                     cells.append("error" if err else "—")
                     continue
                 q = [r[stage]["quiz"] for r in ok]
-                cells.append(f"{_fmt([ratio(r[stage], dense) for r in ok])}× · "
+                n = "" if len(ok) == len(seeds) else f" [{len(ok)}]"
+                cells.append(f"{_fmt([ratio(r[stage], dense) for r in ok])}×{n} · "
                              f"{statistics.fmean(x['correct'] for x in q):.0f}"
                              f" ({statistics.fmean(x['empty'] for x in q):.0f})")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")

@@ -184,6 +184,19 @@ def test_demo_without_the_data_extra_says_what_to_install(tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
+def test_the_real_demo_without_the_gguf_extra_says_what_to_install(tmp_path):
+    res = _blocked(["gguf"], f"""
+        from ecospa_deploy.demo import main
+        sys.exit(main([{str(tmp_path / "demo")!r}]))""")
+    _one_line_error(res, "'gguf'", "[gguf]")
+    assert not (tmp_path / "demo").exists()
+    # the toy recipe needs no GGUF reader
+    res = _blocked(["gguf"], f"""
+        from ecospa_deploy.demo import build_parser
+        print(build_parser().parse_args(["x", "--recipe", "tiny"]).recipe)""")
+    assert res.returncode == 0 and res.stdout.strip() == "tiny", res.stderr
+
+
 def test_the_demo_refuses_an_unrelated_directory(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
