@@ -6,8 +6,11 @@ and cache plumbing. A batch of two prompts, one left-padded, runs a prefill and 
 decode steps that feed both sides the same tokens; logits are compared at every non-padding
 position.
 
-Tolerances: fp32 max abs error <= 1e-4; fp16 max abs error <= 2e-2 * max(1, max |logit|)
-(fp16 has ~3 significant digits, and ORT and PyTorch accumulate in different orders).
+Tolerances, both relative to the logits' scale because ORT and PyTorch accumulate in different
+orders: fp32 max abs error <= 1e-4 * max(1, max |logit|) (a real 30-layer model with massive
+activations, SmolLM2-135M, differs by 5.7e-4 at logits up to 32 where a tiny model stays under
+1e-5; a wrong mask or cache costs O(1)); fp16 <= 2e-2 * max(1, max |logit|) (fp16 has ~3
+significant digits).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from ecospa_deploy.modeling.kv_cache import cache_kwargs, output_cache
 
 from .onnx_runtime import OrtGenerator, position_ids
 
-FP32_ATOL = 1e-4
+FP32_RTOL = 1e-4
 FP16_RTOL = 2e-2
 
 
@@ -51,7 +54,7 @@ class Verification:
 
 
 def tolerance(dtype: str, max_abs_logit: float) -> float:
-    return FP32_ATOL if dtype == "fp32" else FP16_RTOL * max(1.0, max_abs_logit)
+    return (FP32_RTOL if dtype == "fp32" else FP16_RTOL) * max(1.0, max_abs_logit)
 
 
 def _prompts(vocab: int, seed: int, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,5 +125,5 @@ def raise_if_failed(result: Verification) -> None:
             f"{result.tolerance:.3g} for {result.dtype}. The export was not written.")
 
 
-__all__ = ["verify", "raise_if_failed", "Verification", "VerificationError", "FP32_ATOL",
+__all__ = ["verify", "raise_if_failed", "Verification", "VerificationError", "FP32_RTOL",
            "FP16_RTOL"]

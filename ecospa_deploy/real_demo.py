@@ -52,8 +52,9 @@ class Recipe:
 RECIPE = Recipe()
 EVAL_SEQ_LEN = 256
 SHOWN_QUESTIONS = ("What is the capital of France?", "How many days are there in a week?")
-# Measured on 2 idle CPU cores (docs/first_run.md), said before the first run starts.
-FIRST_RUN_COST = "about 3 minutes on 2 idle CPU cores"
+# Said before the first run starts: 126 s measured in a fresh clone on 2 idle CPU cores, the
+# wheel's download and the conversion included (docs/first_run.md).
+FIRST_RUN_COST = "about 2 minutes on 2 idle CPU cores, more on a busy machine"
 
 
 def _bytes(model) -> int:

@@ -260,3 +260,14 @@ def test_cli_target_option(tmp_path, capsys):
               "--target", "vllm"])
     assert exc.value.code == 2 and "invalid choice: 'vllm'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_tolerances_scale_with_the_logits_but_never_fall_below_the_floor():
+    from ecospa_deploy.converters.onnx_verify import Verification, tolerance
+
+    assert tolerance("fp32", 0.5) == pytest.approx(1e-4)
+    # SmolLM2-135M: 5.7e-4 at prefill where logits reach 31.8 passes, an O(1) error does not
+    assert tolerance("fp32", 31.8) == pytest.approx(3.18e-3)
+    assert Verification("fp32", tolerance("fp32", 31.8), [5.7e-4, 4.8e-5]).passed
+    assert not Verification("fp32", tolerance("fp32", 31.8), [5.7e-4, 0.3]).passed
+    assert tolerance("fp16", 31.8) == pytest.approx(0.636)

@@ -208,10 +208,12 @@ def _generate(model, tokenizer, prompts: list[str], seq_len: int, seed: int, bat
 
 
 def selftext_windows(model, tokenizer, samples: int = 128, seq_len: int = 256, seed: int = 0,
-                     batch_size: int = 16, bf16: bool = True, progress: bool = True,
+                     batch_size: int = 8, bf16: bool = True, progress: bool = True,
                      cache: bool = True) -> SelfText:
     """``samples`` windows of ``seq_len`` tokens sampled from ``model`` (module docstring);
-    cached on disk unless ``cache`` is False."""
+    cached on disk unless ``cache`` is False. ``batch_size`` is part of the cache key: the
+    default 8 is the main command's, so ``ecospa prune --calib self`` with its samples, length
+    and seed reuses the text the main command wrote."""
     from ecospa_deploy.data import cache_dir
 
     if samples < 1 or seq_len < 2 or batch_size < 1:
