@@ -27,7 +27,8 @@ SUMMARIES: dict[str, str] = {
     "prune": "prune a dense or pruned model to a target size (EcoSpa, numerical, baselines)",
     "eval": "held-out perplexity (non-overlapping windows) and a quick generation",
     "convert": "rewrite a checkpoint: native (our format), onnx, vllm",
-    "bench": "dense vs pruned speed and memory against the physical floor",
+    "bench": "dense vs pruned speed and memory against the physical floor; "
+             "`bench serve`: a serving benchmark against any OpenAI-compatible URL",
     "serve": "OpenAI-compatible HTTP server for a (pruned) model",
 }
 
@@ -48,6 +49,10 @@ def _verb_parser(verb: str, prog: str) -> tuple[argparse.ArgumentParser, object]
 
 
 def run_verb(verb: str, argv: Sequence[str], prog: str | None = None) -> int:
+    if verb == "bench" and list(argv[:1]) == ["serve"]:   # the serving benchmark (any URL)
+        from ecospa_deploy.serve.benchmark import main as bench_serve
+
+        return bench_serve(list(argv[1:]))
     parser, module = _verb_parser(verb, prog or f"ecospa {verb}")
     args = parser.parse_args(list(argv))
     try:

@@ -43,3 +43,42 @@ def test_padded_prefill_gives_the_unpadded_tokens(family, monkeypatch):
     assert first == ref.add(1, prompts[0], params)
     for _ in range(5):
         assert pad.step() == ref.step()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2", "qwen3"])
+def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(family):
+    """A prompt prefilled a chunk at a time, with another slot decoding between its chunks
+    (whose steps run over the parked row), continues exactly as the whole prompt would."""
+    model = tiny_pruned(family, seed=7, sliding_window=8) if family == "mistral" else \
+        tiny_pruned(family, seed=7)
+    ref = Engine(model, max_batch_size=2, max_seq_len=96)
+    eng = Engine(model, max_batch_size=2, max_seq_len=96)
+    long = [(7 * i) % 50 + 3 for i in range(37)]
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=11)
+    other = SamplingParams(max_new_tokens=30)
+    # the reference: the same schedule, the long prompt prefilled whole at its last chunk;
+    # the long prompt's slot (0) lies inside the running slot's (1) decode batch
+    want = [ref.add(1, [5, 6, 7], other)] + [ref.step() for _ in range(6)]
+    want += [ref.add(0, long, params)] + [ref.step() for _ in range(11)]
+
+    got = [eng.add(1, [5, 6, 7], other)]
+    for end in (10, 17, 30):                             # chunks of 10, 7 and 13 tokens
+        assert eng.add_chunk(0, long, params, end) is None
+        got += [eng.step(), eng.step()]                  # slot 0 does not decode yet
+    got += [eng.add_chunk(0, long, params, 37)] + [eng.step() for _ in range(11)]
+    assert [set(g) for g in got[1:7]] == [{1}] * 6 and set(got[8]) == {0, 1}
+    assert got == want
+
+
+def test_chunked_prefill_refuses_what_it_cannot_continue():
+    eng = Engine(tiny_pruned("llama", seed=1), max_batch_size=2, max_seq_len=64)
+    params = SamplingParams(max_new_tokens=4)
+    assert eng.add_chunk(0, [3, 4, 5, 6], params, 2) is None
+    with pytest.raises(ValueError, match="in use"):
+        eng.add(0, [3, 4], params)
+    with pytest.raises(ValueError, match="different prompt"):
+        eng.add_chunk(0, [3, 4, 5, 7], params, 4)
+    with pytest.raises(ValueError, match=r"expected an int in \(2, 4\]"):
+        eng.add_chunk(0, [3, 4, 5, 6], params, 2)
+    eng.free(0)                                          # a freed slot starts over
+    assert isinstance(eng.add_chunk(0, [3, 4, 5, 6], params, 4), int)

@@ -144,3 +144,38 @@ def test_public_host_without_key_warns(tmp_path):
                            timeout=120, env=env)
     assert "without an API key" not in local.stderr
     assert proc.returncode == quiet.returncode == local.returncode == 2  # no such directory
+
+
+@pytest.mark.skipif(engine_available() is not None, reason=str(engine_available()))
+def test_long_prompts_that_fit_do_not_pause_running_streams(model_dir):
+    """Chunked prefill: three ~6 k-token prompts (each ~4 s of whole prefill on 2 CPU cores,
+    the gap they used to cause) enter a chunk at a time between the running stream's steps."""
+    with ServerProcess(model_dir, "--backend", "engine", "--max-model-len", "8192") as srv:
+        started, flood_over, out = threading.Event(), threading.Event(), {}
+        body = {"prompt": "To be", "max_tokens": 8000, "stream": True, "ignore_eos": True,
+                "temperature": 0}
+        reader = threading.Thread(target=_stream_gaps,
+                                  args=(srv.url, body, started, flood_over, out))
+        reader.start()
+        assert started.wait(60)
+        results: list[dict] = []
+
+        def send(k: int) -> None:
+            ids = [(7 * i + k) % 90 + 3 for i in range(6000)]
+            r = httpx.post(srv.url + "/v1/completions", timeout=300,
+                           json={"prompt": ids, "max_tokens": 2, "ignore_eos": True})
+            results.append({"status": r.status_code, **r.json().get("usage", {})})
+
+        senders = [threading.Thread(target=send, args=(k,)) for k in range(3)]
+        t0 = time.monotonic()
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join()
+        took = time.monotonic() - t0
+        flood_over.set()
+        reader.join(120)
+    assert [r["status"] for r in results] == [200] * 3
+    assert all(r["prompt_tokens"] == 6000 and r["completion_tokens"] == 2 for r in results)
+    assert max(out["gaps"]) < 1.0, (max(out["gaps"]), took)
+    assert out["last"] != "data: [DONE]"

@@ -309,3 +309,81 @@ def test_disconnect_frees_slot_non_streaming(live_server):
         httpx.post(url + "/v1/completions", json={"prompt": [5], "max_tokens": 60}, timeout=0.2)
     wait_for(lambda: backend.freed, timeout=1.0)
     assert not backend.slots and len(backend.batches) < 40
+
+
+class _Recording:
+    """An engine whose calls are logged in order: ("add", n), ("chunk", end), ("step", slots)."""
+
+    def __init__(self, engine, chunk_delay: float = 0.0) -> None:
+        self.engine, self.log, self.chunk_delay = engine, [], chunk_delay
+
+    def add(self, slot, prompt_ids, params):
+        self.log.append(("add", len(prompt_ids)))
+        return self.engine.add(slot, prompt_ids, params)
+
+    def add_chunk(self, slot, prompt_ids, params, end):
+        self.log.append(("chunk", end))
+        time.sleep(self.chunk_delay)
+        return self.engine.add_chunk(slot, prompt_ids, params, end)
+
+    def step(self):
+        out = self.engine.step()
+        self.log.append(("step", sorted(out)))
+        return out
+
+    def free(self, slot):
+        self.engine.free(slot)
+
+
+def _run_two(prefill_chunk):
+    """A running stream, then a 45-token prompt; the tokens of both and the backend's log."""
+    from ecospa_deploy.engine import Engine
+    from ecospa_deploy.testing import tiny_pruned
+
+    backend = _Recording(Engine(tiny_pruned("llama", seed=5), max_batch_size=2, max_seq_len=96))
+    sched = Scheduler(backend, 2, 4, prefill_chunk=prefill_chunk).start()
+    got: dict[str, list] = {"a": [], "b": []}
+    a = Sequence([5, 6, 7], SamplingParams(max_new_tokens=20), got["a"].append)
+    long = [(3 * i) % 40 + 3 for i in range(45)]
+    b = Sequence(long, SamplingParams(max_new_tokens=6), got["b"].append)
+    sched.submit([a])
+    wait_for(lambda: len(got["a"]) >= 3)
+    sched.submit([b])
+    wait_for(lambda: a.done and b.done, timeout=30)
+    sched.stop()
+    return {k: [e.token for e in v if e.token is not None] for k, v in got.items()}, backend.log
+
+
+def test_chunked_prefill_interleaves_a_long_prompt_with_running_decodes():
+    whole, whole_log = _run_two(None)
+    chunked, log = _run_two(16)
+    assert chunked == whole and len(chunked["b"]) == 6          # the same tokens
+    assert ("add", 45) in whole_log and ("add", 45) not in log
+    chunks = [e for e in log if e[0] == "chunk"]
+    assert chunks == [("chunk", 16), ("chunk", 32), ("chunk", 45)]
+    # between two chunks of the long prompt the running stream decoded (and only it)
+    first, last = log.index(("chunk", 16)), log.index(("chunk", 45))
+    between = [e for e in log[first:last] if e[0] == "step"]
+    assert len(between) >= 2 and all(e[1] == [0] for e in between)
+
+
+def test_a_cancelled_sequence_gives_back_its_slot_mid_prefill():
+    from ecospa_deploy.engine import Engine
+    from ecospa_deploy.testing import tiny_pruned
+
+    backend = _Recording(Engine(tiny_pruned("llama", seed=5), max_batch_size=1, max_seq_len=96),
+                         chunk_delay=0.05)
+    sched = Scheduler(backend, 1, 4, prefill_chunk=4).start()
+    events: list[TokenEvent] = []
+    seq = Sequence(list(range(3, 83)), SamplingParams(max_new_tokens=4), events.append)
+    sched.submit([seq])
+    wait_for(lambda: any(e[0] == "chunk" for e in backend.log))
+    seq.cancel()
+    wait_for(lambda: seq.done)
+    assert events[-1].finish == "cancelled"
+    after = []
+    sched.submit([Sequence([5, 6], SamplingParams(max_new_tokens=2), after.append)])
+    wait_for(lambda: after and after[-1].finish is not None)
+    sched.stop()
+    assert after[-1].finish == "length" and backend.engine._partial == {}
+    assert max(e[1] for e in backend.log if e[0] == "chunk") < 80   # stopped mid-prompt

@@ -10,6 +10,9 @@ plots to --out (plots need matplotlib, the 'bench' extra; without it they are sk
 note). --backends onnx needs the 'onnx' extra, vllm an installed vLLM.
 
 Example: ecospa bench --shape llama-1b --backends hf,engine --batch-sizes 1,32 --prompt-lens 128
+
+`ecospa bench serve --base-url URL ...` is the serving benchmark (vLLM's `bench serve`
+conventions, any OpenAI-compatible server): `ecospa bench serve --help`.
 """
 
 from __future__ import annotations

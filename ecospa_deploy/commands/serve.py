@@ -56,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=D.max_queue,
                         help="sequences that may wait for a slot before requests get HTTP 429 "
                         "(default: %(default)s)")
+    parser.add_argument("--prefill-chunk", type=int, default=D.prefill_chunk,
+                        help="prompt tokens prefilled between two decode steps, so a long "
+                        "prompt never pauses running streams for its whole prefill (engine "
+                        "backend; default: 512 on CPU, 2048 on CUDA; 0 = whole prompts)")
     parser.add_argument("--shutdown-timeout", type=float, default=D.shutdown_timeout,
                         help="seconds in-flight requests get to finish after SIGTERM; work "
                         "still running then ends with a 503 and the exit code is 1 "

@@ -12,8 +12,9 @@ pass through ``torch.compile(fullgraph=True)``) with the Triton decode attention
 - ``generate(prompts, params)``: whole batches, no host sync between decode steps except every
   ``sync_every`` steps to look for stop tokens;
 - the slot API for continuous batching: ``add(slot, prompt, params)`` prefills one request into a
-  free slot (it joins the running batch at the next step), ``step()`` decodes one token for every
-  running slot, ``free(slot)`` releases it.
+  free slot (it joins the running batch at the next step), or ``add_chunk`` does so a chunk at a
+  time between steps (chunked prefill); ``step()`` decodes one token for every running slot,
+  ``free(slot)`` releases it.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ class Engine:
         self._top_p = torch.ones(max_batch_size, dtype=torch.float32, **kw)
         self._seeds = torch.zeros(max_batch_size, dtype=torch.long, **kw)
         self._slots: dict[int, _Slot] = {}
+        self._partial: dict[int, tuple[list[int], SamplingParams, int]] = {}  # chunked prefill
         self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Prefill replays one graph per (rows, padded length): eager prefill is launch-bound
         # (~1200 small launches, 33 ms flat from 97 to 513 tokens on the H200).
@@ -268,6 +270,11 @@ class Engine:
         """Prefill rows ``idx`` and pick their first tokens; device tensors in, no host sync."""
         with _sdpa_context(self.device, _PREFILL_SDPA):
             logits = self._prefill(tokens, lengths, idx)
+        return self._first_tokens(logits, lengths, idx)
+
+    def _first_tokens(self, logits: torch.Tensor, lengths: torch.Tensor, idx: torch.Tensor
+                      ) -> torch.Tensor:
+        """Pick each prefilled row's first token and start its decode state."""
         nxt = sample_tokens(logits, self._temperature[idx], self._top_k[idx],
                             self._top_p[idx], self._seeds[idx], lengths)
         self._tokens[idx] = nxt
@@ -390,18 +397,62 @@ class Engine:
     # -- slot API (continuous batching) ---------------------------------------------------
     def add(self, slot: int, prompt_ids: list[int], params: SamplingParams) -> int:
         """Prefill ``prompt_ids`` into a free ``slot``; returns the first generated token."""
+        prompt = self._claim(slot, prompt_ids, params)
+        self._set_params(slot, params)
+        return self._start(slot, prompt, params,
+                           int(self._prefill_rows([slot], [prompt])[0]))
+
+    def _claim(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
         self._check_slot(slot)
-        if slot in self._slots:
+        if slot in self._slots or slot in self._partial:
+            busy = set(self._slots) | set(self._partial)
             raise ValueError(f"slot {slot} is in use; free it first (free slots: "
-                             f"{[s for s in range(self.max_batch_size) if s not in self._slots]})")
+                             f"{[s for s in range(self.max_batch_size) if s not in busy]})")
         prompt = list(prompt_ids)
         self._check_prompt(prompt, params, f"slot {slot}")
-        self._set_params(slot, params)
-        first = int(self._prefill_rows([slot], [prompt])[0])
+        return prompt
+
+    def _start(self, slot: int, prompt: list[int], params: SamplingParams, first: int) -> int:
         state = _Slot(params, len(prompt), len(prompt), 1)
         state.finished = first in params.stop_token_ids or params.max_new_tokens <= 1
         self._slots[slot] = state
         return first
+
+    @torch.no_grad()
+    def add_chunk(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams,
+                  end: int) -> int | None:
+        """Chunked prefill: cache ``prompt_ids[:end]`` in ``slot``, continuing where the last
+        call for this slot stopped; returns the first generated token once ``end`` reaches the
+        prompt's length (the slot then runs like one from ``add``), else None.
+
+        A long prompt thus enters between decode steps a chunk at a time instead of stalling
+        every running stream for its whole prefill. Until its last chunk the slot does not
+        decode: its row is parked at the first uncached position, which the next chunk
+        overwrites, so the steps that run meanwhile never touch its cached prefix."""
+        if slot in self._partial:
+            prompt, params, done = self._partial[slot]
+            if list(prompt_ids) != prompt:
+                raise ValueError(f"slot {slot}: add_chunk continues a different prompt; free "
+                                 "the slot first")
+        else:
+            prompt, done = self._claim(slot, prompt_ids, params), 0
+            self._set_params(slot, params)
+        if not isinstance(end, int) or not done < end <= len(prompt):
+            raise ValueError(f"slot {slot}: end={end!r}; expected an int in "
+                             f"({done}, {len(prompt)}] (tokens cached so far: {done})")
+        dev = self.device
+        idx = torch.tensor([slot], device=dev)
+        lengths = torch.tensor([end - done], device=dev)
+        with _sdpa_context(dev, _PREFILL_SDPA):
+            logits = self.forward.prefill(torch.tensor([prompt[done:end]], device=dev), lengths,
+                                          idx, start=done)
+        if end < len(prompt):
+            self._partial[slot] = (prompt, params, end)
+            self._positions[slot] = end
+            return None
+        self._partial.pop(slot, None)
+        first = self._first_tokens(logits, torch.tensor([end], device=dev), idx)
+        return self._start(slot, prompt, params, int(first[0]))
 
     def step(self) -> dict[int, int]:
         """One decode step for every running slot: ``{slot: token}``.
@@ -428,20 +479,22 @@ class Engine:
         # rows of finished or free slots inside the bucket advanced too: park them.
         for s in range(nb):
             if s not in result:
-                self._positions[s] = 0
+                self._positions[s] = self._partial[s][2] if s in self._partial else 0
         return result
 
     def free(self, slot: int) -> None:
         """Release ``slot`` (its cache rows are overwritten by the next ``add``)."""
         self._check_slot(slot)
         self._slots.pop(slot, None)
+        self._partial.pop(slot, None)
 
     # -- whole batches --------------------------------------------------------------------
     def generate(self, prompts: list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[list[int]]:
         """Generated token ids (prompt excluded, stop token included) for each prompt."""
-        if self._slots:
-            raise UnsupportedError(f"generate() needs every slot free; slots {sorted(self._slots)}"
+        if self._slots or self._partial:
+            raise UnsupportedError(f"generate() needs every slot free; slots "
+                                   f"{sorted(set(self._slots) | set(self._partial))}"
                                    " are in use by the slot API (free them first)")
         params = params if params is not None else SamplingParams()
         if isinstance(params, SamplingParams):

@@ -142,29 +142,38 @@ class Forward:
         return F.linear(self._norm(h, *self.w.final_norm), self.w.lm_head).float()
 
     # -- prefill --------------------------------------------------------------------------
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor
-                ) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor,
+                start: int = 0) -> torch.Tensor:
         """Run right-padded prompts ``tokens [B, T]`` into cache rows ``slots``; last logits ``[B, V]``.
 
         Right padding needs no mask beyond causality: a real token never attends to a later
-        (padding) position, and decode later overwrites position ``length`` first.
+        (padding) position, and decode later overwrites position ``length`` first. ``start > 0``
+        continues a prompt whose first ``start`` tokens are cached already (chunked prefill):
+        the chunk sits at positions ``start..start+T-1`` and attends to the cached prefix too.
         """
         b, t = tokens.shape
-        pos = torch.arange(t, device=tokens.device)
+        end = start + t
+        pos = torch.arange(start, end, device=tokens.device)
         x = self._embed(tokens, pos[None].expand(b, t))
-        table = None if self.cos is None else self.table[:t][None]
+        table = None if self.cos is None else self.table[start:end][None]
         kc, vc = self.cache.k, self.cache.v
-        windows: dict[int, torch.Tensor] = {}
+        keys = torch.arange(end, device=tokens.device)
+        masks: dict[int | None, torch.Tensor] = {}
+
+        def mask_for(window: int | None) -> torch.Tensor | None:
+            if start == 0 and window is None:
+                return None                                     # plain causal
+            if window not in masks:
+                d = pos[:, None] - keys[None, :]
+                masks[window] = (d >= 0) & (d < window) if window is not None else d >= 0
+            return masks[window]
 
         def attend(i, lw, q, k, v):
-            kc[i][slots, :, :t] = k
-            vc[i][slots, :, :t] = v
-            mask = None
-            if lw.window is not None:
-                if lw.window not in windows:
-                    d = pos[:, None] - pos[None, :]
-                    windows[lw.window] = (d >= 0) & (d < lw.window)
-                mask = windows[lw.window]
+            kc[i][slots, :, start:end] = k
+            vc[i][slots, :, start:end] = v
+            if start:
+                k, v = kc[i][slots, :, :end], vc[i][slots, :, :end]
+            mask = mask_for(lw.window)
             d = max(lw.qk_head_dim, lw.v_head_dim)
             if not self.prefill_pad or mask is not None or lw.qk_head_dim == lw.v_head_dim:
                 d = None

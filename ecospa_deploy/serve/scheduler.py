@@ -3,7 +3,15 @@
 Each iteration first frees the slots of cancelled sequences, then prefills waiting sequences
 into free slots (``backend.add``; shortest prompt first among those admitted together), then
 decodes one token for every occupied slot (``backend.step``). A request that arrives while a
-batch decodes therefore joins it at the next step; nothing is serialised per request. Tokens go
+batch decodes therefore joins it at the next step; nothing is serialised per request.
+
+With ``prefill_chunk`` (and a backend with ``add_chunk``, the engine) at most that many prompt
+tokens are prefilled between two decode steps: a long prompt enters a chunk at a time
+(chunked prefill), so running streams pause for one chunk, never for a whole long prompt.
+While streams run, the chunk also shrinks to what the measured prefill rate does in
+``max_pause`` seconds (a CPU prefills a few hundred tokens a second; a chunk's attention grows
+with the prompt cached before it), at least ``MIN_CHUNK`` tokens. Admitted sequences hold
+their slot while they wait for their turn, first come first served. Tokens go
 back to the asyncio side through ``loop.call_soon_threadsafe``; the model never runs on the
 event loop, so the HTTP side stays responsive while it computes.
 
@@ -29,6 +37,9 @@ from ecospa_deploy.serve.backend import SlotBackend
 from ecospa_deploy.serve.metrics import Metrics
 
 log = logging.getLogger("ecospa_deploy.serve")
+
+
+MIN_CHUNK = 16
 
 
 class QueueFull(Exception):
@@ -96,11 +107,20 @@ class Scheduler:
     """Owns the backend's slots; see the module docstring."""
 
     def __init__(self, backend: SlotBackend, max_batch_size: int, max_queue: int,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, prefill_chunk: int | None = None,
+                 max_pause: float | None = 0.25) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size={max_batch_size}, max_queue={max_queue}; "
                              "expected both >= 1")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk}; expected >= 1 or None (whole "
+                             "prompts)")
         self.backend = backend
+        # chunked prefill only where the backend can continue a prompt
+        self.prefill_chunk = prefill_chunk if hasattr(backend, "add_chunk") else None
+        self._prefilling: deque[list] = deque()     # [seq, slot, tokens cached], in turn
+        self.max_pause = max_pause
+        self._prefill_rate: float | None = None     # prompt tokens/s, smoothed
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
@@ -150,8 +170,8 @@ class Scheduler:
 
     @property
     def busy(self) -> int:
-        """Sequences waiting or decoding."""
-        return len(self._pending) + len(self._active)
+        """Sequences waiting, prefilling or decoding."""
+        return len(self._pending) + len(self._prefilling) + len(self._active)
 
     def abort(self) -> None:
         """Refuse new work and end every sequence (finish "shutdown") after the current step;
@@ -171,7 +191,8 @@ class Scheduler:
         try:
             while True:
                 with self._cond:
-                    while not (self._stopping or self._pending or self._active):
+                    while not (self._stopping or self._pending or self._active
+                               or self._prefilling):
                         self._cond.wait()
                     if self._stopping:
                         break
@@ -186,9 +207,15 @@ class Scheduler:
                 self._reap_cancelled()
                 # Shortest prompt first within what is admitted together: a burst's TTFTs are
                 # prefix sums of its prefills, and this order minimises each percentile of them.
-                # Admitted now, every one is prefilled before the next step: none starves.
-                for seq in sorted(admit, key=lambda q: len(q.prompt_ids)):
-                    self._admit(seq)
+                # Admitted now, every one is prefilled before the next step (with chunked
+                # prefill: in turn, a budget of tokens per step): none starves.
+                admit.sort(key=lambda q: len(q.prompt_ids))
+                if self.prefill_chunk is None:
+                    for seq in admit:
+                        self._admit(seq)
+                else:
+                    self._prefilling.extend([seq, self._free.pop(), 0] for seq in admit)
+                    self._prefill_some(self._budget())
                 if self._active:
                     self._step()
         finally:
@@ -197,8 +224,11 @@ class Scheduler:
     def _shutdown(self) -> None:
         with self._cond:
             self._stopping = True
-            leftovers = list(self._pending) + list(self._active.values())
+            leftovers = list(self._pending) + [p[0] for p in self._prefilling] + \
+                list(self._active.values())
             self._pending.clear()
+        while self._prefilling:
+            self._unreserve(self._prefilling.popleft()[1])
         for slot in list(self._active):
             self._release(slot)
         for seq in leftovers:
@@ -210,9 +240,60 @@ class Scheduler:
             if seq.cancelled:
                 self._release(slot)
                 self._finish(seq, "cancelled")
+        for item in [p for p in self._prefilling if p[0].cancelled]:
+            self._prefilling.remove(item)
+            self._unreserve(item[1])
+            self._finish(item[0], "cancelled")
 
-    def _admit(self, seq: Sequence) -> None:
-        slot = self._free.pop()
+    def _budget(self) -> int:
+        """Prompt tokens to prefill before the next decode step."""
+        budget = self.prefill_chunk
+        if self._active and self.max_pause and self._prefill_rate:
+            budget = min(budget, max(MIN_CHUNK, int(self.max_pause * self._prefill_rate)))
+        return budget
+
+    def _prefill_some(self, budget: int) -> None:
+        """Prefill up to ``budget`` prompt tokens of the sequences in turn: whole prompts that
+        fit through ``add``, the rest a chunk at a time through ``add_chunk``."""
+        while self._prefilling and budget > 0:
+            item = self._prefilling[0]
+            seq, slot, done = item
+            n = min(len(seq.prompt_ids) - done, budget)
+            budget -= n
+            start = time.perf_counter()
+            if done == 0 and n == len(seq.prompt_ids):
+                self._prefilling.popleft()
+                self._admit(seq, slot)
+                self._measure(n, time.perf_counter() - start)
+                continue
+            try:
+                token = self.backend.add_chunk(slot, seq.prompt_ids, seq.params, done + n)
+                self._measure(n, time.perf_counter() - start)
+            except Exception as exc:  # a bad request must not take the worker down
+                log.exception("prefill failed for sequence %d", seq.id)
+                self._prefilling.popleft()
+                self._unreserve(slot)
+                self._finish(seq, "error", f"prefill failed: {type(exc).__name__}: {exc}")
+                continue
+            item[2] = done + n
+            if token is not None:
+                self._prefilling.popleft()
+                self._activate(slot, seq, token)
+
+    def _measure(self, tokens: int, seconds: float) -> None:
+        rate = tokens / max(seconds, 1e-6)
+        self._prefill_rate = rate if self._prefill_rate is None else \
+            0.5 * (self._prefill_rate + rate)
+
+    def _unreserve(self, slot: int) -> None:
+        try:
+            self.backend.free(slot)
+        except Exception:
+            log.exception("freeing slot %d failed", slot)
+        self._free.append(slot)
+
+    def _admit(self, seq: Sequence, slot: int | None = None) -> None:
+        slot = self._free.pop() if slot is None else slot
         try:
             token = self.backend.add(slot, seq.prompt_ids, seq.params)
         except Exception as exc:  # a bad request must not take the worker down
@@ -220,6 +301,9 @@ class Scheduler:
             self._free.append(slot)
             self._finish(seq, "error", f"prefill failed: {type(exc).__name__}: {exc}")
             return
+        self._activate(slot, seq, token)
+
+    def _activate(self, slot: int, seq: Sequence, token: int) -> None:
         self._active[slot] = seq
         self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
         self.metrics.running.set(len(self._active))

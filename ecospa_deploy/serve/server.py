@@ -48,6 +48,7 @@ class ServeOptions:
     max_body_bytes: int = 1 << 20
     request_timeout: float = 600.0
     max_queue: int = 256
+    prefill_chunk: int | None = None     # None: 512 prompt tokens per step on CPU, 2048 on CUDA
     shutdown_timeout: float = 30.0
     read_timeout: float = 30.0
     max_connections: int | None = None
@@ -211,6 +212,9 @@ def serve(opts: ServeOptions) -> int:
             raise UsageError(f"{what} {value}; expected seconds > 0")
     if not opts.shutdown_timeout >= 0:
         raise UsageError(f"--shutdown-timeout {opts.shutdown_timeout}; expected seconds >= 0")
+    if opts.prefill_chunk is not None and opts.prefill_chunk < 0:
+        raise UsageError(f"--prefill-chunk {opts.prefill_chunk}; expected tokens >= 1, or 0 "
+                         "to prefill whole prompts")
     if opts.max_connections is not None and opts.max_connections < 1:
         raise UsageError(f"--max-connections {opts.max_connections}; expected a positive integer")
     opts.api_key = resolve_api_key(opts.api_key)
@@ -286,7 +290,11 @@ def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket
     max_len = _max_model_len(model, opts.max_model_len)
     backend = build_backend(backend_name, model, opts.max_batch_size, max_len, device, dtype)
     metrics = Metrics()
-    scheduler = Scheduler(backend, opts.max_batch_size, opts.max_queue, metrics).start()
+    chunk = opts.prefill_chunk
+    if chunk is None:
+        chunk = 2048 if device.type == "cuda" else 512
+    scheduler = Scheduler(backend, opts.max_batch_size, opts.max_queue, metrics,
+                          prefill_chunk=chunk or None).start()
     service = GenerationService(scheduler, tokenizer, name, max_len,
                                 vocab_size=model.config.vocab_size,
                                 eos_token_ids=_eos_ids(model, tokenizer),
