@@ -6,7 +6,9 @@ event) to a temporary directory, starts the server on it, sends ``--requests`` s
 completions at once with distinct prompt lengths and mixed ``max_tokens``, and writes
 ``serve_<shape>.json`` with TTFT/TPOT p50/p99 and output tokens/s per model, plus their ratio,
 and each model's TTFT floor for the burst (its prefill FLOPs, shortest prompt first, at the
-measured matmul ceiling), which no scheduler can beat.
+measured matmul ceiling), which no scheduler can beat. ``--loads`` adds, per model, the loads
+of ``ecospa bench serve`` (``ecospa_deploy.serve.benchmark``, vLLM's conventions): a random set
+of 1024-token prompts and 128-token outputs at once, and the same at Poisson rates.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-lens", default="16:1024")
     ap.add_argument("--max-tokens-mix", default="32,64,128")
     ap.add_argument("--max-model-len", type=int, default=1280)
+    ap.add_argument("--loads", action="store_true",
+                    help="also the random 1024-in/128-out set at once and at --rates")
+    ap.add_argument("--rates", default="8,16,32", help="Poisson request rates for --loads")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     shape = load_shape(args.shape)
@@ -84,10 +89,13 @@ def main(argv=None) -> int:
             with ServerProcess(tmp, *server_args, startup_timeout=600.0) as srv:
                 asyncio.run(run_stream_load(srv.url, prompts[:4], [4]))       # warm-up
                 runs = [asyncio.run(run_stream_load(srv.url, prompts, mix)) for _ in range(2)]
+                loads = _loads(srv.url, args, vocab) if args.loads else None
             run = runs[-1]
             run.pop("results")
             run["first_run_tokens_per_s"] = runs[0]["output_tokens_per_s"]
             run["ttft_floor_ms"] = floor      # shortest first at the matmul ceiling
+            if args.loads:
+                run["loads"] = loads
             result["runs"][label] = run
             print(label, json.dumps(run), flush=True)
     d, p = result["runs"]["dense"], result["runs"]["pruned"]
@@ -96,6 +104,22 @@ def main(argv=None) -> int:
     (args.out / f"serve_{args.shape}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
     return 0
+
+
+def _loads(url: str, args, vocab: int) -> list[dict]:
+    """The random 1024/128 set at once and at each Poisson rate (``ecospa bench serve``)."""
+    import math
+
+    from ecospa_deploy.serve.benchmark import random_requests, run
+
+    reqs = random_requests(args.requests * 2, 1024, 128, 0.0, vocab, seed=1)
+    out = []
+    for rate in [math.inf] + [float(r) for r in args.rates.split(",")]:
+        res = asyncio.run(run(url, reqs, rate=rate, max_concurrency=args.requests, seed=1))
+        res.pop("errors", None) if not res.get("errors") else None
+        out.append(res)
+        print(json.dumps(res), flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -82,3 +82,38 @@ def test_chunked_prefill_refuses_what_it_cannot_continue():
         eng.add_chunk(0, [3, 4, 5, 6], params, 2)
     eng.free(0)                                          # a freed slot starts over
     assert isinstance(eng.add_chunk(0, [3, 4, 5, 6], params, 4), int)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_several_steps_per_sync_give_the_tokens_of_single_steps(family):
+    """``steps(n)``: the same tokens as n calls of ``step()``, each slot cut at its own stop
+    token or max_new_tokens, and slots that ran past their end do not disturb the others."""
+    model = tiny_pruned(family, seed=9)
+    one = Engine(model, max_batch_size=4, max_seq_len=64)
+    many = Engine(model, max_batch_size=4, max_seq_len=64)
+    prompts = {0: [3, 4, 5], 1: [9, 8, 7, 6, 5], 2: [11, 12], 3: [20, 21, 22, 23]}
+    params = {0: SamplingParams(max_new_tokens=6),
+              1: SamplingParams(max_new_tokens=20, temperature=0.8, seed=4),
+              2: SamplingParams(max_new_tokens=3),
+              3: SamplingParams(max_new_tokens=20, temperature=1.0, seed=5)}
+    want: dict[int, list[int]] = {}
+    got: dict[int, list[int]] = {}
+    for s in prompts:
+        want[s] = [one.add(s, prompts[s], params[s])]
+        got[s] = [many.add(s, prompts[s], params[s])]
+    while one.active_slots:
+        for s, tok in one.step().items():
+            want[s].append(tok)
+    while many.active_slots:
+        for s, toks in many.steps(4).items():
+            got[s] += toks
+    assert got == want
+    assert [len(want[s]) for s in range(4)] == [6, 20, 3, 20]
+    # a stop token cuts a slot inside a multi-step call
+    stop = want[1][5]
+    a = Engine(model, max_batch_size=2, max_seq_len=64)
+    p = SamplingParams(max_new_tokens=20, temperature=0.8, seed=4, stop_token_ids=(stop,))
+    toks = [a.add(1, prompts[1], p)]
+    while a.active_slots:
+        toks += a.steps(8)[1]
+    assert toks == want[1][:want[1].index(stop) + 1]

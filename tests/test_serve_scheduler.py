@@ -387,3 +387,58 @@ def test_a_cancelled_sequence_gives_back_its_slot_mid_prefill():
     sched.stop()
     assert after[-1].finish == "length" and backend.engine._partial == {}
     assert max(e[1] for e in backend.log if e[0] == "chunk") < 80   # stopped mid-prompt
+
+
+def test_several_decode_steps_per_tick_when_nothing_waits():
+    from ecospa_deploy.engine import Engine
+    from ecospa_deploy.testing import tiny_pruned
+
+    def run(decode_steps):
+        engine = Engine(tiny_pruned("llama", seed=5), max_batch_size=4, max_seq_len=64)
+        calls = []
+        original = engine.steps
+        engine.steps = lambda n: (calls.append(n), original(n))[1]
+        sched = Scheduler(engine, 4, 8, decode_steps=decode_steps).start()
+        got = {i: [] for i in range(3)}
+        seqs = [Sequence([3 + i, 4, 5], SamplingParams(max_new_tokens=m, temperature=0.7,
+                                                       seed=i), got[i].append)
+                for i, m in enumerate((5, 17, 12))]
+        sched.submit(seqs)
+        wait_for(lambda: all(s.done for s in seqs), timeout=30)
+        sched.stop()
+        return {i: [e.token for e in v if e.token is not None] for i, v in got.items()}, calls
+
+    single, _ = run(1)
+    multi, calls = run(4)
+    assert multi == single and [len(single[i]) for i in range(3)] == [5, 17, 12]
+    assert max(calls) == 4 and sum(calls) < 17          # several tokens per host sync
+    assert all(n <= 4 for n in calls)
+
+
+def test_a_step_wakes_each_event_loop_once():
+    """The tokens of one step reach the event loop in one call_soon_threadsafe, not one per
+    sequence (each is a self-pipe write and a loop wake-up)."""
+    from ecospa_deploy.serve.scheduler import asyncio_sink
+
+    loop = asyncio.new_event_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    wakeups = []
+    original = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda fn, *a: (wakeups.append(len(a[0])), original(fn, *a))[1]
+    backend = FakeBackend(delay=0.005)
+    backend.gate.clear()
+    sched = Scheduler(backend, 8, 16).start()
+    seqs = [Sequence([1, 2], SamplingParams(max_new_tokens=6), asyncio_sink(loop, queue, i))
+            for i in range(8)]
+    sched.submit(seqs)
+    time.sleep(0.05)
+    backend.gate.set()                               # every sequence admitted before a step
+    wait_for(lambda: all(s.done for s in seqs))
+    sched.stop()
+    loop.run_until_complete(asyncio.sleep(0))
+    events = []
+    while not queue.empty():
+        events.append(queue.get_nowait())
+    loop.close()
+    assert len(events) == 8 * 7                      # 6 tokens and the finish, per sequence
+    assert sum(wakeups) == 8 * 7 and len(wakeups) <= 8   # a batch per step, not per event

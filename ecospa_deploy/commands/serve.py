@@ -60,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens prefilled between two decode steps, so a long "
                         "prompt never pauses running streams for its whole prefill (engine "
                         "backend; default: 512 on CPU, 2048 on CUDA; 0 = whole prompts)")
+    parser.add_argument("--decode-steps", type=int, default=D.decode_steps,
+                        help="decode steps run per host sync while no request waits: the "
+                        "host work of a step (sync, bookkeeping, streaming) is paid once per "
+                        "that many tokens, which then arrive together (engine backend; "
+                        "default: %(default)s)")
     parser.add_argument("--shutdown-timeout", type=float, default=D.shutdown_timeout,
                         help="seconds in-flight requests get to finish after SIGTERM; work "
                         "still running then ends with a 503 and the exit code is 1 "

@@ -460,26 +460,52 @@ class Engine:
         A slot stops running (and stops appearing here) once it emitted a stop token or its
         ``max_new_tokens``; it keeps its place until ``free(slot)``.
         """
+        return {s: toks[0] for s, toks in self.steps(1).items()}
+
+    @torch.no_grad()
+    def steps(self, n: int) -> dict[int, list[int]]:
+        """``n`` decode steps with one host sync: ``{slot: tokens}`` for every running slot.
+
+        The steps replay back to back and their tokens come back together, so the host work
+        of a step (the sync, bookkeeping, the server's per-token fan-out) is paid once per
+        ``n`` tokens. A slot that stops (stop token, ``max_new_tokens``) during the ``n``
+        steps gets its tokens up to that one; the steps it ran past it are discarded (its row
+        wrote only its own cache row, at positions nothing reads).
+        """
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"steps n={n!r}; expected an int >= 1")
         running = self.active_slots
         if not running:
             return {}
         nb = batch_bucket(max(running) + 1, self.max_batch_size)
-        kv_len = kv_bucket(max(self._slots[s].position for s in running) + 1, self.max_seq_len)
+        first = max(self._slots[s].position for s in running) + 1
         sample = any(not self._slots[s].params.greedy for s in running)
-        out = self._run_decode(nb, kv_len, sample)[:nb].tolist()
+        outs = []
+        for i in range(n):
+            out = self._run_decode(nb, kv_bucket(min(first + i, self.max_seq_len),
+                                                 self.max_seq_len), sample)
+            # a graph's output buffer is overwritten by its next replay: keep a copy
+            outs.append(out[:nb].clone() if n > 1 else out[:nb])
+        table = (torch.stack(outs, 1) if n > 1 else outs[0][:, None]).tolist()
         result = {}
         for s in running:
             st = self._slots[s]
-            tok = out[s]
-            st.position += 1
-            st.generated += 1
-            st.finished = tok in st.params.stop_token_ids or \
-                st.generated >= st.params.max_new_tokens
-            result[s] = tok
-        # rows of finished or free slots inside the bucket advanced too: park them.
-        for s in range(nb):
-            if s not in result:
-                self._positions[s] = self._partial[s][2] if s in self._partial else 0
+            toks = []
+            for tok in table[s]:
+                toks.append(tok)
+                st.position += 1
+                st.generated += 1
+                if tok in st.params.stop_token_ids or st.generated >= st.params.max_new_tokens:
+                    st.finished = True
+                    break
+            result[s] = toks
+        # rows of finished, free or still-prefilling slots inside the bucket advanced too:
+        # park them (one write), where their next decode touches nothing they will read.
+        parked = [s for s in range(nb) if s not in result or self._slots[s].finished]
+        if parked:
+            where = [self._partial[s][2] if s in self._partial else 0 for s in parked]
+            self._positions[torch.tensor(parked, device=self.device)] = torch.tensor(
+                where, device=self.device)
         return result
 
     def free(self, slot: int) -> None:

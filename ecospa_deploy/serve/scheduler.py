@@ -90,17 +90,34 @@ class Sequence:
                 self._scheduler.wake()
 
 
+class AsyncioSink:
+    """A sink that puts ``(tag, event)`` on an asyncio queue from the worker thread. The
+    scheduler batches these: the events of one step reach each loop in one wake-up."""
+
+    __slots__ = ("loop", "queue", "tag")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, tag: object):
+        self.loop, self.queue, self.tag = loop, queue, tag
+
+    def __call__(self, event: TokenEvent) -> None:
+        _send_threadsafe(self.loop, [(self.queue, (self.tag, event))])
+
+
 def asyncio_sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue,
-                 tag: object) -> Callable[[TokenEvent], None]:
-    """A sink that puts ``(tag, event)`` on an asyncio queue from the worker thread."""
+                 tag: object) -> AsyncioSink:
+    return AsyncioSink(loop, queue, tag)
 
-    def sink(event: TokenEvent) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (tag, event))
-        except RuntimeError:  # loop closed: the request is gone
-            pass
 
-    return sink
+def _put_all(items: list) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def _send_threadsafe(loop: asyncio.AbstractEventLoop, items: list) -> None:
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # loop closed: the requests are gone
+        pass
 
 
 class Scheduler:
@@ -108,7 +125,7 @@ class Scheduler:
 
     def __init__(self, backend: SlotBackend, max_batch_size: int, max_queue: int,
                  metrics: Metrics | None = None, prefill_chunk: int | None = None,
-                 max_pause: float | None = 0.25) -> None:
+                 max_pause: float | None = 0.25, decode_steps: int = 1) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size={max_batch_size}, max_queue={max_queue}; "
                              "expected both >= 1")
@@ -120,6 +137,11 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk if hasattr(backend, "add_chunk") else None
         self._prefilling: deque[list] = deque()     # [seq, slot, tokens cached], in turn
         self.max_pause = max_pause
+        if not isinstance(decode_steps, int) or decode_steps < 1:
+            raise ValueError(f"decode_steps={decode_steps!r}; expected an int >= 1")
+        # several steps per host sync while nothing waits (a backend with ``steps``)
+        self.decode_steps = decode_steps if hasattr(backend, "steps") else 1
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}
         self._prefill_rate: float | None = None     # prompt tokens/s, smoothed
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -216,8 +238,10 @@ class Scheduler:
                 else:
                     self._prefilling.extend([seq, self._free.pop(), 0] for seq in admit)
                     self._prefill_some(self._budget())
+                self._flush()
                 if self._active:
                     self._step()
+                    self._flush()
         finally:
             self._shutdown()
 
@@ -233,6 +257,7 @@ class Scheduler:
             self._release(slot)
         for seq in leftovers:
             self._finish(seq, "shutdown", "the server is shutting down")
+        self._flush()
         self.metrics.queue_depth.set(0)
 
     def _reap_cancelled(self) -> None:
@@ -311,20 +336,41 @@ class Scheduler:
 
     def _step(self) -> None:
         batch = dict(self._active)
-        self.metrics.batch_size.observe(len(batch))
-        self.steps += 1
+        n = 1
+        if self.decode_steps > 1 and not self._pending and not self._prefilling:
+            left = min(q.params.max_new_tokens - q.generated for q in batch.values())
+            n = max(1, min(self.decode_steps, left))
+        for _ in range(n):
+            self.metrics.batch_size.observe(len(batch))
+        self.steps += n
         try:
-            tokens = self.backend.step()
+            tokens = self.backend.steps(n) if n > 1 else \
+                {s: [t] for s, t in self.backend.step().items()}
         except Exception as exc:
             log.exception("decode step failed for %d sequences", len(batch))
             for slot, seq in batch.items():
                 self._release(slot)
                 self._finish(seq, "error", f"decode failed: {type(exc).__name__}: {exc}")
             return
-        for slot, token in tokens.items():
-            seq = self._active.get(slot)
-            if seq is not None:
-                self._emit(slot, seq, token)
+        for slot, toks in tokens.items():
+            for token in toks:
+                seq = self._active.get(slot)
+                if seq is not None:
+                    self._emit(slot, seq, token)
+
+    def _send(self, seq: Sequence, event: TokenEvent) -> None:
+        """Deliver ``event``: queued per event loop until ``_flush`` for asyncio sinks."""
+        sink = seq.sink
+        if isinstance(sink, AsyncioSink):
+            self._outbox.setdefault(sink.loop, []).append((sink.queue, (sink.tag, event)))
+        else:
+            sink(event)
+
+    def _flush(self) -> None:
+        """One wake-up per event loop for everything emitted since the last flush."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            _send_threadsafe(loop, items)
 
     def _emit(self, slot: int, seq: Sequence, token: int) -> None:
         now = time.monotonic()
@@ -333,7 +379,7 @@ class Scheduler:
             seq.first_token_at = now
             self.metrics.ttft.observe(now - seq.arrival)
         self.metrics.generation_tokens.inc()
-        seq.sink(TokenEvent(token=token))
+        self._send(seq, TokenEvent(token=token))
         if token in seq.params.stop_token_ids:
             finish = "stop"
         elif seq.generated >= seq.params.max_new_tokens:
@@ -362,4 +408,4 @@ class Scheduler:
             self.metrics.e2e.observe(now - seq.arrival)
             if seq.generated > 1 and seq.first_token_at is not None:
                 self.metrics.tpot.observe((now - seq.first_token_at) / (seq.generated - 1))
-        seq.sink(TokenEvent(finish=finish, error=error))
+        self._send(seq, TokenEvent(finish=finish, error=error))

@@ -49,6 +49,7 @@ class ServeOptions:
     request_timeout: float = 600.0
     max_queue: int = 256
     prefill_chunk: int | None = None     # None: 512 prompt tokens per step on CPU, 2048 on CUDA
+    decode_steps: int = 1
     shutdown_timeout: float = 30.0
     read_timeout: float = 30.0
     max_connections: int | None = None
@@ -215,6 +216,8 @@ def serve(opts: ServeOptions) -> int:
     if opts.prefill_chunk is not None and opts.prefill_chunk < 0:
         raise UsageError(f"--prefill-chunk {opts.prefill_chunk}; expected tokens >= 1, or 0 "
                          "to prefill whole prompts")
+    if opts.decode_steps < 1:
+        raise UsageError(f"--decode-steps {opts.decode_steps}; expected an integer >= 1")
     if opts.max_connections is not None and opts.max_connections < 1:
         raise UsageError(f"--max-connections {opts.max_connections}; expected a positive integer")
     opts.api_key = resolve_api_key(opts.api_key)
@@ -294,7 +297,8 @@ def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket
     if chunk is None:
         chunk = 2048 if device.type == "cuda" else 512
     scheduler = Scheduler(backend, opts.max_batch_size, opts.max_queue, metrics,
-                          prefill_chunk=chunk or None).start()
+                          prefill_chunk=chunk or None,
+                          decode_steps=opts.decode_steps).start()
     service = GenerationService(scheduler, tokenizer, name, max_len,
                                 vocab_size=model.config.vocab_size,
                                 eos_token_ids=_eos_ids(model, tokenizer),
