@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("--loads", action="store_true",
                     help="also the random 1024-in/128-out set at once and at --rates")
     ap.add_argument("--rates", default="8,16,32", help="Poisson request rates for --loads")
+    ap.add_argument("--server-args", default="", help="more ecospa serve flags, one string "
+                    "(e.g. \"--decode-steps 4\")")
+    ap.add_argument("--tag", default="", help="suffix of the output file name")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     shape = load_shape(args.shape)
@@ -73,7 +77,8 @@ def main(argv=None) -> int:
     prompts = token_prompts(args.requests, lo, hi, vocab)
     server_args = ["--backend", "engine", "--dtype", "bfloat16", "--device", "cuda",
                    "--max-batch-size", str(args.requests), "--max-model-len",
-                   str(args.max_model_len), "--max-queue", str(4 * args.requests)]
+                   str(args.max_model_len), "--max-queue", str(4 * args.requests),
+                   *shlex.split(args.server_args)]
     ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     result = dict(shape=args.shape, server_args=server_args, requests=args.requests,
                   prompt_lens=args.prompt_lens, max_tokens_mix=mix, ceilings=ceil.to_dict(),
@@ -101,7 +106,8 @@ def main(argv=None) -> int:
     d, p = result["runs"]["dense"], result["runs"]["pruned"]
     result["pruned_over_dense_tokens_per_s"] = p["output_tokens_per_s"] / d["output_tokens_per_s"]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"serve_{args.shape}.json").write_text(json.dumps(result, indent=1) + "\n")
+    path = args.out / f"serve_{args.shape}{args.tag}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
     return 0
 

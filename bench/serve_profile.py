@@ -18,6 +18,7 @@ import collections
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -83,6 +84,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens-mix", default="32,64,128")
     ap.add_argument("--max-model-len", type=int, default=1280)
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    ap.add_argument("--server-args", default="", help="more ecospa serve flags, one string "
+                    "(e.g. \"--decode-steps 4\")")
+    ap.add_argument("--tag", default="", help="suffix of the output file name")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     if shutil.which("py-spy") is None:
@@ -98,9 +102,10 @@ def main(argv=None) -> int:
     server_args = ["--backend", "engine", "--device", dev.type, "--dtype",
                    str(dtype).removeprefix("torch."), "--max-batch-size", str(args.requests),
                    "--max-model-len", str(args.max_model_len), "--max-queue",
-                   str(4 * args.requests)]
+                   str(4 * args.requests), *shlex.split(args.server_args)]
     args.out.mkdir(parents=True, exist_ok=True)
-    raw_path = args.out / f"serve_profile_{Path(args.shape).stem}_{label}.raw.txt"
+    stem = f"serve_profile_{Path(args.shape).stem}_{label}{args.tag}"
+    raw_path = args.out / f"{stem}.raw.txt"
     with tempfile.TemporaryDirectory(prefix="ecospa-profile-") as tmp:
         build_model(shape, args.pruned, dtype, dev).save_pretrained(tmp)
         word_tokenizer(vocab).save_pretrained(tmp)
@@ -112,7 +117,7 @@ def main(argv=None) -> int:
                                     "--idle", "--nonblocking", "--format", "raw", "-r",
                                     str(args.rate), "-o", str(raw_path)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            time.sleep(1.0)
+            time.sleep(0.5)                                                  # attach
             t0 = time.perf_counter()
             run = asyncio.run(run_stream_load(srv.url, prompts, mix))
             wall = time.perf_counter() - t0
@@ -131,7 +136,7 @@ def main(argv=None) -> int:
         result["threads"][kind] = {
             cat: {"samples": n, "ms_per_step": round(n * period_ms / max(steps, 1), 3)}
             for cat, n in cats.items()}
-    out = args.out / f"serve_profile_{Path(args.shape).stem}_{label}.json"
+    out = args.out / f"{stem}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     return 0
