@@ -140,9 +140,16 @@ class LayerSpec:
             if len(kept) != self.qk_head_dim // 2:
                 raise _fail(layer, f"rope_kept[{g}]", f"<{len(kept)} indices>",
                             f"qk_head_dim/2 = {self.qk_head_dim // 2} indices")
-            # Repeats are allowed: a zero-padded pair may reuse any frequency.
             if any(not isinstance(j, int) or j < 0 or j >= half for j in kept):
                 raise _fail(layer, f"rope_kept[{g}]", list(kept), f"integers in [0, {half})")
+            # A pair rotates at one frequency: two pairs at the same one mean a corrupt spec,
+            # except the zero-weight pairs padding appends (frequency 0, at the end).
+            real = list(kept)
+            while len(real) > 1 and real[-1] == 0 and 0 in real[:-1]:
+                real.pop()
+            if len(set(real)) != len(real):
+                raise _fail(layer, f"rope_kept[{g}]", list(kept), "distinct frequencies (only "
+                            "trailing zero-padding pairs may repeat frequency 0)")
 
     # -- (de)serialization -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -200,6 +200,11 @@ BAD = [
     ({"prompt": "To be", "seed": 2 ** 63, "stream": True}, 400, "seed"),
     ({"prompt": "To be", "seed": 2 ** 64}, 400, "seed"),
     ({"prompt": ["To be"] * 300}, 400, "--max-queue"),
+    # 4 300 nines: once a 500, when the context-length message printed prompt + max_tokens
+    (b'{"prompt": "To be", "max_tokens": ' + b"9" * 4300 + b"}", 400, "max_tokens"),
+    (b'{"prompt": "To be", "n": 2, "stream": true, "max_tokens": ' + b"9" * 4300 + b"}", 400,
+     "max_tokens"),
+    ({"prompt": "To be", "max_tokens": 2 ** 40}, 400, "max_tokens"),
 ]
 
 
@@ -210,6 +215,14 @@ def test_bad_input_is_4xx_with_openai_error(server, body, status, fragment):
     err = resp.json()["error"]
     assert fragment in err["message"]
     assert set(err) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_huge_chat_max_tokens_is_a_400(server, field):
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "%s": %s}' % (
+        field.encode(), b"9" * 4300)
+    resp = post(server, body, path="/v1/chat/completions")
+    assert resp.status_code == 400 and field in resp.json()["error"]["message"], resp.text
 
 
 def test_extreme_seeds_generate(server):

@@ -125,6 +125,8 @@ def _serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["--api-key", ""], {}, "--api-key is ''"),
     (["--api-key", "  "], {}, "--api-key is '  '"),
     ([], {"ECOSPA_API_KEY": ""}, "ECOSPA_API_KEY is ''"),
+    # once accepted, and then every client got 401: clients strip the header's spaces
+    (["--api-key", " K "], {}, "--api-key has leading or trailing whitespace"),
 ])
 def test_empty_api_key_is_an_error(tmp_path, args, env, fragment):
     proc = _serve(str(tmp_path / "missing"), "--port", "0", *args, env=env)

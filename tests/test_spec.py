@@ -36,11 +36,22 @@ def test_roundtrip_through_json():
     ({"rope_kept": (tuple(range(7)) + (9,),) * 4}, r"layer 1: rope_kept\[0\]=.* expected "
                                                    r"integers in \[0, 8\)"),
     ({"sliding_window": 0}, "layer 1: sliding_window=0 is invalid"),
+    # a duplicate frequency loaded silently once and computed a different model
+    ({"rope_kept": ((1, 1, 2, 3, 4, 5, 6, 7),) * 4}, r"layer 1: rope_kept\[0\]=.* expected "
+                                                     r"distinct frequencies"),
+    ({"rope_kept": ((0, 1, 2, 3, 4, 5, 0, 6),) * 4}, "distinct frequencies"),
 ])
 def test_validation_names_layer_and_field(change, match):
     good = DENSE.layer()
     with pytest.raises(SpecError, match=match):
         _spec(good, good.replace(**change)).validate()
+
+
+def test_zero_padding_pairs_may_repeat_frequency_zero():
+    """What padding.py writes: kept frequencies, then zero-weight pairs at frequency 0."""
+    good = DENSE.layer()
+    _spec(good, good.replace(rope_kept=((0, 2, 5, 0, 0, 0, 0, 0),) * 4)).validate()
+    _spec(good, good.replace(rope_kept=((3, 4, 0, 0, 0, 0, 0, 0),) * 4)).validate()
 
 
 def test_layer_count_checked_against_config():

@@ -17,6 +17,9 @@ MAX_N = 16
 MAX_STOP = 4
 # OpenAI's seed is a signed 64-bit integer; larger values cannot reach a generator.
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
+# No context is this long; the bound keeps every later message about max_tokens a small number
+# (Python refuses to print an int of more than 4300 digits).
+MAX_TOKENS = (1 << 31) - 1
 
 
 class _Strict(BaseModel):
@@ -34,7 +37,7 @@ class _Sampling(_Strict):
     """Fields shared by both endpoints."""
 
     model: StrictStr | None = None
-    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_TOKENS)
     temperature: Number = Field(default=1.0, ge=0.0, le=2.0)
     top_p: Number = Field(default=1.0, gt=0.0, le=1.0)
     n: StrictInt = Field(default=1, ge=1, le=MAX_N)
@@ -82,7 +85,7 @@ class CompletionRequest(_Sampling):
     """``POST /v1/completions``. ``prompt``: a string, a list of strings, token ids, or lists of ids."""
 
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
-    max_tokens: StrictInt | None = Field(default=16, ge=1)  # OpenAI's completions default
+    max_tokens: StrictInt | None = Field(default=16, ge=1, le=MAX_TOKENS)  # OpenAI's default
     echo: StrictBool = False
     logprobs: StrictInt | None = None
     best_of: StrictInt | None = None
@@ -123,7 +126,7 @@ class ChatRequest(_Sampling):
     """``POST /v1/chat/completions``; the prompt is the tokenizer's chat template over ``messages``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_TOKENS)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
     response_format: dict[str, Any] | None = None

@@ -82,6 +82,10 @@ def resolve_api_key(flag: str | None, environ=os.environ) -> str | None:
     if key is not None and not key.strip():
         raise UsageError(f"{source} is {key!r}; expected a non-empty key (leave {source} unset "
                          "to serve without authentication)")
+    if key is not None and key != key.strip():
+        raise UsageError(f"{source} has leading or trailing whitespace ({key!r}); HTTP clients "
+                         "strip it from the Authorization header, so no client could match it. "
+                         "Expected the key without surrounding spaces")
     return key
 
 
