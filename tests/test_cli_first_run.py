@@ -40,7 +40,10 @@ def test_help_and_argument_errors_import_no_torch(tmp_path):
              ["convert", "onnx", str(tmp_path / "nope"), "-o", str(tmp_path / "o")],
              ["bench", "--shape", "gpt2-small", "--backends", "hf,trt"],
              ["bench", "--gen-len", "1", "--shape", "gpt2-small"],
-             ["serve", str(tmp_path / "nope")]]
+             ["serve", str(tmp_path / "nope")],
+             # once refused only after the model had loaded (a traceback for the port)
+             ["serve", str(src), "--port", "99999"],
+             ["eval", str(src), "--seq-len", "-5", "--generate", "x"]]
     res = _python(f"""
         import json, sys
         from ecospa_deploy.cli import main

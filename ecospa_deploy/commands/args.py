@@ -17,6 +17,18 @@ def require_paths(*paths: tuple[str, str | None]) -> None:
             raise UsageError(f"{label} {path}: no such file or directory")
 
 
+def port(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}; expected a port number 0-65535") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value}; expected a port number 0-65535 (0: any "
+                                         "free port)")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:

@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("model", help="checkpoint directory (ours or a stock HF directory)")
     parser.add_argument("--data", help="UTF-8 text file to measure perplexity on")
-    parser.add_argument("--seq-len", type=int, default=2048, help="window length (2048, or the "
-                        "model's maximum if smaller)")
+    parser.add_argument("--seq-len", type=positive_int, default=2048,
+                        help="window length (2048, or the model's maximum if smaller)")
     parser.add_argument("--batch-size", type=positive_int, default=1,
                         help="windows scored per forward pass (default: %(default)s)")
     parser.add_argument("--generate", metavar="PROMPT", help="print a greedy continuation")

@@ -21,6 +21,7 @@ from ecospa_deploy import dtypes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ecospa_deploy.commands.args import port
     from ecospa_deploy.serve.backend import BACKENDS
     from ecospa_deploy.serve.server import ServeOptions as D
 
@@ -28,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "with its tokenizer")
     parser.add_argument("--host", default=D.host, help="address to bind (default: %(default)s; "
                         "use 0.0.0.0 to accept remote clients)")
-    parser.add_argument("--port", type=int, default=D.port,
+    parser.add_argument("--port", type=port, default=D.port,
                         help="port (default: %(default)s; 0 = any free port)")
     parser.add_argument("--backend", choices=BACKENDS, default=D.backend,
                         help="generation backend (default: %(default)s)")
