@@ -2,9 +2,12 @@
 
 - The output gets the user's normal permissions (``mkdir``'s, i.e. the umask), not the 0700 of
   a private temp dir, so another user or a container running as another uid can read it.
-- ``overwrite`` replaces only an empty directory or an earlier output of ours (it holds the
-  ``MARKER`` file every ``atomic_directory`` writes), never a file, a symbolic link, an
-  unrelated directory or a directory a ``sources`` path lives in.
+- ``overwrite`` replaces only an empty directory or an earlier output of ours, exactly as we
+  wrote it: ``MARKER`` lists every file with its size, and a file that is not listed (a note the
+  user added) or changed size makes the replacement refuse. Never a file, a symbolic link, an
+  unrelated directory, the current directory or one holding it, or a directory a ``sources``
+  path lives in. The new output is complete before the old one is touched: the old one is
+  renamed aside, the new one renamed in, and only then is the old one deleted.
 - SIGTERM while an output is being written ends the process like Ctrl-C does: the temp dir is
   removed on the way out, so no hidden ``.NAME.*.tmp`` is left behind.
 """
@@ -31,6 +34,30 @@ MARKER = ".ecospa-output"
 def is_our_output(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a directory an earlier ``atomic_directory`` wrote."""
     return (Path(path) / MARKER).is_file()
+
+
+def _files(root: Path) -> dict[str, int]:
+    """Every file (and link) under ``root`` but ``MARKER``: relative path -> size."""
+    out = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if rel != MARKER:
+                out[rel] = path.lstat().st_size
+    return out
+
+
+def _not_ours(target: Path) -> list[str]:
+    """The files in ``target`` that its ``MARKER`` manifest does not list as written."""
+    try:
+        listed = json.loads((target / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if not isinstance(listed, dict):
+        return ["(no manifest of the files written: an output of an older version, or not "
+                "ours)"]
+    return sorted(rel for rel, size in _files(target).items() if listed.get(rel) != size)
 
 
 def _contains(outer: Path, inner: Path) -> bool:
@@ -62,10 +89,22 @@ def check_output(target: str | os.PathLike, overwrite: bool = False,
     if not overwrite:
         raise EcospaError(f"{target} already exists; choose another output path or pass "
                           "--overwrite")
-    if any(target.iterdir()) and not is_our_output(target):
-        raise EcospaError(f"{target} is not empty and not an earlier output of ecospa-deploy "
-                          f"(no {MARKER} file); --overwrite replaces only those: remove it "
-                          "yourself or choose another output path")
+    if _contains(real, Path(os.getcwd()).resolve()):
+        raise EcospaError(f"output {target} is the current directory or holds it; --overwrite "
+                          "never replaces those: write to another path")
+    if any(target.iterdir()):
+        if not is_our_output(target):
+            raise EcospaError(f"{target} is not empty and not an earlier output of "
+                              f"ecospa-deploy (no {MARKER} file); --overwrite replaces only "
+                              "those: remove it yourself or choose another output path")
+        extra = _not_ours(target)
+        if extra:
+            shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5
+                                            else "")
+            raise EcospaError(f"{target} holds files ecospa-deploy did not write (or that "
+                              f"changed since): {shown}; --overwrite deletes only an output "
+                              "exactly as it was written: move those away or choose another "
+                              "output path")
     return target
 
 
@@ -143,12 +182,22 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
             from ecospa_deploy import __version__
 
             (tmp / MARKER).write_text(json.dumps({"written_by": "ecospa-deploy",
-                                                  "version": __version__}) + "\n")
+                                                  "version": __version__,
+                                                  "files": _files(tmp)}, indent=1) + "\n")
             _normal_permissions(tmp)
+            old = None
             if target.exists():
                 check_output(target, overwrite, sources)   # still ours: nothing raced us
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+                old = _fresh_dir(target.parent, target.name + ".old")
+                os.replace(target, old)                   # aside, whole, until the new is in
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, target)
+                raise
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -191,3 +191,74 @@ def test_sigterm_during_convert_onnx_leaves_nothing(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 128 + signal.SIGTERM
     assert _hidden_tmp(tmp_path) == [] and not (tmp_path / "o").exists()
+
+
+def _earlier_output(path: Path) -> None:
+    with atomic_directory(path) as tmp:
+        (tmp / "config.json").write_text("{}")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "w.bin").write_bytes(b"x" * 10)
+
+
+def test_overwrite_keeps_an_output_holding_files_we_did_not_write(tmp_path):
+    out = tmp_path / "out"
+    _earlier_output(out)
+    manifest = json.loads((out / MARKER).read_text())["files"]
+    assert manifest == {"config.json": 2, "sub/w.bin": 10}
+    (out / "NOTES.txt").write_text("mine")
+    with pytest.raises(EcospaError, match="did not write .*NOTES.txt"):
+        with atomic_directory(out, overwrite=True) as tmp:
+            (tmp / "new").write_text("n")
+    assert (out / "NOTES.txt").read_text() == "mine" and (out / "config.json").exists()
+    (out / "NOTES.txt").unlink()
+    (out / "sub" / "w.bin").write_bytes(b"changed")           # edited since: not ours now
+    with pytest.raises(EcospaError, match="sub/w.bin"):
+        check_output(out, overwrite=True)
+    (out / "sub" / "w.bin").write_bytes(b"y" * 10)
+    with atomic_directory(out, overwrite=True) as tmp:        # as written: replaced
+        (tmp / "new").write_text("n")
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "new"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no leftovers
+
+
+def test_a_forged_marker_does_not_let_overwrite_delete_a_directory(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("years of work")
+    (victim / MARKER).write_text("")
+    with pytest.raises(EcospaError, match="no manifest"):
+        check_output(victim, overwrite=True)
+    assert (victim / "thesis.tex").exists()
+
+
+def test_overwrite_refuses_the_current_directory(tmp_path, monkeypatch):
+    """`ecospa convert native SRC -o . --overwrite` inside an earlier output once deleted it
+    and wrote nothing (rmtree('.') fails half way)."""
+    out = tmp_path / "out"
+    _earlier_output(out)
+    monkeypatch.chdir(out)
+    with pytest.raises(EcospaError, match="current directory"):
+        check_output(".", overwrite=True)
+    monkeypatch.chdir(out / "sub")
+    with pytest.raises(EcospaError, match="current directory"):
+        check_output(out, overwrite=True)
+    assert (out / "config.json").exists() and (out / "sub" / "w.bin").exists()
+
+
+def test_a_failed_rename_puts_the_old_output_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _earlier_output(out)
+    real_replace = os.replace
+
+    def flaky(src, dst):
+        if Path(src).name.startswith(".out.") and ".old." not in Path(src).name \
+                and Path(dst) == out:
+            raise OSError("disk trouble")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OSError, match="disk trouble"):
+        with atomic_directory(out, overwrite=True) as tmp:
+            (tmp / "new").write_text("n")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (out / "config.json").exists() and not (out / "new").exists()
