@@ -139,7 +139,7 @@ def weight_file(directory: Path, name: Any, source: Path) -> Path:
                               f"directory {directory}; expected a name relative to it")
     path = directory / name
     target = path.resolve()
-    if directory.resolve() not in target.parents:
+    if not _stays_inside(directory, target):
         raise CheckpointError(f"{path}: a symlink to {target}, outside the model directory "
                               f"{directory}; copy the weights into the directory instead")
     return path
@@ -244,11 +244,38 @@ def check_tensors(found: dict[str, TensorInfo], expected: dict[str, tuple], tied
                                   f"{list(expected[name])}")
 
 
+def _stays_inside(directory: Path, target: Path) -> bool:
+    """``target`` (resolved) lies in ``directory``, or in the ``blobs`` of the hub-cache repo
+    whose snapshot ``directory`` is (``models--*/snapshots/REV`` links into ``../../blobs``)."""
+    root = directory.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        roots.append(root.parent.parent / "blobs")
+    return any(target == r or r in target.parents for r in roots)
+
+
+def check_links_stay_inside(directory: Path) -> None:
+    """Refuse a model directory holding a symlink that resolves outside it: every file in it
+    (config, tokenizer, chat template, weights) is read as the model's, and a link to
+    ``/etc/passwd`` named ``chat_template.jinja`` must not be. A snapshot of the Hugging Face
+    hub cache (``models--*/snapshots/REV``) links into its ``blobs`` folder: allowed."""
+    for dirpath, dirnames, filenames in os.walk(directory):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                target = path.resolve()
+                if not _stays_inside(directory, target):
+                    raise CheckpointError(f"{path}: a symlink to {target}, outside the model "
+                                          f"directory {directory}; copy the file into the "
+                                          "directory instead")
+
+
 # -- public entry points ---------------------------------------------------------------------
 def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such directory")
+    check_links_stay_inside(directory)
     if not path.exists():
         raise CheckpointError(f"{directory}: no config.json; expected a HF model directory")
     raw = _load_json(path.read_bytes(), path, "config.json")
@@ -511,10 +538,13 @@ def load_tokenizer(path: str | os.PathLike, *, allow_pickle: bool = False):
         if tok is None:
             raise CheckpointError(f"{path}: the pickle has no 'tokenizer' entry")
         return tok
+    if path.is_dir():
+        check_links_stay_inside(path)
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: no loadable tokenizer ({exc})") from None
+        first = next((line for line in str(exc).splitlines() if line.strip()), "")
+        raise CheckpointError(f"{path}: no loadable tokenizer ({first.strip()[:300]})") from None
 
 
 def convert_native(src: str | os.PathLike, dst: str | os.PathLike, *, allow_pickle: bool = False,

@@ -187,3 +187,29 @@ def test_transformers_config_validation_is_ours(saved):
     """Our config with a hidden size transformers rejects (not a multiple of the heads)."""
     _edit_config(saved, lambda c: c.update(hidden_size=70))
     _fails_cleanly(load_model, saved, match="cannot build .*StrictDataclass")
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json", "chat_template.jinja"])
+def test_any_file_symlinked_out_of_the_directory_is_refused(saved, tmp_path, name):
+    """Once only weights were checked: a chat template linked to a file outside was read and
+    served."""
+    from ecospa_deploy.loading import load_tokenizer
+
+    outside = tmp_path / "secret.txt"
+    outside.write_text("{}")
+    if (saved / name).exists():
+        (saved / name).unlink()
+    (saved / name).symlink_to(outside)
+    _fails_cleanly(load_tokenizer, saved, match="a symlink to .*outside the model directory")
+    _fails_cleanly(load_model, saved, match="a symlink to .*outside the model directory")
+
+
+def test_a_hub_cache_snapshot_links_into_its_blobs(saved, tmp_path):
+    snap = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc123"
+    blobs = tmp_path / "hub" / "models--org--tiny" / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in saved.iterdir():
+        f.rename(blobs / f.name)
+        (snap / f.name).symlink_to(Path("../../blobs") / f.name)
+    assert load_model(snap).config.num_hidden_layers == 3
