@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ecospa_deploy import dtypes
-from ecospa_deploy.loading import read_checkpoint_index, resolve_config
+from ecospa_deploy.loading import check_directory
 from ecospa_deploy.spec import LayerSpec, ModelSpec
 
 DTYPE_BYTES = {**{dtypes.short_name(n): dtypes.element_size(n) for n in dtypes.NAMES}, "int8": 1}
@@ -91,8 +91,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if is_gguf(path):
         return describe_gguf(path)
-    config, model_cls, foreign = resolve_config(path)
-    tensors = read_checkpoint_index(path)
+    config, model_cls, foreign, _, tensors, _, _ = check_directory(path)
     total = sum(math.prod(t.shape) for t in tensors.values())  # a tied head is stored once
     out = describe_spec(config.ecospa_spec, total)
     out.update(path=str(path), model_type=config.model_type, architecture=model_cls.__name__,

@@ -46,7 +46,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 # Buffers old checkpoints carry that no current model needs.
 IGNORED_TENSORS = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 _DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-           "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+           "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+           "F8_E8M0": 1}
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,10 @@ def _header_entry(path: Path, name: str, meta: Any) -> tuple[TensorInfo, int, in
     numel = 1
     for s in shape:
         numel *= s
-    if dtype in _DTYPES and stop - start != numel * _DTYPES[dtype]:
+    if dtype not in _DTYPES:
+        raise bad(f"dtype {dtype[:20]!r} is not a safetensors dtype; expected one of "
+                  f"{', '.join(_DTYPES)}")
+    if stop - start != numel * _DTYPES[dtype]:
         raise CheckpointError(f"{path}: tensor {name[:100]!r} declares shape {shape} ({dtype}) "
                               f"but spans {stop - start} bytes")
     return TensorInfo(str(path), dtype, tuple(shape)), start, stop
@@ -117,12 +121,19 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     out: dict[str, TensorInfo] = {}
-    end = 0
+    spans = []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        out[name], _, stop = _header_entry(path, name, meta)
-        end = max(end, stop)
+        out[name], start, stop = _header_entry(path, name, meta)
+        if stop > start:
+            spans.append((start, stop, name))
+    spans.sort()
+    for (_, stop, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < stop:
+            raise CheckpointError(f"{path}: corrupt safetensors header: the bytes of tensors "
+                                  f"{a[:100]!r} and {b[:100]!r} overlap")
+    end = max((stop for _, stop, _ in spans), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated safetensors file: header declares "
                               f"{8 + n + end} bytes, file has {size}")
@@ -411,6 +422,20 @@ def _num_layers(config: Any) -> int:
     return config.num_hidden_layers  # GPT-2's config maps num_hidden_layers onto n_layer
 
 
+def check_directory(path: str | os.PathLike):
+    """Every check a model directory gets before its weights are read (config, spec, headers,
+    layer count, tensor names and shapes): the one validation ``load_model`` and ``inspect``
+    share. Returns (config, model class, is_foreign, family, tensors, expected shapes, tied)."""
+    path = Path(path)
+    config, model_cls, foreign, fam = _resolve(path)
+    found = read_checkpoint_index(path)
+    check_layer_count(found, _num_layers(config), path)
+    convert = foreign and fam.converts_checkpoint
+    expected, tied = expected_shapes(model_cls, config, fam if convert else None)
+    check_tensors(found, expected, tied, model_cls.base_model_prefix + ".")
+    return config, model_cls, foreign, fam, found, expected, tied
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                device: str | torch.device | None = None, *, allow_pickle: bool = False,
                attn_implementation: str | None = None) -> PreTrainedModel:
@@ -430,13 +455,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
         raise CheckpointError(f"{path}: expected a model directory (config.json + safetensors), "
                               f"a GGUF file (.gguf) or an LLM-Pruner pickle "
                               f"({', '.join(PICKLE_SUFFIXES)})")
-    config, model_cls, foreign, fam = _resolve(path)
+    config, model_cls, foreign, fam, found, expected, tied = check_directory(path)
     convert = foreign and fam.converts_checkpoint
-    found = read_checkpoint_index(path)
-    check_layer_count(found, _num_layers(config), path)
-    expected, tied = expected_shapes(model_cls, config, fam if convert else None)
     prefix = model_cls.base_model_prefix + "."
-    check_tensors(found, expected, tied, prefix)
     if isinstance(dtype, str):
         dtype = dtypes.to_torch(dtype)
     kwargs: dict[str, Any] = {"config": config, "dtype": dtype or "auto",

@@ -47,6 +47,9 @@ HOSTILE_HEADERS = [
      "corrupt safetensors header"),
     (b'{"w": NaN}', "expected an object"),
     (b"\xff\xfe{}", "corrupt safetensors header"),
+    ({"w": {"dtype": "X99", "shape": [4], "data_offsets": [0, 16]}}, "not a safetensors dtype"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, "overlap"),
 ]
 
 
@@ -213,3 +216,55 @@ def test_a_hub_cache_snapshot_links_into_its_blobs(saved, tmp_path):
         f.rename(blobs / f.name)
         (snap / f.name).symlink_to(Path("../../blobs") / f.name)
     assert load_model(snap).config.num_hidden_layers == 3
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    _raw_safetensors(path, header, raw[8 + n:])
+
+
+def _cli(*argv: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ecospa_deploy.cli", *argv],
+                          capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stderr
+
+
+def _x99(header):
+    header[next(k for k in header if k != "__metadata__")]["dtype"] = "X99"
+
+
+def _overlap(header):
+    names = sorted((v["data_offsets"][0], k) for k, v in header.items() if k != "__metadata__")
+    first, second = header[names[0][1]], header[names[1][1]]
+    size = second["data_offsets"][1] - second["data_offsets"][0]
+    second["data_offsets"] = [first["data_offsets"][0], first["data_offsets"][0] + size]
+
+
+def _config(edit):
+    def apply(directory: Path) -> None:
+        cfg = json.loads((directory / "config.json").read_text())
+        edit(cfg)
+        (directory / "config.json").write_text(json.dumps(cfg))
+    return apply
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda d: _rewrite_header(d / "model.safetensors", _x99),
+    lambda d: _rewrite_header(d / "model.safetensors", _overlap),
+    _config(lambda c: c["ecospa"]["layers"][0].update(intermediate_size=True)),
+    _config(lambda c: c["ecospa"]["layers"][0].update(intermediate_size=10 ** 30)),
+    _config(lambda c: (c["ecospa"]["layers"].pop(), c.update(num_hidden_layers=2))),
+], ids=["dtype-X99", "overlapping-bytes", "ffn-true", "ffn-1e30", "2-layers-of-3"])
+def test_every_verb_refuses_a_corrupt_directory_alike(saved, corrupt):
+    """Once eval/serve printed tracebacks and inspect exited 0 on these: one validation now."""
+    corrupt(saved)
+    for verb in (["inspect", str(saved)], ["eval", str(saved), "--generate", "x",
+                                           "--max-new-tokens", "1"]):
+        code, err = _cli(*verb)
+        assert code == 2 and "Traceback" not in err and err.startswith("error: "), (verb, err)
