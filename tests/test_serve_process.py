@@ -181,3 +181,28 @@ def test_long_prompts_that_fit_do_not_pause_running_streams(model_dir):
     assert all(r["prompt_tokens"] == 6000 and r["completion_tokens"] == 2 for r in results)
     assert max(out["gaps"]) < 1.0, (max(out["gaps"]), took)
     assert out["last"] != "data: [DONE]"
+
+
+def test_a_pipelined_partial_request_is_cut_at_the_read_timeout(model_dir):
+    """A complete GET with the start of a POST in the same write: the POST once held its
+    socket for as long as the client liked (100 of them locked everyone else out)."""
+    import socket
+
+    with ServerProcess(model_dir, "--backend", "hf", "--read-timeout", "2") as srv:
+        host, port = srv.url.removeprefix("http://").rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 100\r\n\r\n{")
+        sock.settimeout(15)
+        t0 = time.monotonic()
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        took = time.monotonic() - t0
+        sock.close()
+    assert data.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in data, data[:300]
+    assert 1.5 < took < 6, took

@@ -6,8 +6,9 @@ hundreds, the process's file descriptors) for good. ``guarded_h11`` returns uvic
 protocol with three changes:
 
 - a request (headers and body) must arrive within ``read_timeout`` seconds of its first byte
-  (or of the connection opening); otherwise the client gets 408 and the socket is closed, and
-  the app, if it was reading the body, sees a disconnect;
+  (or of the connection opening, or of the previous response's end for a request pipelined
+  behind it); otherwise the client gets 408 and the socket is closed, and the app, if it was
+  reading the body, sees a disconnect;
 - with ``max_connections`` sockets open, a new one is answered 503 and closed at once;
 - a request h11 cannot parse (bad Content-Length, malformed headers) gets our JSON error body
   instead of uvicorn's plain text.
@@ -60,6 +61,15 @@ class GuardedH11Protocol(H11Protocol):
         super().data_received(data)
         if self.conn.their_state in _RECEIVED:
             self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # A request pipelined behind the one just answered arrived in an earlier read, so
+        # data_received will not see its first byte: its clock starts now.
+        if (self._read_timer is None and not self.transport.is_closing()
+                and self.conn.their_state not in _RECEIVED
+                and (self.conn.their_state is not h11.IDLE or self.conn.trailing_data[0])):
+            self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
