@@ -33,6 +33,17 @@ SUMMARIES: dict[str, str] = {
 }
 
 
+def _threads() -> None:
+    """OpenMP settings that survive a busy machine (``ecospa_deploy.threads``), before torch."""
+    from ecospa_deploy.threads import configure
+
+    try:
+        configure()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _load_verb(verb: str):
     return importlib.import_module(VERBS[verb])
 
@@ -49,6 +60,7 @@ def _verb_parser(verb: str, prog: str) -> tuple[argparse.ArgumentParser, object]
 
 
 def run_verb(verb: str, argv: Sequence[str], prog: str | None = None) -> int:
+    _threads()
     if verb == "bench" and list(argv[:1]) == ["serve"]:   # the serving benchmark (any URL)
         from ecospa_deploy.serve.benchmark import main as bench_serve
 
