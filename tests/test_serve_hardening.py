@@ -231,3 +231,17 @@ def test_connection_cap():
             s.close()
         time.sleep(0.2)
         assert httpx.get(url + "/health").status_code == 200
+
+
+def test_refused_connections_log_one_warning_per_interval(caplog):
+    from ecospa_deploy.serve.connections import _RefusalLog
+
+    refusals = _RefusalLog(every=60.0)
+    with caplog.at_level("WARNING", logger="ecospa_deploy.serve"):
+        for _ in range(500):
+            refusals.note(100, 100)
+    assert len(caplog.records) == 1 and refusals.suppressed == 499
+    refusals.last -= 61
+    with caplog.at_level("WARNING", logger="ecospa_deploy.serve"):
+        refusals.note(100, 100)
+    assert "499 more refused" in caplog.records[-1].getMessage()

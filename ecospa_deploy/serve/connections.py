@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -38,6 +39,28 @@ def raw_error(status: int, message: str, code: str | None = None) -> bytes:
     return head + body
 
 
+class _RefusalLog:
+    """One WARNING per ``every`` seconds for refused connections, with how many it stands
+    for: a flood of them must not become a flood of log lines."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every, self.last, self.suppressed = every, float("-inf"), 0
+
+    def note(self, open_: int, limit: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            self.suppressed += 1
+            return
+        more = f" ({self.suppressed} more refused since the last warning)" \
+            if self.suppressed else ""
+        log.warning("refusing a connection: %d are open (--max-connections %d)%s", open_,
+                    limit, more)
+        self.last, self.suppressed = now, 0
+
+
+_refusals = _RefusalLog()
+
+
 class GuardedH11Protocol(H11Protocol):
     """See the module docstring; configured by ``guarded_h11``."""
 
@@ -48,8 +71,7 @@ class GuardedH11Protocol(H11Protocol):
         self._read_timer = None
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
-            log.warning("refusing a connection: %d are open (--max-connections %d)",
-                        len(self.connections) - 1, self.max_connections)
+            _refusals.note(len(self.connections) - 1, self.max_connections)
             self._reject(503, f"the server has {self.max_connections} open connections "
                          "(--max-connections); retry later", "too_many_connections")
             return
