@@ -442,3 +442,21 @@ def test_a_step_wakes_each_event_loop_once():
     loop.close()
     assert len(events) == 8 * 7                      # 6 tokens and the finish, per sequence
     assert sum(wakeups) == 8 * 7 and len(wakeups) <= 8   # a batch per step, not per event
+
+
+def test_the_chunk_follows_the_prefill_rate_of_long_prompts_only():
+    """A short prompt's prefill time is fixed overhead (~5 ms on a GPU whatever its length):
+    read as a rate it shrank the chunk on the H200 until every 1024-token prompt was cut up."""
+    class Chunky(FakeBackend):
+        def add_chunk(self, slot, prompt_ids, params, end):
+            return None
+
+    sched = Scheduler(Chunky(), 2, 4, prefill_chunk=2048, max_pause=0.25)
+    sched._active[0] = object()                       # a running stream: the pause matters
+    for _ in range(20):
+        sched._measure(16, 0.005)                     # 3 200 tokens/s, if it counted
+    assert sched._prefill_rate is None and sched._budget() == 2048
+    sched._measure(512, 2.0)                          # a CPU: 256 tokens/s
+    assert sched._budget() == 64
+    sched._active.clear()
+    assert sched._budget() == 2048                    # nothing runs: no pause to bound

@@ -302,6 +302,7 @@ def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket
         chunk = 2048 if device.type == "cuda" else 512
     scheduler = Scheduler(backend, opts.max_batch_size, opts.max_queue, metrics,
                           prefill_chunk=chunk or None,
+                          max_pause=None if device.type == "cuda" else 0.25,
                           decode_steps=opts.decode_steps).start()
     service = GenerationService(scheduler, tokenizer, name, max_len,
                                 vocab_size=model.config.vocab_size,
