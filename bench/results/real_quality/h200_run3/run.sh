@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run 3 of the real-model table: longer recovery (issue target: recovered within 10 minutes).
+# Run 3 of the real-model table (H200): longer recovery (issue target: recovered within 10 minutes).
 # As ../h100_run2/run.sh (GGUF in two carried chunks, .gg/part.aa copied to /tmp/g by the call
 # before; .whl the gguf wheel; .gtexts the evaluation texts), plus: $RQ_ARGS passed to every
 # real_quality call, and the self-generated text cached in /tmp/ec/selftext travels back as
