@@ -34,8 +34,15 @@ SUMMARIES: dict[str, str] = {
 
 
 def _threads() -> None:
-    """OpenMP settings that survive a busy machine (``ecospa_deploy.threads``), before torch."""
+    """OpenMP settings that survive a busy machine (``ecospa_deploy.threads``), before torch;
+    and, when stderr is not a terminal (a log file, CI), progress bars that redraw every 30 s
+    instead of writing hundreds of lines (tqdm reads ``TQDM_MININTERVAL``)."""
+    import os
+
     from ecospa_deploy.threads import configure
+
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
 
     try:
         configure()

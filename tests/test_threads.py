@@ -42,3 +42,12 @@ def test_the_cli_sets_them_before_torch_loads():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
     assert out.stdout.split() == ["2", "PASSIVE", "1"], out.stderr
+
+
+def test_progress_bars_redraw_rarely_into_a_log():
+    code = ("import os; os.environ.pop('TQDM_MININTERVAL', None); "
+            "from ecospa_deploy.cli import main; main(['inspect', '/nonexistent']); "
+            "print(os.environ.get('TQDM_MININTERVAL'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)     # stderr is a pipe here, as in a log
+    assert out.stdout.split() == ["30"], out.stderr
