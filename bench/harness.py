@@ -445,21 +445,6 @@ CPU_NOTE = ("CPU run: these numbers are indicative only, not the GPU's. A small 
             "spread over the repeats below.")
 
 
-def spread_markdown(rows: list[dict[str, Any]]) -> str:
-    """TTFT first-seen vs repeated and the min/median spread of each row (markdown)."""
-    def f(v):
-        return "—" if v is None else f"{v:.2f}"
-
-    out = ["| model | backend | batch | prompt | TTFT first-seen ms | TTFT min / median ms "
-           "| TPOT min / median ms | runs |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['prompt_len']} | "
-                   f"{f(r.get('ttft_first_ms'))} | {f(r.get('ttft_min_ms'))} / "
-                   f"{f(r['ttft_ms'])} | {f(r.get('tpot_min_ms'))} / {f(r['tpot_ms'])} | "
-                   f"{r.get('repeats', 1)} |")
-    return "\n".join(out)
-
-
 def check_pair(dense: torch.nn.Module, pruned: torch.nn.Module) -> None:
     dv, pv = dense.config.vocab_size, pruned.config.vocab_size
     if dv != pv:

@@ -31,7 +31,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# ecospa bench: {result['title']}", "",
              f"Command: `{result['command']}`", "",
              f"Device: {c['device']}; measured copy bandwidth {c['bandwidth'] / 1e12:.2f} TB/s, "
-             f"matmul {c['matmul'] / 1e12:.0f} TFLOP/s ({result['dtype']}). Floors use the "
+             + (f"matmul {c['matmul'] / 1e12:.0f} TFLOP/s" if c['matmul'] >= 1e12 else
+                f"matmul {c['matmul'] / 1e9:.0f} GFLOP/s") +
+             f" ({result['dtype']}). Floors use the "
              "model's own (unpadded) bytes and FLOPs; decode context = prompt + gen/2.", "",
              *([f"**Note:** {result['note']}", ""] if result.get("note") else []),
              "| model | backend | batch | prompt | params (M) | weights (GB) | KV B/token | "
@@ -63,7 +65,24 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_f(r['decode_floor_speedup'])}× | {_f(r['decode_of_floor_ratio'])} | "
                 f"{_f(r['prefill_speedup'])}× | {_f(r['prefill_flop_speedup'])}× | "
                 f"{_f(r['prefill_of_floor_ratio'])} |")
+    lines += ["", "TTFT of the first request at each prompt length vs repeated, and the spread "
+              "over the repeats:", "", spread_markdown(result["rows"])]
     return "\n".join(lines) + "\n"
+
+
+def spread_markdown(rows: list[dict[str, Any]]) -> str:
+    """TTFT first-seen vs repeated and the min/median spread of each row (markdown)."""
+    def f(v):
+        return "—" if v is None else f"{v:.2f}"
+
+    out = ["| model | backend | batch | prompt | TTFT first-seen ms | TTFT min / median ms "
+           "| TPOT min / median ms | runs |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['prompt_len']} | "
+                   f"{f(r.get('ttft_first_ms'))} | {f(r.get('ttft_min_ms'))} / "
+                   f"{f(r['ttft_ms'])} | {f(r.get('tpot_min_ms'))} / {f(r['tpot_ms'])} | "
+                   f"{r.get('repeats', 1)} |")
+    return "\n".join(out)
 
 
 def plots(result: dict[str, Any], out: Path) -> list[Path]:

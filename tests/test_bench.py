@@ -37,6 +37,8 @@ def test_bench_tiny_shape_writes_json_markdown_png(tmp_path, capsys):
     assert "TTFT first-seen ms" in printed and printed.count("indicative only") == 1
     assert result["note"].startswith("CPU run")
     md = (out / "results.md").read_text()
+    assert "TTFT first-seen ms" in md                   # the file has what the terminal shows
+    assert "matmul 0 TFLOP/s" not in md and "GFLOP/s" in md   # a CPU's rate, in its unit
     for text in (printed, md):      # the caveat comes before the figures it qualifies
         assert text.index("indicative only") < text.index("| model | backend |")
     from ecospa_deploy.bench.report import markdown

@@ -147,8 +147,6 @@ def run(args: argparse.Namespace) -> int:
     result["complete"] = True
     files = save()
     print(report.markdown(result))
-    print("\nTTFT of the first request at each prompt length vs repeated; spread over "
-          f"{args.repeats} runs:\n" + harness.spread_markdown(rows))
     print("wrote " + ", ".join(str(f) for f in files))
     if not plots:
         print(f"note: {report.NO_PLOTS}", file=sys.stderr)
