@@ -86,6 +86,9 @@ def spread_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def plots(result: dict[str, Any], out: Path) -> list[Path]:
+    """``throughput.png``: decode tokens/s, dense and pruned side by side for every (backend,
+    batch, prompt) the run measured, the pruned/dense ratio written above each pair;
+    ``latency.png``: per request, prefill (TTFT) and decode time stacked on a linear axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,33 +96,49 @@ def plots(result: dict[str, Any], out: Path) -> list[Path]:
 
     rows = result["rows"]
     paths = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in sorted({(r["model"], r["backend"], r["prompt_len"]) for r in rows}):
-        pts = sorted((r["batch"], r["decode_tok_s"]) for r in rows
-                     if (r["model"], r["backend"], r["prompt_len"]) == key and r["decode_tok_s"])
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=f"{key[0]} {key[1]} p={key[2]}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size")
+    keys = sorted({(r["backend"], r["batch"], r["prompt_len"]) for r in rows})
+    models = sorted({r["model"] for r in rows}, key=lambda m: (m != "dense", m))
+    value = {(r["model"], r["backend"], r["batch"], r["prompt_len"]): r for r in rows}
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys) + 2), 4))
+    for j, model in enumerate(models):
+        xs, ys = [], []
+        for i, key in enumerate(keys):
+            r = value.get((model, *key))
+            if r and r["decode_tok_s"]:
+                xs.append(i + (j - (len(models) - 1) / 2) * width)
+                ys.append(r["decode_tok_s"])
+        ax.bar(xs, ys, width, label=model)
+    for i, key in enumerate(keys):
+        d, q = value.get(("dense", *key)), value.get(("pruned", *key))
+        if d and q and d["decode_tok_s"] and q["decode_tok_s"]:
+            top = max(d["decode_tok_s"], q["decode_tok_s"])
+            ax.annotate(f"{q['decode_tok_s'] / d['decode_tok_s']:.2f}×", (i, top),
+                        ha="center", va="bottom", fontsize=8, xytext=(0, 2),
+                        textcoords="offset points")
+    ax.set_xticks(range(len(keys)), [f"{b}\nbatch {n}, prompt {p}" for b, n, p in keys],
+                  fontsize=7)
     ax.set_ylabel("decode tokens/s")
-    ax.set_title("Decode throughput vs batch size")
+    ax.set_title("Decode throughput (label: pruned / dense)")
+    ax.margins(y=0.15)
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(out / "throughput.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    labels = [f"{r['model'][0]}/{r['backend']}/b{r['batch']}/p{r['prompt_len']}" for r in rows]
-    ttft = [r["ttft_ms"] for r in rows]
-    decode = [(r["tpot_ms"] or 0) * max(r["gen_len"] - 1, 0) for r in rows]
-    ax.bar(labels, ttft, label="prefill (TTFT)")
-    ax.bar(labels, decode, bottom=ttft, label="decode (TPOT × (gen-1))")
-    ax.set_yscale("log")
-    ax.set_ylabel("ms per request")
-    ax.set_title("Latency breakdown")
-    ax.tick_params(axis="x", rotation=70, labelsize=6)
+    ordered = sorted(rows, key=lambda r: (r["backend"], r["batch"], r["prompt_len"],
+                                          r["model"] != "dense"))
+    labels = [f"{r['model']} {r['backend']} b{r['batch']} p{r['prompt_len']}" for r in ordered]
+    ttft = [r["ttft_ms"] or 0 for r in ordered]
+    decode = [(r["tpot_ms"] or 0) * max(r["gen_len"] - 1, 0) for r in ordered]
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.35 * len(ordered) + 1)))
+    ax.barh(labels, ttft, label="prefill (TTFT)")
+    ax.barh(labels, decode, left=ttft, label="decode (TPOT × (gen − 1))")
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per request")
+    ax.set_title("Latency per request")
+    ax.tick_params(axis="y", labelsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(out / "latency.png")
