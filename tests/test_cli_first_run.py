@@ -43,7 +43,11 @@ def test_help_and_argument_errors_import_no_torch(tmp_path):
              ["serve", str(tmp_path / "nope")],
              # once refused only after the model had loaded (a traceback for the port)
              ["serve", str(src), "--port", "99999"],
-             ["eval", str(src), "--seq-len", "-5", "--generate", "x"]]
+             ["eval", str(src), "--seq-len", "-5", "--generate", "x"],
+             # a directory that is not a model: once 6-8 s of torch import before saying so
+             ["serve", str(tmp_path)], ["eval", str(tmp_path), "--generate", "x"],
+             ["inspect", str(tmp_path)], ["convert", "native", str(tmp_path), "-o",
+                                          str(tmp_path / "o")]]
     res = _python(f"""
         import json, sys
         from ecospa_deploy.cli import main
@@ -64,6 +68,7 @@ def test_help_and_argument_errors_import_no_torch(tmp_path):
     assert out["codes"][helps:] == [2] * (len(cases) - helps), list(zip(cases, out["codes"]))
     assert "Traceback" not in res.stderr
     assert "no such file or directory" in res.stderr and "is the input" in res.stderr
+    assert res.stderr.count("no config.json; expected a model directory") == 4
 
 
 def test_import_of_the_package_is_light_and_its_names_still_resolve():

@@ -17,6 +17,16 @@ def require_paths(*paths: tuple[str, str | None]) -> None:
             raise UsageError(f"{label} {path}: no such file or directory")
 
 
+def require_model(label: str, path: str | None) -> None:
+    """``require_paths`` for a model: a directory must hold a config.json (a file may be a
+    GGUF or a pickle; the loader checks those). Before torch loads: answers in a blink, not
+    after the seconds a torch import takes."""
+    require_paths((label, path))
+    if path is not None and Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise UsageError(f"{label} {path}: no config.json; expected a model directory "
+                         "(config.json + safetensors), a .gguf file or an LLM-Pruner pickle")
+
+
 def port(text: str) -> int:
     """argparse type: a TCP port, 0 (any free port) to 65535."""
     try:

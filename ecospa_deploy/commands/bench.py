@@ -60,10 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_args(args: argparse.Namespace) -> list[str]:
     """The checks that need no torch; returns the backends."""
-    from ecospa_deploy.commands.args import require_paths
+    from ecospa_deploy.commands.args import require_model
     from ecospa_deploy.extras import require
 
-    require_paths(("--dense", args.dense), ("--pruned", args.pruned))
+    require_model("--dense", args.dense)
+    require_model("--pruned", args.pruned)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:

@@ -83,9 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecospa_deploy.commands.args import check_output, require_paths
+    from ecospa_deploy.commands.args import check_output, require_model
 
-    require_paths(("source", args.src))
+    require_model("source", args.src)
     check_output(args.output, args.overwrite, sources=(args.src,))   # before any model loads
     if args.format == "onnx":
         from ecospa_deploy.extras import require

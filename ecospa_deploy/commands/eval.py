@@ -38,11 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecospa_deploy.commands.args import require_paths
+    from ecospa_deploy.commands.args import require_model, require_paths
 
     if not args.data and not args.generate:   # before torch loads
         raise UsageError("nothing to do: give --data TEXTFILE and/or --generate PROMPT")
-    require_paths(("model", args.model), ("--data", args.data))
+    require_model("model", args.model)
+    require_paths(("--data", args.data))
     import torch
 
     from ecospa_deploy.evaluate import text_perplexity

@@ -24,9 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecospa_deploy.commands.args import require_paths
+    from ecospa_deploy.commands.args import require_model
 
-    require_paths(("checkpoint", args.path))
+    require_model("checkpoint", args.path)
     from ecospa_deploy.inspect import describe, format_table
 
     info = describe(args.path)

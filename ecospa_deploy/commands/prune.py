@@ -101,9 +101,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.calib != SELF and not Path(args.calib).is_file():
         raise UsageError(f"--calib {args.calib}: no such file (or 'self' for text the dense model "
                          "generates)")
-    from ecospa_deploy.commands.args import check_output, require_paths
+    from ecospa_deploy.commands.args import check_output, require_model
 
-    require_paths(("model", args.model))
+    require_model("model", args.model)
     check_output(args.output, args.overwrite,
                  sources=(args.model,) if args.calib == SELF else (args.model, args.calib))
 
