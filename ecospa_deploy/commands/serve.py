@@ -85,9 +85,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecospa_deploy.commands.args import require_model
     from ecospa_deploy.serve.server import ServeOptions, serve
-
-    require_model("model", args.path)
 
     return serve(ServeOptions(**vars(args)))

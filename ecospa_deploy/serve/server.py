@@ -228,8 +228,9 @@ def serve(opts: ServeOptions) -> int:
     if opts.api_key is None and not is_loopback(opts.host):
         log.warning("serving on %s without an API key: anyone who can reach this address can "
                     "use the model; set --api-key or ECOSPA_API_KEY", opts.host)
-    if not Path(opts.path).exists():
-        raise UsageError(f"{opts.path}: no such model directory")
+    from ecospa_deploy.commands.args import require_model
+
+    require_model("model", opts.path)           # before torch loads (and before the backend)
     name = opts.served_model_name or Path(opts.path).resolve().name
     choice = choose_backend(opts.backend)
     log.info("backend %s (%s)", choice.name, choice.reason)
