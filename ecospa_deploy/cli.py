@@ -33,7 +33,7 @@ SUMMARIES: dict[str, str] = {
 }
 
 
-def _threads() -> None:
+def _settings_before_torch() -> None:
     """OpenMP settings that survive a busy machine (``ecospa_deploy.threads``), before torch;
     and, when stderr is not a terminal (a log file, CI), progress bars that redraw every 30 s
     instead of writing hundreds of lines (tqdm reads ``TQDM_MININTERVAL``)."""
@@ -67,7 +67,7 @@ def _verb_parser(verb: str, prog: str) -> tuple[argparse.ArgumentParser, object]
 
 
 def run_verb(verb: str, argv: Sequence[str], prog: str | None = None) -> int:
-    _threads()
+    _settings_before_torch()
     if verb == "bench" and list(argv[:1]) == ["serve"]:   # the serving benchmark (any URL)
         from ecospa_deploy.serve.benchmark import main as bench_serve
 

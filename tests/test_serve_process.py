@@ -46,17 +46,22 @@ def _stream_gaps(url: str, body: dict, started: threading.Event, flood_over: thr
     out["gaps"] = gaps
 
 
+def _running_stream(url: str, max_tokens: int):
+    """A greedy stream started and past its third event: (reader thread, flood_over, out)."""
+    started, flood_over, out = threading.Event(), threading.Event(), {}
+    body = {"prompt": "To be", "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+            "temperature": 0}
+    reader = threading.Thread(target=_stream_gaps, args=(url, body, started, flood_over, out))
+    reader.start()
+    assert started.wait(60)
+    return reader, flood_over, out
+
+
 @pytest.mark.skipif(engine_available() is not None, reason=str(engine_available()))
 def test_oversized_prompts_do_not_stall_a_running_stream(model_dir):
     with ServerProcess(model_dir, "--backend", "engine", "--max-model-len", "16384",
                        "--max-body-bytes", str(4 << 20)) as srv:
-        started, flood_over, out = threading.Event(), threading.Event(), {}
-        body = {"prompt": "To be", "max_tokens": 16000, "stream": True, "ignore_eos": True,
-                "temperature": 0}
-        reader = threading.Thread(target=_stream_gaps,
-                                  args=(srv.url, body, started, flood_over, out))
-        reader.start()
-        assert started.wait(60)
+        reader, flood_over, out = _running_stream(srv.url, 16000)
         # ~2 MB each: tokenizing one takes seconds, as long as the stall it caused on the loop
         huge = {"prompt": "To be, or not to be " * 100_000, "max_tokens": 4}
         statuses: list[int] = []
@@ -153,13 +158,7 @@ def test_long_prompts_that_fit_do_not_pause_running_streams(model_dir):
     """Chunked prefill: three ~6 k-token prompts (each ~4 s of whole prefill on 2 CPU cores,
     the gap they used to cause) enter a chunk at a time between the running stream's steps."""
     with ServerProcess(model_dir, "--backend", "engine", "--max-model-len", "8192") as srv:
-        started, flood_over, out = threading.Event(), threading.Event(), {}
-        body = {"prompt": "To be", "max_tokens": 8000, "stream": True, "ignore_eos": True,
-                "temperature": 0}
-        reader = threading.Thread(target=_stream_gaps,
-                                  args=(srv.url, body, started, flood_over, out))
-        reader.start()
-        assert started.wait(60)
+        reader, flood_over, out = _running_stream(srv.url, 8000)
         results: list[dict] = []
 
         def send(k: int) -> None:

@@ -399,11 +399,7 @@ class Scheduler:
     def _release(self, slot: int) -> None:
         if self._active.pop(slot, None) is None:
             return
-        try:
-            self.backend.free(slot)
-        except Exception:
-            log.exception("freeing slot %d failed", slot)
-        self._free.append(slot)
+        self._unreserve(slot)
         self.metrics.running.set(len(self._active))
 
     def _finish(self, seq: Sequence, finish: str, error: str | None = None) -> None:
