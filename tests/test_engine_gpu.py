@@ -58,3 +58,20 @@ def test_prefill_graphs_warmed_for_every_length():
         assert eng.generate([p], params) == eager.generate([p], params)
     assert eng.generate(PROMPTS[:2], params) == eager.generate(PROMPTS[:2], params)
     assert len(eng._prefill_graphs) == n
+
+
+def test_decode_graphs_warmed_for_every_bucket():
+    """``warmup(decode=True)`` captures every (batch bucket, KV bucket, greedy/sampled) decode
+    graph, so later generation captures none, and the tokens equal eager decoding."""
+    model = tiny_pruned("llama", seed=6).cuda()
+    eng = Engine(model, max_batch_size=4, max_seq_len=300)
+    n = eng.warmup([1], max_prompt_len=40, decode=True)
+    assert set(eng._graphs) == {(nb, kv, s) for nb in (1, 2, 4) for kv in (128, 256, 300)
+                                for s in (False, True)}
+    assert n == len(eng._graphs) + len(eng._prefill_graphs)
+    captured = set(eng._graphs)
+    eager = Engine(model, max_batch_size=4, max_seq_len=300, cuda_graphs=False)
+    for params in (SamplingParams(max_new_tokens=6),
+                   SamplingParams(max_new_tokens=6, temperature=0.8, seed=3)):
+        assert eng.generate(PROMPTS[:3], params) == eager.generate(PROMPTS[:3], params)
+    assert set(eng._graphs) == captured

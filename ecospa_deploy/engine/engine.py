@@ -319,19 +319,32 @@ class Engine:
         return graph, tokens, lens, rows, out
 
     @torch.no_grad()
-    def warmup(self, batch_sizes: Sequence[int] = (1,), max_prompt_len: int | None = None
-               ) -> int:
+    def warmup(self, batch_sizes: Sequence[int] = (1,), max_prompt_len: int | None = None,
+               decode: bool = False) -> int:
         """Capture the prefill graphs of every length bucket up to ``max_prompt_len`` (default:
         ``max_seq_len - 1``) for each row count in ``batch_sizes``, so that no request pays a
-        capture at a first-seen length. Needs every slot free; returns the graphs captured."""
-        if not self.prefill_graphs:
+        capture at a first-seen length; with ``decode``, also the decode graph of every (batch
+        bucket, KV bucket, greedy/sampled), which autotunes the Triton kernels of each batch
+        bucket too (a server's first burst otherwise pays both mid-stream). Needs every slot
+        free; returns the graphs captured."""
+        if not self.cuda_graphs:
             return 0
-        if self._slots:
-            raise UnsupportedError(f"warmup() needs every slot free; slots {sorted(self._slots)}"
-                                   " are in use")
+        if self._slots or self._partial:
+            busy = sorted(set(self._slots) | set(self._partial))
+            raise UnsupportedError(f"warmup() needs every slot free; slots {busy} are in use")
         max_len = min(max_prompt_len or self.max_seq_len - 1, self.max_seq_len - 1)
         saved = [b.clone() for b in self._buffers()]
-        before = len(self._prefill_graphs)
+        before = len(self._prefill_graphs) + len(self._graphs)
+        if decode:
+            self._positions.zero_()   # every row writes position 0 of a free slot
+            for nb in sorted({batch_bucket(n, self.max_batch_size)
+                              for n in range(1, self.max_batch_size + 1)}):
+                for kv_len in sorted({kv_bucket(n, self.max_seq_len)
+                                      for n in range(1, self.max_seq_len + 1)}):
+                    for sample in (False, True):
+                        self._run_decode(nb, kv_len, sample)
+        if not self.prefill_graphs:
+            batch_sizes = ()
         for n in batch_sizes:
             if not 1 <= n <= self.max_batch_size:
                 raise ValueError(f"warmup batch size {n!r}; expected ints in "
@@ -346,7 +359,7 @@ class Engine:
         for buf, old in zip(self._buffers(), saved):
             buf.copy_(old)
         torch.cuda.synchronize(self.device)
-        return len(self._prefill_graphs) - before
+        return len(self._prefill_graphs) + len(self._graphs) - before
 
     # -- decode ---------------------------------------------------------------------------
     def _buffers(self):
