@@ -24,8 +24,13 @@ class MissingExtraError(EcospaError):
     """An optional dependency is not installed; the message says what to install."""
 
 
+# distributions whose import name is not their name, normalised
+_IMPORT_NAMES = {"llama-cpp-python": "llama_cpp"}
+
+
 def _module_name(distribution: str) -> str:
-    return distribution.lower().replace("-", "_").replace(".", "_")
+    name = distribution.lower()
+    return _IMPORT_NAMES.get(name) or name.replace("-", "_").replace(".", "_")
 
 
 @functools.cache

