@@ -65,7 +65,7 @@ def _non_layer_params(model: torch.nn.Module) -> int:
 
 
 def padding(args: argparse.Namespace) -> None:
-    from ecospa_deploy.bench.shapes import _hf_config, load_shape, pruned_spec
+    from ecospa_deploy.bench.shapes import hf_config, load_shape, pruned_spec
     from ecospa_deploy.converters.vllm_plan import ACCEPTED_HEAD_SIZES, plan_vllm
     from ecospa_deploy.padding import padded_layer
     from ecospa_deploy.modeling import config_from_dense
@@ -82,7 +82,7 @@ def padding(args: argparse.Namespace) -> None:
                                               "pruned model of the test suite"}}
         else:
             shape = load_shape(name)
-            config = config_from_dense(_hf_config(shape))      # shapes only: no weights needed
+            config = config_from_dense(hf_config(shape))      # shapes only: no weights needed
             spec = pruned_spec(config.ecospa_spec, shape["pruned"]["layers"])
             vocab = config.vocab_size
             config.set_spec(spec)
@@ -126,14 +126,14 @@ def padding(args: argparse.Namespace) -> None:
 
 # -- KV-cache overhead of the ONNX export targets -------------------------------------------
 def onnx_kv(args: argparse.Namespace) -> None:
-    from ecospa_deploy.bench.shapes import _hf_config, load_shape, pruned_spec
+    from ecospa_deploy.bench.shapes import hf_config, load_shape, pruned_spec
     from ecospa_deploy.converters.onnx_layout import TARGETS, plan_layout
     from ecospa_deploy.modeling import config_from_dense
 
     rows = []
     for name in args.shapes:
         shape = load_shape(name)
-        dense = config_from_dense(_hf_config(shape)).ecospa_spec   # shapes only: no weights
+        dense = config_from_dense(hf_config(shape)).ecospa_spec   # shapes only: no weights
         spec = pruned_spec(dense, shape["pruned"]["layers"])
         dense_kv = sum(l.num_key_value_heads * (l.qk_head_dim + l.v_head_dim)
                        for l in dense.layers)

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--work", default=None, help="where models and GGUF files are kept "
-                                                  "(default: OUT/work, not committed)")
+                                                  "(default: $ECOSPA_CACHE/bench-gguf-cpu)")
     p.add_argument("--method", default="ecospa-act")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.2, 0.4])
     p.add_argument("--outtypes", nargs="+", default=["f16", "q8_0", "q4_k_m"])
@@ -87,6 +87,7 @@ def main(argv=None) -> int:
 
     from ecospa_deploy import real_demo, smollm2
     from ecospa_deploy.converters.gguf import convert_gguf
+    from ecospa_deploy.data import cache_dir
     from ecospa_deploy.domains import domain_perplexity, plays
     from ecospa_deploy.evaluate import windows_of
     from ecospa_deploy.loading import load_model, load_tokenizer
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    work = Path(args.work) if args.work else out / "work"
+    work = Path(args.work) if args.work else cache_dir() / "bench-gguf-cpu"
     work.mkdir(parents=True, exist_ok=True)
     models = {"dense": smollm2.dense_dir()}
     for f in args.fractions:
@@ -149,7 +150,10 @@ def main(argv=None) -> int:
     import llama_cpp
     import platform
 
-    result = {"command": "python -m ecospa_deploy.bench.gguf_cpu " + " ".join(argv or []),
+    import sys
+
+    result = {"command": "python -m ecospa_deploy.bench.gguf_cpu "
+                         + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": {"cpu": platform.processor() or platform.machine(),
                           "threads": args.threads, "llama_cpp_python": llama_cpp.__version__},
               "windows": args.windows, "seq_len": SEQ, "gen_tokens": GEN, "reps": args.reps,

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ecospa_deploy import dtypes
-from ecospa_deploy.errors import EcospaError, UnsupportedError
+from ecospa_deploy.errors import UnsupportedError
 
 from .floor import (Ceilings, decode_floor_s, decode_read_bytes, kv_bytes_per_token,
                     model_params, prefill_flops, prefill_floor_s)
@@ -71,10 +71,11 @@ def model_facts(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, Any]:
     """Params, bytes and KV bytes/token from the spec (what the checkpoint stores, unpadded)."""
     from ecospa_deploy.families import spec_of
 
-    _, spec = spec_of(model)
+    family, spec = spec_of(model)
     cfg = model.config
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    positions = getattr(cfg, "n_positions", 0) if not spec.rope else 0
+    # learned position embeddings are weights; RoPE has none
+    positions = family.max_positions(cfg) or 0 if not spec.rope else 0
     vocab = cfg.vocab_size
     params = model_params(spec, vocab, tied, positions)
     elem = torch.finfo(dtype).bits // 8
@@ -443,10 +444,3 @@ CPU_NOTE = ("CPU run: these numbers are indicative only, not the GPU's. A small 
             "be slower than dense here, because on a CPU each step is bound by per-operation "
             "overhead (launches, Python) that pruning does not shrink; see the min/median "
             "spread over the repeats below.")
-
-
-def check_pair(dense: torch.nn.Module, pruned: torch.nn.Module) -> None:
-    dv, pv = dense.config.vocab_size, pruned.config.vocab_size
-    if dv != pv:
-        raise EcospaError(f"the pruned model's vocab_size={pv} differs from the dense model's "
-                          f"{dv}; expected the same tokenizer (pruning never changes the vocab)")

@@ -84,18 +84,18 @@ def main(argv=None) -> int:
             for ctx in args.contexts:
                 for lw, kc, vc in list(zip(eng.weights.layers, eng.cache.k, eng.cache.v))[:3]:
                     pos = torch.full((rows,), ctx - 1, device=dev)
-                    q = torch.randn(rows, lw.num_heads * lw.qk_head_dim, device=dev, dtype=dtype)
+                    q = torch.randn(rows, lw.num_attention_heads * lw.qk_head_dim, device=dev, dtype=dtype)
                     nbytes = rows * ctx * (kc.shape[1] * (kc.shape[3] + vc.shape[3])) * 2
-                    qs = q.view(rows, lw.num_heads, 1, lw.qk_head_dim)
+                    qs = q.view(rows, lw.num_attention_heads, 1, lw.qk_head_dim)
 
                     def ref():
                         return F.scaled_dot_product_attention(
-                            qs, kc[:rows, :, :ctx], vc[:rows, :, :ctx], scale=lw.scale,
+                            qs, kc[:rows, :, :ctx], vc[:rows, :, :ctx], scale=lw.softmax_scale,
                             enable_gqa=lw.gqa)
 
                     def fused():
-                        return decode_attention(q, kc, vc, pos, num_heads=lw.num_heads,
-                                                scale=lw.scale, window=None, kv_len=ctx)
+                        return decode_attention(q, kc, vc, pos, num_heads=lw.num_attention_heads,
+                                                scale=lw.softmax_scale, window=None, kv_len=ctx)
 
                     t_ref, t_fused = _time(ref), _time(fused)
                     row = dict(model=which, rows=rows, op="attention", ctx=ctx,

@@ -36,7 +36,7 @@ def load_shape(name: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _hf_config(shape: dict[str, Any]):
+def hf_config(shape: dict[str, Any]):
     """The stock HF config of a shape file's dense model, built by its family."""
     from ecospa_deploy.families import get
 
@@ -87,7 +87,7 @@ def build_model(shape: dict[str, Any], pruned: bool, dtype: torch.dtype, device:
     from ecospa_deploy.families import family_of
     from ecospa_deploy.modeling import config_from_dense
 
-    config = config_from_dense(_hf_config(shape))
+    config = config_from_dense(hf_config(shape))
     if pruned:
         config.set_spec(pruned_spec(config.ecospa_spec, shape["pruned"]["layers"], seed))
     config._attn_implementation = "sdpa"
@@ -100,10 +100,6 @@ def build_model(shape: dict[str, Any], pruned: bool, dtype: torch.dtype, device:
         else:
             p.normal_(0.0, 0.02, generator=gen)
     return model.eval()
-
-
-def layer_specs(model: torch.nn.Module) -> ModelSpec:
-    return model.config.ecospa_spec
 
 
 __all__ = ["shape_names", "load_shape", "build_model", "pruned_spec", "LayerSpec"]

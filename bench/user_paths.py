@@ -23,7 +23,7 @@ import torch
 
 from .floor import decode_floor_s, measure_ceilings, prefill_flops, prefill_floor_s
 from .harness import HFBackend, model_facts
-from .shapes import _hf_config, build_model, construct, load_shape
+from .shapes import hf_config, build_model, construct, load_shape
 
 NEW_LENGTHS = (97, 131, 250, 513, 128, 1000)
 
@@ -122,7 +122,7 @@ def _stock_model(model, shape, dtype, dev):
     from ecospa_deploy.families import get
 
     fam = get(shape["family"])
-    cfg = _hf_config(shape)
+    cfg = hf_config(shape)
     cfg._attn_implementation = "sdpa"
     stock = construct(fam.stock_class(fam.primary_stock), cfg, dtype, dev)
     stock.load_state_dict(model.state_dict(), strict=True)

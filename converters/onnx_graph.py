@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from ecospa_deploy.families import family_of_model
 from ecospa_deploy.modeling.kv_cache import cache_kwargs
 from ecospa_deploy.spec import ModelSpec
 
@@ -99,8 +100,7 @@ class DecoderGraph(nn.Module):
         self.io = GraphIO(self.spec.num_layers, use_past)
         windows = {layer.sliding_window for layer in self.spec.layers} - {None}
         self.sliding_window = windows.pop() if windows else None
-        # Llama-family forward takes a dict of masks per attention type; GPT-2 a 4D tensor.
-        self.mask_by_type = hasattr(model.config, "layer_types")
+        self.mask_by_type = family_of_model(model).attention_mask == "by_type"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor, past: tuple[torch.Tensor, ...] = ()

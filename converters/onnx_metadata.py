@@ -41,8 +41,10 @@ def _token_ids(config: Any) -> tuple[Any, Any, int]:
     return config.bos_token_id, eos, pad if pad is not None else 0
 
 
-def _context(config: Any) -> int:
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions")
+def _context(model: Any) -> int:
+    from ecospa_deploy.families import family_of_model
+
+    return family_of_model(model).max_positions(model.config)
 
 
 def build_genai_config(model: Any, layout: KVLayout, *, use_past: bool) -> dict[str, Any]:
@@ -64,7 +66,7 @@ def build_genai_config(model: Any, layout: KVLayout, *, use_past: bool) -> dict[
             "eos_token_id": eos,
             "pad_token_id": pad,
             "vocab_size": config.vocab_size,
-            "context_length": _context(config),
+            "context_length": _context(model),
             "decoder": {
                 "filename": MODEL_NAME,
                 "hidden_size": spec.hidden_size,
@@ -77,7 +79,7 @@ def build_genai_config(model: Any, layout: KVLayout, *, use_past: bool) -> dict[
             },
         },
         # The graph concatenates past and new keys, so genai must not share one buffer.
-        "search": {"do_sample": False, "max_length": _context(config), "min_length": 0,
+        "search": {"do_sample": False, "max_length": _context(model), "min_length": 0,
                    "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
                    "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0},
     }
@@ -100,7 +102,7 @@ def build_hf_config(model: Any, layout: KVLayout, *, dtype: str) -> dict[str, An
         "head_dim": shape.qk_head_dim,
         "intermediate_size": spec.maxima()["intermediate_size"],
         "vocab_size": config.vocab_size,
-        "max_position_embeddings": _context(config),
+        "max_position_embeddings": _context(model),
         "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
         "torch_dtype": dtypes.canonical(dtype),

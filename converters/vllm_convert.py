@@ -25,6 +25,7 @@ import torch
 from ecospa_deploy import dtypes
 from ecospa_deploy.atomic import atomic_directory
 from ecospa_deploy.errors import UnsupportedError
+from ecospa_deploy.families import family_of_model
 
 from .vllm_plan import DEFAULT_BACKEND, VLLMPlan, plan_vllm
 
@@ -59,8 +60,7 @@ class VLLMConversion:
 
 
 def _activation(model: Any) -> str:
-    config = model.config
-    return getattr(config, "hidden_act", None) or getattr(config, "activation_function")
+    return family_of_model(model).activation(model.config)
 
 
 def convert_vllm(model: torch.nn.Module, out_dir: str | Path, *, tensor_parallel_size: int = 1,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ecospa_deploy.version import VERSION as __version__
 
 from ecospa_deploy.errors import (CheckpointError, EcospaError, SpecError, UnsupportedError,
                                   UsageError)

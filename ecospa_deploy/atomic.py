@@ -179,7 +179,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
         tmp = _fresh_dir(target.parent, target.name)
         try:
             yield tmp
-            from ecospa_deploy import __version__
+            from ecospa_deploy.version import VERSION as __version__
 
             (tmp / MARKER).write_text(json.dumps({"written_by": "ecospa-deploy",
                                                   "version": __version__,

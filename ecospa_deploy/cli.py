@@ -12,21 +12,13 @@ import importlib
 import sys
 from typing import Sequence
 
+# verb -> its module (ecospa_deploy.commands.<verb>) and the one-line summary `ecospa --help`
+# shows without importing it
 VERBS: dict[str, str] = {
-    "inspect": "ecospa_deploy.commands.inspect",
-    "prune": "ecospa_deploy.commands.prune",
-    "eval": "ecospa_deploy.commands.eval",
-    "convert": "ecospa_deploy.commands.convert",
-    "bench": "ecospa_deploy.commands.bench",
-    "serve": "ecospa_deploy.commands.serve",
-}
-
-# One-line summaries shown by `ecospa --help` without importing the verb modules.
-SUMMARIES: dict[str, str] = {
     "inspect": "per-layer shapes, parameters, bytes and KV-cache size of a checkpoint",
     "prune": "prune a dense or pruned model to a target size (EcoSpa, numerical, baselines)",
     "eval": "held-out perplexity (non-overlapping windows) and a quick generation",
-    "convert": "rewrite a checkpoint: native (our format), onnx, vllm",
+    "convert": "rewrite a checkpoint: native (our format), onnx, vllm, gguf (llama.cpp)",
     "bench": "dense vs pruned speed and memory against the physical floor; "
              "`bench serve`: a serving benchmark against any OpenAI-compatible URL",
     "serve": "OpenAI-compatible HTTP server for a (pruned) model",
@@ -52,12 +44,12 @@ def _settings_before_torch() -> None:
 
 
 def _load_verb(verb: str):
-    return importlib.import_module(VERBS[verb])
+    return importlib.import_module(f"ecospa_deploy.commands.{verb}")
 
 
 def _verb_parser(verb: str, prog: str) -> tuple[argparse.ArgumentParser, object]:
     module = _load_verb(verb)
-    doc = (module.__doc__ or SUMMARIES[verb]).strip()
+    doc = (module.__doc__ or VERBS[verb]).strip()
     summary, _, details = doc.partition("\n")
     parser = argparse.ArgumentParser(
         prog=prog, description=summary, epilog=details.strip() or None,
@@ -104,11 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         lines = ["usage: ecospa <verb> [options]   (ecospa <verb> --help for details)", "",
                  "verbs:"]
-        lines += [f"  {v:<8} {SUMMARIES[v]}" for v in VERBS]
+        lines += [f"  {v:<8} {summary}" for v, summary in VERBS.items()]
         print("\n".join(lines))
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from ecospa_deploy import __version__
+        from ecospa_deploy.version import VERSION as __version__
 
         print(__version__)
         return 0

@@ -61,9 +61,9 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: in
     ``bf16`` runs the forward under CUDA bf16 autocast (the loss stays fp32)."""
     from tqdm.auto import tqdm
 
-    config = getattr(model, "config", None)
-    max_pos = getattr(config, "max_position_embeddings", None) or getattr(
-        config, "n_positions", None)
+    from ecospa_deploy.families import max_positions
+
+    max_pos = max_positions(model)
     if max_pos and seq_len > max_pos:
         raise EcospaError(f"seq_len={seq_len} exceeds the model's {max_pos} positions; expected "
                           f"--seq-len <= {max_pos}")

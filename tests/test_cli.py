@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ecospa_deploy.cli import SUMMARIES, VERBS, main
+from ecospa_deploy.cli import VERBS, main
 from ecospa_deploy.testing import tiny_pruned
 
 
@@ -28,7 +28,7 @@ def test_every_verb_has_help(verb, capsys):
         main([verb, "--help"])
     assert exit_.value.code == 0
     assert f"ecospa {verb}" in capsys.readouterr().out
-    assert SUMMARIES[verb]
+    assert VERBS[verb]
 
 
 @pytest.fixture(scope="module")

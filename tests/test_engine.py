@@ -34,10 +34,10 @@ def test_padding_is_exact_and_actually_pads(family):
     spec = model.config.ecospa_spec
     eng = Engine(model, max_batch_size=2, max_seq_len=40, pad_multiple=64, head_multiple=8)
     for lw, layer in zip(eng.weights.layers, spec.layers):
-        assert lw.qk_head_dim % 8 == 0 and lw.v_head_dim % 8 == 0 and lw.ffn % 64 == 0
+        assert lw.qk_head_dim % 8 == 0 and lw.v_head_dim % 8 == 0 and lw.intermediate_size % 64 == 0
         assert lw.qkv_w.shape[0] % 64 == 0
-        assert lw.ffn >= layer.intermediate_size
-    assert any(lw.ffn != layer.intermediate_size for lw, layer in zip(eng.weights.layers,
+        assert lw.intermediate_size >= layer.intermediate_size
+    assert any(lw.intermediate_size != layer.intermediate_size for lw, layer in zip(eng.weights.layers,
                                                                        spec.layers))
     unpadded = Engine(model, max_batch_size=2, max_seq_len=40, pad_multiple=1, head_multiple=1)
     prompt = [[7, 8, 9, 10, 11]]

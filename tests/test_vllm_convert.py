@@ -148,11 +148,11 @@ def test_per_layer_head_size_rule(qk, v, backend, want):
     ("llama-1b", 1, 0.0), ("llama-1b", 2, 5.0), ("gpt2-small", 1, 0.0), ("gpt2-small", 2, 5.0),
     ("gpt2-medium", 2, 5.0)])
 def test_paper_shapes_overhead(shape, tp, limit):
-    from ecospa_deploy.bench.shapes import _hf_config, load_shape, pruned_spec
+    from ecospa_deploy.bench.shapes import hf_config, load_shape, pruned_spec
     from ecospa_deploy.modeling import config_from_dense
 
     data = load_shape(shape)
-    config = config_from_dense(_hf_config(data))
+    config = config_from_dense(hf_config(data))
     spec = pruned_spec(config.ecospa_spec, data["pruned"]["layers"])
     h = spec.hidden_size
     embedding = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)

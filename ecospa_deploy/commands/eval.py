@@ -57,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
     out: dict = {"model": str(args.model), "params": count_params(model)}
     if args.data:
         text, digest = read_text(args.data)
-        max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(
-            model.config, "n_positions", None)
+        from ecospa_deploy.families import max_positions
+
+        max_pos = max_positions(model)
         seq_len = min(args.seq_len, max_pos) if max_pos else args.seq_len
         ppl = text_perplexity(model, tokenizer, text, seq_len, args.batch_size,
                               progress=not args.json)

@@ -157,8 +157,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=dtypes.to_torch(args.dtype), device=device)
     check_supported(model)
     tokenizer = load_tokenizer(args.model)
-    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None)
+    from ecospa_deploy.families import max_positions
+
+    max_pos = max_positions(model)
     if max_pos and args.seq_len > max_pos:
         raise UsageError(f"--seq-len={args.seq_len} exceeds the model's {max_pos} positions")
     if args.calib == SELF:

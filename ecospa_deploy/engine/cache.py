@@ -24,9 +24,9 @@ class KVCache:
     def setup_caches(self, layers: list[LayerWeights], max_batch: int, max_seq: int,
                      dtype: torch.dtype, device: torch.device) -> None:
         """Allocate every layer's K and V for ``max_batch`` slots of ``max_seq`` tokens."""
-        self.k = [torch.zeros(max_batch, lw.num_kv_heads, max_seq, lw.qk_head_dim, dtype=dtype,
+        self.k = [torch.zeros(max_batch, lw.num_key_value_heads, max_seq, lw.qk_head_dim, dtype=dtype,
                               device=device) for lw in layers]
-        self.v = [torch.zeros(max_batch, lw.num_kv_heads, max_seq, lw.v_head_dim, dtype=dtype,
+        self.v = [torch.zeros(max_batch, lw.num_key_value_heads, max_seq, lw.v_head_dim, dtype=dtype,
                               device=device) for lw in layers]
 
     def bytes_per_token(self) -> int:

@@ -108,7 +108,7 @@ class Forward:
     def _qkv(self, lw: LayerWeights, x: torch.Tensor):
         b, t = x.shape[:2]
         qkv = F.linear(x, lw.qkv_w, lw.qkv_b)
-        heads, kv_heads, qk, vd = lw.num_heads, lw.num_kv_heads, lw.qk_head_dim, lw.v_head_dim
+        heads, kv_heads, qk, vd = lw.num_attention_heads, lw.num_key_value_heads, lw.qk_head_dim, lw.v_head_dim
         q_end = heads * qk                            # rows: q | k | v | alignment padding
         k_end = q_end + kv_heads * qk
         q = qkv[..., :q_end].view(b, t, heads, qk).transpose(1, 2)
@@ -119,7 +119,7 @@ class Forward:
     def _mlp(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(x, lw.up_w, lw.up_b)
         if self.w.gated:                                        # rows interleave gate_i, up_i
-            h = h.unflatten(-1, (lw.ffn, 2))
+            h = h.unflatten(-1, (lw.intermediate_size, 2))
             h = self.w.act(h[..., 0]) * h[..., 1]
         else:
             h = self.w.act(h)
@@ -134,7 +134,7 @@ class Forward:
             q, k = self._rope(i, lw, q, k, table)
         out = attend(i, lw, q, k, v)                            # [B, H, T, v]
         b, _, t, _ = out.shape
-        out = out.transpose(1, 2).reshape(b, t, lw.num_heads * lw.v_head_dim)
+        out = out.transpose(1, 2).reshape(b, t, lw.num_attention_heads * lw.v_head_dim)
         x = x + F.linear(out, lw.o_w, lw.o_b)
         return x + self._mlp(lw, self._norm(x, *lw.norm2))
 
@@ -173,7 +173,7 @@ class Forward:
             vc[i][slots, :, start:end] = v
             if start:
                 k, v = kc[i][slots, :, :end], vc[i][slots, :, :end]
-            mask = mask_for(lw.window)
+            mask = mask_for(lw.sliding_window)
             d = max(lw.qk_head_dim, lw.v_head_dim)
             if not self.prefill_pad or mask is not None or lw.qk_head_dim == lw.v_head_dim:
                 d = None
@@ -182,7 +182,7 @@ class Forward:
             else:
                 v = pad_last(v, d)
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=lw.scale,
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=lw.softmax_scale,
                 enable_gqa=lw.gqa)
             return out if d is None else out[..., :lw.v_head_dim]
 
@@ -214,14 +214,14 @@ class Forward:
             kc[i][rows, :, pos] = k[:, :, 0]
             vc[i][rows, :, pos] = v[:, :, 0]
             if self.kernel_attention:
-                out = decode_attention_op(q.reshape(nb, -1), kc[i], vc[i], pos, lw.num_heads,
-                                          lw.scale, lw.window, kv_len)
-                return out.view(nb, 1, lw.num_heads, lw.v_head_dim).transpose(1, 2)
-            if lw.window not in masks:
-                masks[lw.window] = full & (span[None] > pos[:, None] - lw.window)[:, None, None]
+                out = decode_attention_op(q.reshape(nb, -1), kc[i], vc[i], pos, lw.num_attention_heads,
+                                          lw.softmax_scale, lw.sliding_window, kv_len)
+                return out.view(nb, 1, lw.num_attention_heads, lw.v_head_dim).transpose(1, 2)
+            if lw.sliding_window not in masks:
+                masks[lw.sliding_window] = full & (span[None] > pos[:, None] - lw.sliding_window)[:, None, None]
             return F.scaled_dot_product_attention(
-                q, kc[i][:nb, :, :kv_len], vc[i][:nb, :, :kv_len], attn_mask=masks[lw.window],
-                scale=lw.scale, enable_gqa=lw.gqa)
+                q, kc[i][:nb, :, :kv_len], vc[i][:nb, :, :kv_len], attn_mask=masks[lw.sliding_window],
+                scale=lw.softmax_scale, enable_gqa=lw.gqa)
 
         for i, lw in enumerate(self.w.layers):
             x = self._layer(i, lw, x, table, attend)

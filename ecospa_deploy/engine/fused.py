@@ -65,10 +65,10 @@ class FusedDecode:
         for i, lw in enumerate(w.layers):
             rope = None if self.rope_rows[i] is None else (f.cos, f.sin, self.rope_rows[i])
             q = fused_qkv(x, lw.qkv_w, lw.qkv_b, norm=lw.norm1, **norm,
-                          num_heads=lw.num_heads, k_cache=kc[i], v_cache=vc[i], positions=pos,
+                          num_heads=lw.num_attention_heads, k_cache=kc[i], v_cache=vc[i], positions=pos,
                           rope=rope)
-            a = decode_attention(q, kc[i], vc[i], pos, num_heads=lw.num_heads, scale=lw.scale,
-                                 window=lw.window, kv_len=kv_len)
+            a = decode_attention(q, kc[i], vc[i], pos, num_heads=lw.num_attention_heads, scale=lw.softmax_scale,
+                                 window=lw.sliding_window, kv_len=kv_len)
             x = fused_linear(a, lw.o_w, lw.o_b, residual=x)
             h = fused_linear(x, lw.up_w, lw.up_b, norm=lw.norm2, **norm, act=self.act,
                              gated=w.gated)

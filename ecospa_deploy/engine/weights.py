@@ -38,16 +38,16 @@ from ecospa_deploy.spec import LayerSpec, ModelSpec, rope_dim_index
 
 @dataclass
 class LayerWeights:
-    """One decoder layer as the engine runs it (padded sizes)."""
+    """One decoder layer as the engine runs it (padded sizes; sizes named as in ``LayerSpec``)."""
 
-    num_heads: int
-    num_kv_heads: int
+    num_attention_heads: int
+    num_key_value_heads: int
     qk_head_dim: int                  # padded q/k head dim (what K is stored at)
     v_head_dim: int                   # padded v head dim
-    ffn: int                          # padded FFN width
+    intermediate_size: int            # padded FFN width
     hidden: int
-    scale: float
-    window: int | None
+    softmax_scale: float
+    sliding_window: int | None
     qkv_w: torch.Tensor               # [rows (>= q+k+v widths, aligned), hidden]
     qkv_b: torch.Tensor | None
     o_w: torch.Tensor                 # [hidden, H * v_head_dim]
@@ -179,9 +179,9 @@ def _layer_weights(layer_mod: nn.Module, layer: LayerSpec, family: Family,
         return None if t is None else t.to(device=device, dtype=dtype).contiguous()
 
     return LayerWeights(
-        num_heads=H, num_kv_heads=Hkv, qk_head_dim=padded.qk_head_dim,
-        v_head_dim=padded.v_head_dim,
-        ffn=ffn, hidden=o_w.shape[0], scale=layer.softmax_scale, window=layer.sliding_window,
+        num_attention_heads=H, num_key_value_heads=Hkv, qk_head_dim=padded.qk_head_dim,
+        v_head_dim=padded.v_head_dim, intermediate_size=ffn, hidden=o_w.shape[0],
+        softmax_scale=layer.softmax_scale, sliding_window=layer.sliding_window,
         qkv_w=put(qkv_w), qkv_b=put(qkv_b), o_w=put(o_w), o_b=put(ob), up_w=put(up_w),
         up_b=put(up_b), down_w=put(down_w), down_b=put(db),
         norm1=(put(norm1[0]), put(norm1[1])), norm2=(put(norm2[0]), put(norm2[1])),

@@ -4,7 +4,7 @@ A family answers every architecture question the rest of the package asks: its s
 (variants as data), our config and model classes, the dense spec of a stock config, a
 checkpoint's spec from its tensor shapes, where decoder layers, norms and embeddings live, the
 canonical projections of a layer, norm kind, positions kind, activation, and the vLLM model that
-serves it. Nothing outside this package branches on a family's name (tests/test_families.py
+serves it. Nothing outside this package branches on a family's name (tests/families/test_families.py
 greps for it). Adding a family is one file here, its vLLM model, and one line in
 ``FAMILY_MODULES``.
 
@@ -61,6 +61,15 @@ def family_of_model(model) -> Family:
                      source=f"{type(model).__name__}.config")
 
 
+def max_positions(model) -> int | None:
+    """The positions ``model`` can attend over (its family's answer), None when unlimited or
+    when the model is of no family we know."""
+    try:
+        return family_of_model(model).max_positions(model.config)
+    except (CheckpointError, AttributeError):
+        return None
+
+
 def spec_of(model) -> tuple[Family, ModelSpec]:
     """(family, spec) of our model (its ``ecospa_spec``) or of a stock HF model (dense spec)."""
     fam = family_of_model(model)
@@ -75,4 +84,4 @@ def stock_model_types() -> dict[str, str]:
 
 
 __all__ = ["Family", "Parts", "Canon", "FAMILY_MODULES", "families", "get", "family_of",
-           "family_of_model", "spec_of", "stock_model_types"]
+           "family_of_model", "max_positions", "spec_of", "stock_model_types"]

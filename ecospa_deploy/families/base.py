@@ -1,7 +1,7 @@
 """What a family is: data (names, classes, kinds) plus the few functions only it can answer.
 
 The class attributes are facts; the methods take modules or configs and never import torch at
-module level. ``llama.py`` and ``gpt2.py`` each define one subclass instance ``FAMILY``.
+module level. Every family module defines one subclass instance ``FAMILY``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ class Family:
     norm: ClassVar[str]                       # "rmsnorm" | "layernorm"
     positions: ClassVar[str]                  # "rope" | "learned"
     gated_mlp: ClassVar[bool]
+    # how our model's forward takes its attention mask: "by_type" (a dict per attention type,
+    # transformers' Llama-family layout) or "4d" (one additive tensor, GPT-2)
+    attention_mask: ClassVar[str]
     # keys of a stock config that describe one global shape: ours derives them from the spec
     global_keys: ClassVar[tuple[str, ...]]
     tiny: ClassVar[dict[str, dict[str, Any]]]  # stock model_type -> its tiny test config keys

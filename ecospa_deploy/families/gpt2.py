@@ -24,6 +24,7 @@ class GPT2Family(Family):
     norm = "layernorm"
     positions = "learned"
     gated_mlp = False
+    attention_mask = "4d"
     global_keys = ("n_layer", "n_embd", "n_head", "n_inner")
     tiny = {"gpt2": dict(num_attention_heads=4, pad_token_id=None, resid_pdrop=0.0,
                          embd_pdrop=0.0, attn_pdrop=0.0)}    # Conv1D, fused c_attn

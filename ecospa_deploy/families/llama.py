@@ -28,6 +28,7 @@ class LlamaFamily(Family):
     norm = "rmsnorm"
     positions = "rope"
     gated_mlp = True
+    attention_mask = "by_type"
     global_keys = ("num_hidden_layers", "hidden_size", "num_attention_heads",
                    "num_key_value_heads", "head_dim", "intermediate_size", "sliding_window",
                    "attention_bias", "mlp_bias")

@@ -161,30 +161,21 @@ def zero_out(model: nn.Module, masks: Sequence[LayerMask | None]) -> None:
 @torch.no_grad()
 def pad_model(model: nn.Module, *, qk_multiple: int | None = None,
               v_multiple: int | None = None, ffn_multiple: int | None = None,
-              qk_head_dim: int | Sequence[int] | None = None,
-              v_head_dim: int | Sequence[int] | None = None,
+              qk_head_dim: int | None = None, v_head_dim: int | None = None,
               kv_heads_multiple: int | None = None) -> ModelSpec:
     """Pad every layer with exact zeros (``ecospa_deploy.padding``), in place; logits do not change.
 
-    ``*_multiple`` round a width up; ``qk_head_dim``/``v_head_dim`` set a target head dim, one
-    for every layer or one per layer (what vLLM needs). ``kv_heads_multiple`` appends whole zero
-    KV groups (their query heads write through zero o_proj columns), for tensor parallelism.
+    ``*_multiple`` round a width up; ``qk_head_dim``/``v_head_dim`` set one head dim for every
+    layer (a runtime with one head size). ``kv_heads_multiple`` appends whole zero KV groups
+    (their query heads write through zero o_proj columns), for tensor parallelism.
     """
     spec: ModelSpec = model.config.ecospa_spec
-    n = len(spec.layers)
-    qk_dims = [qk_head_dim] * n if qk_head_dim is None or isinstance(qk_head_dim, int) \
-        else list(qk_head_dim)
-    v_dims = [v_head_dim] * n if v_head_dim is None or isinstance(v_head_dim, int) \
-        else list(v_head_dim)
-    if len(qk_dims) != n or len(v_dims) != n:
-        raise SpecError(f"per-layer head dims for {len(qk_dims)}/{len(v_dims)} layers; the model "
-                        f"has {n}")
     layers = []
     for i, layer in enumerate(spec.layers):
         new = padded_layer(
             layer, spec.rope_head_dim,
-            qk_head_dim=qk_dims[i] or round_up(layer.qk_head_dim, qk_multiple),
-            v_head_dim=v_dims[i] or round_up(layer.v_head_dim, v_multiple),
+            qk_head_dim=qk_head_dim or round_up(layer.qk_head_dim, qk_multiple),
+            v_head_dim=v_head_dim or round_up(layer.v_head_dim, v_multiple),
             intermediate_size=round_up(layer.intermediate_size, ffn_multiple),
             num_key_value_heads=round_up(layer.num_key_value_heads, kv_heads_multiple), index=i)
         if new != layer:

@@ -128,8 +128,12 @@ def command(opts, name: str, model_dir: Path, dtype: str, max_model_len: int) ->
 
 
 def _max_model_len(model_dir: Path, requested: int | None) -> int:
+    from types import SimpleNamespace
+
+    from ecospa_deploy.families import family_of
+
     config = _config(model_dir)
-    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    limit = family_of(config.get("model_type")).max_positions(SimpleNamespace(**config))
     return requested or min(limit or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
 
 

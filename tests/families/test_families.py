@@ -15,12 +15,21 @@ from ecospa_deploy.families import FAMILY_MODULES, families, family_of, spec_of
 from ecospa_deploy.families.base import Family
 from ecospa_deploy.testing import FAMILIES, VOCAB, tiny_dense, tiny_hf
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAMES = "|".join(sorted({t for f in families().values() for t in (f.name, *f.stock)}))
 # a comparison with a family's name, a suffix test on a model type, or an isinstance on one
 # family's class: what "is this GPT-2 or Llama?" looked like before families/ existed
 BRANCH = re.compile(rf"""(==|!=)\s*["']({NAMES})["']|["']({NAMES})["']\s*(==|!=)"""
                     rf"""|endswith\(["']({NAMES})|isinstance\([^)]*Ecospa\w+Config""")
+
+
+# attributes only some families' configs or modules have: probing one with hasattr/getattr is a
+# family branch in disguise (ask the family instead: max_positions, activation, attention_mask)
+FAMILY_KEYS = ("layer_types", "n_positions", "max_position_embeddings", "hidden_act",
+               "activation_function", "self_attn", "c_attn", "c_fc", "n_embd", "n_head",
+               "n_layer", "n_inner", "rms_norm_eps", "layer_norm_epsilon", "qkv_proj",
+               "gate_up_proj")
+PROBE = re.compile(rf"""(hasattr|getattr)\([^)]*["']({"|".join(FAMILY_KEYS)})["']""")
 
 
 def _sources():
@@ -36,6 +45,17 @@ def test_no_family_branch_outside_families():
             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
             if BRANCH.search(line)]
     assert not hits, "family branches outside ecospa_deploy/families/:\n" + "\n".join(hits)
+
+
+def test_no_family_probe_outside_families():
+    hits = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}"
+            for p in _sources() if p.name != "testing.py"    # builds every family's layers
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+            if PROBE.search(line)]
+    assert not hits, "family probes outside ecospa_deploy/families/:\n" + "\n".join(hits)
+    assert PROBE.search('hasattr(model.config, "layer_types")')
+    assert PROBE.search('getattr(config, "n_positions", None)')
+    assert not PROBE.search('getattr(config, "rope_parameters", None)')
 
 
 def test_the_grep_would_see_a_branch():
