@@ -51,7 +51,7 @@ def _write(name: str, payload: dict) -> None:
 # -- padding overhead ------------------------------------------------------------------------
 def _on_meta(config) -> torch.nn.Module:
     """The family's model class built on the meta device: every shape, no memory."""
-    from ecospa_deploy.bench.shapes import construct
+    from ecospa_deploy.benchmark.shapes import construct
     from ecospa_deploy.families import family_of
 
     cls = family_of(config.model_type).load("model_class")
@@ -65,8 +65,8 @@ def _non_layer_params(model: torch.nn.Module) -> int:
 
 
 def padding(args: argparse.Namespace) -> None:
-    from ecospa_deploy.bench.shapes import hf_config, load_shape, pruned_spec
-    from ecospa_deploy.converters.vllm_plan import ACCEPTED_HEAD_SIZES, plan_vllm
+    from ecospa_deploy.benchmark.shapes import hf_config, load_shape, pruned_spec
+    from ecospa_deploy.converters.vllm.plan import ACCEPTED_HEAD_SIZES, plan_vllm
     from ecospa_deploy.padding import padded_layer
     from ecospa_deploy.modeling import config_from_dense
 
@@ -126,8 +126,8 @@ def padding(args: argparse.Namespace) -> None:
 
 # -- KV-cache overhead of the ONNX export targets -------------------------------------------
 def onnx_kv(args: argparse.Namespace) -> None:
-    from ecospa_deploy.bench.shapes import hf_config, load_shape, pruned_spec
-    from ecospa_deploy.converters.onnx_layout import TARGETS, plan_layout
+    from ecospa_deploy.benchmark.shapes import hf_config, load_shape, pruned_spec
+    from ecospa_deploy.converters.onnx.layout import TARGETS, plan_layout
     from ecospa_deploy.modeling import config_from_dense
 
     rows = []
@@ -182,7 +182,7 @@ def _timed(fn, repeats: int) -> float:
 
 
 def speed(args: argparse.Namespace) -> None:
-    from ecospa_deploy.bench.shapes import build_model, load_shape
+    from ecospa_deploy.benchmark.shapes import build_model, load_shape
     from ecospa_deploy.converters.onnx import OrtGenerator, export_onnx
     from ecospa_deploy.engine.sampling import SamplingParams
     from ecospa_deploy.testing import tiny_dense, tiny_pruned
@@ -228,8 +228,8 @@ def speed(args: argparse.Namespace) -> None:
 
 # -- vLLM parity ------------------------------------------------------------------------------
 def parity(args: argparse.Namespace) -> None:
-    from ecospa_deploy.converters.vllm_convert import convert_vllm
-    from ecospa_deploy.converters.vllm_parity import reference_greedy
+    from ecospa_deploy.converters.vllm.convert import convert_vllm
+    from ecospa_deploy.converters.vllm.parity import reference_greedy
     from ecospa_deploy.testing import tiny_pruned
 
     overrides = {"llama": {"head_dim": 64}, "qwen2": {"hidden_size": 256},
@@ -251,7 +251,7 @@ def parity(args: argparse.Namespace) -> None:
                          l.v_head_dim, l.intermediate_size] for l in model.config.ecospa_spec.layers],
                     "padding": conv.as_dict()["model_weight_overhead_pct"]}
             env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="|".join(map(str, range(tp))))
-            cmd = [args.vllm_python, "-m", "ecospa_deploy.converters.vllm_parity", *paths,
+            cmd = [args.vllm_python, "-m", "ecospa_deploy.converters.vllm.parity", *paths,
                    "--prompts", json.dumps(prompts), "--max-tokens", "8",
                    "--tensor-parallel-size", str(tp)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -15,9 +15,9 @@ import json
 import torch
 import torch.nn.functional as F
 
-from .floor import measure_ceilings
-from .harness import shape_engines
-from .shapes import load_shape
+from ecospa_deploy.benchmark.floor import measure_ceilings
+from ecospa_deploy.benchmark.harness import shape_engines
+from ecospa_deploy.benchmark.shapes import load_shape
 
 
 def _time(fn) -> float:

@@ -13,9 +13,9 @@ import json
 
 import torch
 
-from .floor import decode_floor_s, measure_ceilings
-from .harness import shape_engines
-from .shapes import load_shape
+from ecospa_deploy.benchmark.floor import decode_floor_s, measure_ceilings
+from ecospa_deploy.benchmark.harness import shape_engines
+from ecospa_deploy.benchmark.shapes import load_shape
 
 
 def step_time(engine, batch: int, context: int, iters: int = 50) -> float:

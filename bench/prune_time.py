@@ -1,7 +1,7 @@
 """Wall time and peak GPU memory of ``prune_model`` for every method on real shapes.
 
 Random weights and random tokens (time does not depend on values): the dense LLaMA-1B / 7B
-shapes of ``bench/shapes``, ``--samples`` calibration windows of ``--seq-len`` tokens, the
+shapes of ``ecospa_deploy/benchmark/shapes``, ``--samples`` calibration windows of ``--seq-len`` tokens, the
 model in ``--dtype`` (Fisher sums and Gram matrices stay fp32/fp64), ``--target`` of the
 parameters. Each (shape, method) builds a fresh model, synchronises, and times ``prune_model``
 end to end (calibration passes, scoring, compensation, slicing).
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ecospa_deploy import dtypes
-from ecospa_deploy.bench.shapes import build_model, load_shape
+from ecospa_deploy.benchmark.shapes import build_model, load_shape
 from ecospa_deploy.prune.run import METHODS, PruneOptions, prune_model
 from ecospa_deploy.prune.tracking import count_params
 

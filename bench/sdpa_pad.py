@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ecospa_deploy.modeling.attention import pad_for_flash
 
-from .shapes import load_shape
+from ecospa_deploy.benchmark.shapes import load_shape
 
 
 def _padded(q, k, v):

@@ -40,8 +40,8 @@ def ttft_floor_ms(model, prompts: list[list[int]], matmul_flops_per_s: float) ->
     """p50/p99 of the burst's TTFT floor (``floor.burst_ttft_floor_s``) for ``model``."""
     from ecospa_deploy.serve.loadtest import percentile
 
-    from .floor import burst_ttft_floor_s
-    from .harness import model_facts
+    from ecospa_deploy.benchmark.floor import burst_ttft_floor_s
+    from ecospa_deploy.benchmark.harness import model_facts
 
     facts = model_facts(model, torch.bfloat16)
     floor = burst_ttft_floor_s(facts["spec"], facts["matmul_params"],
@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     from ecospa_deploy.serve.loadtest import run_stream_load, token_prompts
     from ecospa_deploy.serve.process import ServerProcess
 
-    from .floor import measure_ceilings
-    from .shapes import build_model, load_shape
+    from ecospa_deploy.benchmark.floor import measure_ceilings
+    from ecospa_deploy.benchmark.shapes import build_model, load_shape
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-1b")

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     from ecospa_deploy.serve.process import ServerProcess
 
     from .serve_gpu import word_tokenizer
-    from .shapes import build_model, load_shape
+    from ecospa_deploy.benchmark.shapes import build_model, load_shape
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-1b")

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from .floor import decode_floor_s, measure_ceilings, prefill_flops, prefill_floor_s
-from .harness import HFBackend, model_facts
-from .shapes import hf_config, build_model, construct, load_shape
+from ecospa_deploy.benchmark.floor import decode_floor_s, measure_ceilings, prefill_flops, prefill_floor_s
+from ecospa_deploy.benchmark.harness import HFBackend, model_facts
+from ecospa_deploy.benchmark.shapes import hf_config, build_model, construct, load_shape
 
 NEW_LENGTHS = (97, 131, 250, 513, 128, 1000)
 

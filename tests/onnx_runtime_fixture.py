@@ -25,7 +25,7 @@ TARGETS = ("genai", "optimum")
 
 def build(root: str | Path) -> dict:
     from ecospa_deploy.converters.onnx import export_onnx
-    from ecospa_deploy.converters.vllm_parity import reference_greedy
+    from ecospa_deploy.converters.vllm.parity import reference_greedy
     from ecospa_deploy.testing import tiny_pruned, tiny_tokenizer
 
     root = Path(root)

@@ -41,7 +41,7 @@ def test_bench_tiny_shape_writes_json_markdown_png(tmp_path, capsys):
     assert "matmul 0 TFLOP/s" not in md and "GFLOP/s" in md   # a CPU's rate, in its unit
     for text in (printed, md):      # the caveat comes before the figures it qualifies
         assert text.index("indicative only") < text.index("| model | backend |")
-    from ecospa_deploy.bench.report import markdown
+    from ecospa_deploy.benchmark.report import markdown
 
     assert "indicative" not in markdown({**result, "note": None})     # a GPU run has no note
     dense, pruned = (next(r for r in engine if r["model"] == m and r["batch"] == 1)
@@ -85,7 +85,7 @@ def test_bench_onnx_backend_refuses_bfloat16(tmp_path, capsys):
 
 
 def test_a_failing_run_keeps_the_rows_measured_before_it(tmp_path, monkeypatch, capsys):
-    from ecospa_deploy.bench import shapes
+    from ecospa_deploy.benchmark import shapes
 
     real = shapes.build_model
 

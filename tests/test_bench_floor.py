@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ecospa_deploy.bench.floor import burst_ttft_floor_s, prefill_flops
+from ecospa_deploy.benchmark.floor import burst_ttft_floor_s, prefill_flops
 from ecospa_deploy.testing import tiny_pruned
 
 

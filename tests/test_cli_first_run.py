@@ -112,7 +112,7 @@ def test_every_option_of_every_verb_has_help():
 
 
 def test_bench_backend_names_match_the_harness():
-    from ecospa_deploy.bench.harness import BACKENDS
+    from ecospa_deploy.benchmark.harness import BACKENDS
     from ecospa_deploy.commands import bench
 
     assert bench.BACKENDS == tuple(BACKENDS)

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from ecospa_deploy.converters.onnx import OrtGenerator, VerificationError, export_onnx
-from ecospa_deploy.converters.onnx_verify import raise_if_failed, verify
-from ecospa_deploy.converters.vllm_parity import reference_greedy
-from ecospa_deploy.converters.onnx_graph import DecoderGraph
+from ecospa_deploy.converters.onnx.verify import raise_if_failed, verify
+from ecospa_deploy.converters.vllm.parity import reference_greedy
+from ecospa_deploy.converters.onnx.graph import DecoderGraph
 from ecospa_deploy.engine.sampling import SamplingParams
 from ecospa_deploy.errors import UnsupportedError
 from ecospa_deploy.testing import FAMILIES, tiny_dense, tiny_pruned
@@ -263,7 +263,7 @@ def test_cli_target_option(tmp_path, capsys):
 
 
 def test_tolerances_scale_with_the_logits_but_never_fall_below_the_floor():
-    from ecospa_deploy.converters.onnx_verify import Verification, tolerance
+    from ecospa_deploy.converters.onnx.verify import Verification, tolerance
 
     assert tolerance("fp32", 0.5) == pytest.approx(1e-4)
     # SmolLM2-135M: 5.7e-4 at prefill where logits reach 31.8 passes, an O(1) error does not

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from ecospa_deploy.converters.vllm_plan import plan_vllm
+from ecospa_deploy.converters.vllm.plan import plan_vllm
 from ecospa_deploy.engine import Engine, SamplingParams
 from ecospa_deploy.padding import pad_axis, pad_canonical, pad_heads, padded_layer, round_up
 from ecospa_deploy.prune.surgery import pad_model

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ecospa_deploy.converters.vllm_convert import convert_vllm
+from ecospa_deploy.converters.vllm.convert import convert_vllm
 from ecospa_deploy.serve import vllm_backend
 from ecospa_deploy.serve.backend import fallback_after_vllm
 from ecospa_deploy.serve.server import ServeOptions

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ecospa_deploy.cli import main
-from ecospa_deploy.converters.vllm_convert import REPORT_NAME, convert_vllm
-from ecospa_deploy.converters.vllm_plan import (ACCEPTED_HEAD_SIZES, kv_elements_per_token,
+from ecospa_deploy.converters.vllm.convert import REPORT_NAME, convert_vllm
+from ecospa_deploy.converters.vllm.plan import (ACCEPTED_HEAD_SIZES, kv_elements_per_token,
                                                 layer_head_size, plan_vllm)
 from ecospa_deploy.errors import UnsupportedError
 from ecospa_deploy.loading import load_model
@@ -148,7 +148,7 @@ def test_per_layer_head_size_rule(qk, v, backend, want):
     ("llama-1b", 1, 0.0), ("llama-1b", 2, 5.0), ("gpt2-small", 1, 0.0), ("gpt2-small", 2, 5.0),
     ("gpt2-medium", 2, 5.0)])
 def test_paper_shapes_overhead(shape, tp, limit):
-    from ecospa_deploy.bench.shapes import hf_config, load_shape, pruned_spec
+    from ecospa_deploy.benchmark.shapes import hf_config, load_shape, pruned_spec
     from ecospa_deploy.modeling import config_from_dense
 
     data = load_shape(shape)

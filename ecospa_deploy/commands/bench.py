@@ -1,7 +1,7 @@
 """Dense vs pruned speed and memory, every figure next to its physical floor.
 
 Give two checkpoints (--dense D --pruned P) or a real shape with random weights and its pruned
-twin from bench/shapes/ (--shape llama-1b|llama-7b|gpt2-small|gpt2-medium, or a JSON path).
+twin from ecospa_deploy/benchmark/shapes/ (--shape llama-1b|llama-7b|gpt2-small|gpt2-medium, or a JSON path).
 For each model x backend x batch x prompt length it reports params, weight bytes, KV bytes per
 token, peak memory (weights / KV / activations), TTFT, TPOT (p50, p90), decode and prefill
 tokens/s, the floor (measured bandwidth -> bytes per decode step; measured matmul rate ->
@@ -25,7 +25,7 @@ from ecospa_deploy import dtypes
 from ecospa_deploy.commands.args import int_list
 from ecospa_deploy.errors import UsageError
 
-# The backends bench/harness.py runs (tests/test_cli.py checks they agree), listed here so a bad
+# The backends benchmark/harness.py runs (tests/test_cli.py checks they agree), listed here so a bad
 # --backends answers before torch loads; each optional one names what it needs.
 BACKENDS = ("hf", "engine", "onnx", "vllm")
 BACKEND_EXTRAS = {"onnx": "onnx", "vllm": "vllm"}
@@ -34,7 +34,7 @@ BACKEND_EXTRAS = {"onnx": "onnx", "vllm": "vllm"}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense", help="dense checkpoint directory")
     parser.add_argument("--pruned", help="pruned checkpoint directory")
-    parser.add_argument("--shape", help="real shape with random weights (bench/shapes/<name>.json)")
+    parser.add_argument("--shape", help="real shape with random weights (ecospa_deploy/benchmark/shapes/<name>.json)")
     parser.add_argument("--backends", default="hf,engine",
                         help="comma-separated of hf, engine, onnx, vllm (default hf,engine)")
     parser.add_argument("--batch-sizes", type=int_list, default=[1, 8],
@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ecospa_deploy.bench import harness, report
-    from ecospa_deploy.bench.floor import measure_ceilings
+    from ecospa_deploy.benchmark import harness, report
+    from ecospa_deploy.benchmark.floor import measure_ceilings
     from ecospa_deploy.engine.engine import resolve_device
 
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if not plots:
         print(f"note: {report.NO_PLOTS}", file=sys.stderr)
     if args.shape:
-        from ecospa_deploy.bench.shapes import build_model, load_shape
+        from ecospa_deploy.benchmark.shapes import build_model, load_shape
 
         shape = load_shape(args.shape)
         builders = {"dense": lambda: build_model(shape, False, dtype, device),

@@ -26,7 +26,7 @@ import json
 import sys
 
 from ecospa_deploy import dtypes
-from ecospa_deploy.converters.vllm_plan import ACCEPTED_HEAD_SIZES, DEFAULT_BACKEND
+from ecospa_deploy.converters.vllm.plan import ACCEPTED_HEAD_SIZES, DEFAULT_BACKEND
 
 
 def _common(sub: argparse.ArgumentParser) -> None:
@@ -105,7 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     verify.add_argument("--verify", dest="verify", action="store_true", default=None,
                         help="check the file in llama.cpp (default when llama-cpp-python is "
                              "installed); a mismatch removes it")
-    verify.add_argument("--no-verify", dest="verify", action="store_false")
+    verify.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="write the file without running it in llama.cpp")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_dict(), indent=2))
         return 0
 
-    from ecospa_deploy.converters.vllm_convert import convert_vllm
+    from ecospa_deploy.converters.vllm.convert import convert_vllm
 
     report = convert_vllm(model, args.output, tensor_parallel_size=args.tensor_parallel_size,
                           head_size=args.head_size, dtype=args.dtype, tokenizer=tokenizer,

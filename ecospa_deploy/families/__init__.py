@@ -3,10 +3,21 @@
 A family answers every architecture question the rest of the package asks: its stock HF classes
 (variants as data), our config and model classes, the dense spec of a stock config, a
 checkpoint's spec from its tensor shapes, where decoder layers, norms and embeddings live, the
-canonical projections of a layer, norm kind, positions kind, activation, and the vLLM model that
-serves it. Nothing outside this package branches on a family's name (tests/families/test_families.py
-greps for it). Adding a family is one file here, its vLLM model, and one line in
-``FAMILY_MODULES``.
+canonical projections of a layer, norm kind, positions kind, activation, attention-mask kind,
+maximum positions, and the vLLM model that serves it. Nothing outside this package branches on a
+family's name or probes a family-specific attribute (tests/families/test_families.py greps for
+both).
+
+What a new family costs, honestly:
+
+- a variant of an existing layout (Mistral, Qwen2 beside Llama): data in that family's file
+  (a stock class, a tiny test config, flags such as q/k/v biases);
+- a new module layout with the same computation (Phi-3's fused projections): one file here
+  with ``to_ours``/``to_stock`` and its canonical projections, one line in ``FAMILY_MODULES``;
+- a new architectural feature (Qwen3's q/k norm, learned positions): written once per place
+  that computes a layer: our HF modeling, the engine (``engine/forward.py``, ``fused.py``),
+  the vLLM model (``converters/vllm/``); ONNX exports the HF modeling, and the GGUF plan
+  (``converters/gguf/plan.py``) must say whether llama.cpp computes it.
 
 Importing this package (or a family file) imports neither torch nor transformers: classes are
 ``"module:Class"`` strings loaded on first use, so the CLI stays instant.

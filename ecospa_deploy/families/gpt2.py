@@ -19,7 +19,7 @@ class GPT2Family(Family):
     model_class = f"{_M}.modeling_ecospa_gpt2:EcospaGPT2LMHeadModel"
     base_model_class = f"{_M}.modeling_ecospa_gpt2:EcospaGPT2Model"
     canonical_fn = f"{_M}.modeling_ecospa_gpt2:canonical_projections"
-    vllm_model = "ecospa_deploy.converters.vllm_gpt2:EcospaGPT2ForVLLM"
+    vllm_model = "ecospa_deploy.converters.vllm.gpt2:EcospaGPT2ForVLLM"
     layers_key = "n_layer"
     norm = "layernorm"
     positions = "learned"

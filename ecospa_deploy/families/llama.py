@@ -23,7 +23,7 @@ class LlamaFamily(Family):
     model_class = f"{_M}.modeling_ecospa_llama:EcospaLlamaForCausalLM"
     base_model_class = f"{_M}.modeling_ecospa_llama:EcospaLlamaModel"
     canonical_fn = f"{_M}.modeling_ecospa_llama:canonical_projections"
-    vllm_model = "ecospa_deploy.converters.vllm_llama:EcospaLlamaForVLLM"
+    vllm_model = "ecospa_deploy.converters.vllm.llama:EcospaLlamaForVLLM"
     layers_key = "num_hidden_layers"
     norm = "rmsnorm"
     positions = "rope"

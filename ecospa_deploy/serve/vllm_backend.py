@@ -64,7 +64,7 @@ def ready_dir(path: str, attention_backend: str) -> Path:
     """A directory vLLM can serve: ``path`` itself when ``ecospa convert vllm`` wrote it, else a
     cached conversion (exact zero padding to the backend's head sizes) keyed by the source's
     files, so restarts do not convert again. Conversion refusals raise ``VLLMStartError``."""
-    from ecospa_deploy.converters.vllm_convert import REPORT_NAME, convert_vllm
+    from ecospa_deploy.converters.vllm.convert import REPORT_NAME, convert_vllm
     from ecospa_deploy.errors import EcospaError
     from ecospa_deploy.loading import load_model, load_tokenizer
 
@@ -101,7 +101,7 @@ def kv_cache_bytes(model_dir: Path, max_model_len: int, max_num_seqs: int, dtype
     """KV pool for ``max_num_seqs`` sequences of ``max_model_len`` tokens of this model (each
     layer at its attention head size), plus one 128-token block per sequence of slack,
     >= 16 MiB."""
-    from ecospa_deploy.converters.vllm_plan import kv_elements_per_token
+    from ecospa_deploy.converters.vllm.plan import kv_elements_per_token
     from ecospa_deploy.padding import round_up
 
     spec = ModelSpec.from_dict(_config(model_dir)["ecospa"])

@@ -51,7 +51,7 @@ def test_our_model_type_stays_with_the_llama_family():
     assert stock_model_types()["phi3"] == "phi3"
     assert len(MODEL_CLASSES) == len(set(MODEL_CLASSES)) == len(
         {f.model_class for f in families().values()})
-    from ecospa_deploy.converters.vllm_plugin import ARCHITECTURES
+    from ecospa_deploy.converters.vllm.plugin import ARCHITECTURES
     assert ARCHITECTURES["EcospaLlamaForCausalLM"] == families()["llama"].vllm_model
     assert list(FAMILY_MODULES).index("llama") < list(FAMILY_MODULES).index("phi3")
 

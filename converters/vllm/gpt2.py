@@ -1,7 +1,7 @@
 """vLLM model for ``ecospa_gpt2``: GPT-2 blocks each built from their own spec.
 
 The checkpoint's fused ``c_attn`` (Conv1D ``[in, q|k|v]``) is split by the layer's own widths
-and loaded into one column-parallel q|k|v projection (``vllm_common.qkv_linear``) so tensor
+and loaded into one column-parallel q|k|v projection (``common.qkv_linear``) so tensor
 parallelism shards heads, not raw columns;
 Conv1D weights are transposed to vLLM's ``[out, in]`` on load. Expects a checkpoint written by
 ``ecospa convert vllm``.
@@ -27,7 +27,7 @@ from vllm.sequence import IntermediateTensors
 
 from ecospa_deploy.spec import LayerSpec
 
-from .vllm_common import (CausalLMForVLLM, Loadable, PaddedAttention, attention_head_sizes,
+from .common import (CausalLMForVLLM, Loadable, PaddedAttention, attention_head_sizes,
                           check_spec, qkv_linear, tp_rank_and_size)
 
 # Conv1D weights stored [in, out] in the checkpoint.

@@ -268,7 +268,7 @@ class VllmBackend(Backend):
 
             raise UnsupportedError(f"--backends vllm: vLLM is not importable here ({exc}); "
                                    f"install {vllm_install_hint()}") from exc
-        from ecospa_deploy.converters.vllm_convert import convert_vllm
+        from ecospa_deploy.converters.vllm.convert import convert_vllm
 
         model.to("cpu")                      # in place: the device memory is vLLM's now
         if cfg.device.type == "cuda":

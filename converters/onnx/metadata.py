@@ -22,7 +22,7 @@ from typing import Any
 from ecospa_deploy import dtypes
 from ecospa_deploy.errors import CheckpointError
 
-from .onnx_layout import KVLayout
+from .layout import KVLayout
 
 CONFIG_NAME = "genai_config.json"
 EXPORT_NAME = "ecospa_export.json"

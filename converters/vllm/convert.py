@@ -1,7 +1,7 @@
 """`ecospa convert vllm`: a checkpoint directory that `vllm serve` runs through our plugin.
 
 The output is our own format (``config.json`` with the per-layer ``ecospa`` block, safetensors,
-tokenizer), padded with exact zeros as ``vllm_plan`` prescribes: KV groups and FFN neurons to
+tokenizer), padded with exact zeros as ``plan`` prescribes: KV groups and FFN neurons to
 multiples of the TP size. Head dims keep their pruned widths; each layer's attention head size
 (the smallest the target backend accepts for it) is recorded in the spec's provenance as
 ``vllm_head_sizes``, and our vLLM model pads q, k and v to it at run time. It is
@@ -27,7 +27,7 @@ from ecospa_deploy.atomic import atomic_directory
 from ecospa_deploy.errors import UnsupportedError
 from ecospa_deploy.families import family_of_model
 
-from .vllm_plan import DEFAULT_BACKEND, VLLMPlan, plan_vllm
+from .plan import DEFAULT_BACKEND, VLLMPlan, plan_vllm
 
 REPORT_NAME = "vllm_conversion.json"
 

@@ -19,7 +19,7 @@ from ecospa_deploy import dtypes
 from ecospa_deploy.engine.sampling import SamplingParams
 from ecospa_deploy.errors import CheckpointError
 
-from .onnx_metadata import read_export
+from .metadata import read_export
 
 
 

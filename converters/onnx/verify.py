@@ -23,7 +23,7 @@ import torch
 from ecospa_deploy.errors import EcospaError
 from ecospa_deploy.modeling.kv_cache import cache_kwargs, output_cache
 
-from .onnx_runtime import OrtGenerator, position_ids
+from .runtime import OrtGenerator, position_ids
 
 FP32_RTOL = 1e-4
 FP16_RTOL = 2e-2

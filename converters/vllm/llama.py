@@ -3,7 +3,7 @@
 Built on vLLM's parallel layers (``MergedColumnParallelLinear`` for q|k|v and gate|up,
 ``RowParallelLinear``, vocab-parallel embedding and head), so tensor parallelism shards every
 layer by its own head counts and FFN width; projections keep their pruned widths and attention
-pads q/k/v to the layer's head size at run time (``vllm_common.PaddedAttention``). Expects a
+pads q/k/v to the layer's head size at run time (``common.PaddedAttention``). Expects a
 checkpoint written by ``ecospa convert vllm`` (counts divisible by the TP size, per-layer head
 sizes recorded) and says so otherwise. Weight names are our checkpoint's (HF ``LlamaForCausalLM``'s).
 """
@@ -30,7 +30,7 @@ from vllm.sequence import IntermediateTensors
 
 from ecospa_deploy.spec import LayerSpec, qk_norm_heads
 
-from .vllm_common import (CausalLMForVLLM, KeptRotary, Loadable, PaddedAttention,
+from .common import (CausalLMForVLLM, KeptRotary, Loadable, PaddedAttention,
                           attention_head_sizes, check_spec, qkv_linear, tp_rank_and_size)
 
 # Our checkpoint's projection names -> (fused vLLM parameter, shard id).

@@ -3,7 +3,7 @@
 Runs in vLLM's environment, in its own process (vLLM starts worker processes, hence the
 ``__main__`` guard):
 
-  python -m ecospa_deploy.converters.vllm_parity OUT [OUT2 ...] --prompts '[[5,6,7],[9,10]]' \
+  python -m ecospa_deploy.converters.vllm.parity OUT [OUT2 ...] --prompts '[[5,6,7],[9,10]]' \
       --max-tokens 8 [--tensor-parallel-size 2] [--dtype float32]
 
 Several checkpoints run one after another in one process (vLLM's start-up cost is paid once).

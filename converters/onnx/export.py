@@ -3,9 +3,9 @@
 Output directory: ``model.onnx`` (+ ``model.onnx.data`` when weights exceed
 ``EXTERNAL_DATA_BYTES``: protobuf caps a single file at 2 GiB), ``genai_config.json``
 (onnxruntime-genai), ``config.json`` (optimum; target ``optimum`` only), ``ecospa_export.json``
-(our per-layer shapes, see ``onnx_metadata``), ``export_report.json`` (settings and
+(our per-layer shapes, see ``metadata``), ``export_report.json`` (settings and
 verification errors) and the tokenizer when one is given. ``target`` picks the KV-cache layout
-(``onnx_layout``): ``optimum`` (default; runs on optimum, onnxruntime-genai and
+(``layout``): ``optimum`` (default; runs on optimum, onnxruntime-genai and
 ``OrtGenerator``), ``genai`` (onnxruntime-genai and ``OrtGenerator``), ``ort`` (the smallest
 cache; ``OrtGenerator`` only). Everything is written into a temp dir beside the target
 and renamed only after onnxruntime has matched PyTorch, so a failed export leaves nothing.
@@ -31,12 +31,12 @@ from ecospa_deploy import dtypes
 from ecospa_deploy.atomic import atomic_directory
 from ecospa_deploy.errors import UnsupportedError
 
-from .onnx_graph import DecoderGraph
-from .onnx_layout import DEFAULT_TARGET, TARGETS, KVLayout, plan_layout
-from .onnx_metadata import (CONFIG_NAME, DATA_NAME, EXPORT_NAME, HF_CONFIG_NAME, MODEL_NAME,
+from .graph import DecoderGraph
+from .layout import DEFAULT_TARGET, TARGETS, KVLayout, plan_layout
+from .metadata import (CONFIG_NAME, DATA_NAME, EXPORT_NAME, HF_CONFIG_NAME, MODEL_NAME,
                             build_export_block, build_genai_config, build_hf_config, write_json)
-from .onnx_runtime import OrtGenerator
-from .onnx_verify import Verification, raise_if_failed, verify
+from .runtime import OrtGenerator
+from .verify import Verification, raise_if_failed, verify
 
 DTYPES = ("fp32", "fp16")
 EXPORTERS = ("dynamo", "legacy")
@@ -162,7 +162,7 @@ def export_onnx(model: torch.nn.Module, out_dir: str | Path, *, dtype: str = "fp
     ``model`` is not modified: a copy is cast when ``dtype`` differs from its own, and the
     attention implementation is switched to eager only for the export and then restored.
     ``external_data=None`` chooses it from the weight size. ``target``: ``optimum``,
-    ``genai`` or ``ort`` (see the module docstring and ``onnx_layout``).
+    ``genai`` or ``ort`` (see the module docstring and ``layout``).
     """
     _check_options(model, dtype, opset, exporter, target)
     if verify_steps < 1:

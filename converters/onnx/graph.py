@@ -6,7 +6,7 @@ value as its own input (``past_key_values.{i}.key`` ``[batch, kv_heads_i, past, 
 of the same per-layer shapes. Inside, the flat tensors fill a ``DynamicCache`` and the model runs
 through its own forward, so the graph computes what the HF classes compute.
 
-A ``KVLayout`` other than ``ort`` (see ``onnx_layout``) gives the past/present tensors larger
+A ``KVLayout`` other than ``ort`` (see ``layout``) gives the past/present tensors larger
 shapes: the graph slices each past back to the layer's own heads and dims before the model reads
 it, and pads each present with zeros after, so the padding never reaches attention.
 
@@ -29,7 +29,7 @@ from ecospa_deploy.families import family_of_model
 from ecospa_deploy.modeling.kv_cache import cache_kwargs
 from ecospa_deploy.spec import ModelSpec
 
-from .onnx_layout import KVLayout, plan_layout
+from .layout import KVLayout, plan_layout
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Random-weight models of real shapes, and their pruned twins, from ``bench/shapes/<name>.json``.
+"""Random-weight models of real shapes, and their pruned twins, from ``ecospa_deploy/benchmark/shapes/<name>.json``.
 
 Speed does not depend on weight values, so the benchmark builds dense models of real shapes
 (LLaMA-1B, LLaMA-7B, GPT-2) with random weights directly on the device, and a pruned twin whose
@@ -26,7 +26,7 @@ def shape_names() -> list[str]:
 
 
 def load_shape(name: str) -> dict[str, Any]:
-    """The shape file ``name`` (a name in ``bench/shapes/`` or a path to a JSON file)."""
+    """The shape file ``name`` (a name in ``ecospa_deploy/benchmark/shapes/`` or a path to a JSON file)."""
     path = Path(name)
     if not (path.suffix == ".json" and path.exists()):
         path = SHAPES_DIR / f"{name}.json"

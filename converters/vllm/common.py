@@ -27,7 +27,7 @@ from vllm.sequence import IntermediateTensors
 from ecospa_deploy.errors import UnsupportedError
 from ecospa_deploy.spec import LayerSpec, ModelSpec
 
-from .vllm_plan import ACCEPTED_HEAD_SIZES, attention_head_sizes
+from .plan import ACCEPTED_HEAD_SIZES, attention_head_sizes
 
 # (vLLM parameter name, tensor, shard id or None)
 Loadable = tuple[str, torch.Tensor, "str | int | None"]
