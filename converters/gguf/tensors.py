@@ -54,21 +54,22 @@ def layer_tensors(canon: dict, layer: LayerSpec, d: int, n_ff: int
     h, hk = layer.num_attention_heads, layer.num_key_value_heads
     q_kept = [layer.rope_kept[i // (h // hk)] for i in range(h)]
     fold = layer.softmax_scale * d ** 0.5
+    c = {key: tuple(None if t is None else t.detach().float() for t in pair)
+         for key, pair in canon.items()}
     out: dict[str, torch.Tensor | None] = {}
     for key, heads, kept in (("q", h, q_kept), ("k", hk, list(layer.rope_kept))):
-        w, b = (None if t is None else t.detach().float() for t in canon[key])
+        w, b = c[key]
         if key == "q" and fold != 1.0:
             w, b = w * fold, (None if b is None else b * fold)
         out[key] = rope_slots(w, heads, kept, layer.qk_head_dim, d)
         out[f"{key}_bias"] = rope_slots(b, heads, kept, layer.qk_head_dim, d)
-    w, b = (None if t is None else t.detach().float() for t in canon["v"])
+    w, b = c["v"]
     out["v"] = pad_heads(w, hk, layer.v_head_dim, d, 0)
     out["v_bias"] = pad_heads(b, hk, layer.v_head_dim, d, 0)
-    w, b = canon["o"]
-    out["o"] = pad_heads(w.detach().float(), h, layer.v_head_dim, d, 1)
-    out["o_bias"] = None if b is None else b.detach().float()
+    w, out["o_bias"] = c["o"]
+    out["o"] = pad_heads(w, h, layer.v_head_dim, d, 1)
     for key, dim in (("gate", 0), ("up", 0), ("down", 1)):
-        w, b = (None if t is None else t.detach().float() for t in canon[key])
+        w, b = c[key]
         out[key] = pad_axis(w, n_ff, dim)
         out[f"{key}_bias"] = b if key == "down" or b is None else pad_axis(b, n_ff, 0)
     return out

@@ -85,7 +85,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vllm.add_argument("--dtype", choices=dtypes.NAMES, default=None,
                       help="weight dtype written (default: the checkpoint's)")
 
-
     from ecospa_deploy.converters.gguf import OUTTYPES
 
     gguf = subs.add_parser("gguf", help="one GGUF file llama.cpp runs (per-layer heads and FFN "

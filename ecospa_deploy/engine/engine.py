@@ -329,9 +329,9 @@ class Engine:
         free; returns the graphs captured."""
         if not self.cuda_graphs:
             return 0
-        if self._slots or self._partial:
-            busy = sorted(set(self._slots) | set(self._partial))
-            raise UnsupportedError(f"warmup() needs every slot free; slots {busy} are in use")
+        if self._busy():
+            raise UnsupportedError(f"warmup() needs every slot free; slots {self._busy()} are "
+                                   "in use")
         max_len = min(max_prompt_len or self.max_seq_len - 1, self.max_seq_len - 1)
         saved = [b.clone() for b in self._buffers()]
         before = len(self._prefill_graphs) + len(self._graphs)
@@ -415,10 +415,14 @@ class Engine:
         return self._start(slot, prompt, params,
                            int(self._prefill_rows([slot], [prompt])[0]))
 
+    def _busy(self) -> list[int]:
+        """Slots holding a request: decoding (``_slots``) or part-prefilled (``_partial``)."""
+        return sorted(set(self._slots) | set(self._partial))
+
     def _claim(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
         self._check_slot(slot)
-        if slot in self._slots or slot in self._partial:
-            busy = set(self._slots) | set(self._partial)
+        busy = self._busy()
+        if slot in busy:
             raise ValueError(f"slot {slot} is in use; free it first (free slots: "
                              f"{[s for s in range(self.max_batch_size) if s not in busy]})")
         prompt = list(prompt_ids)
@@ -531,9 +535,8 @@ class Engine:
     def generate(self, prompts: list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[list[int]]:
         """Generated token ids (prompt excluded, stop token included) for each prompt."""
-        if self._slots or self._partial:
-            raise UnsupportedError(f"generate() needs every slot free; slots "
-                                   f"{sorted(set(self._slots) | set(self._partial))}"
+        if self._busy():
+            raise UnsupportedError(f"generate() needs every slot free; slots {self._busy()}"
                                    " are in use by the slot API (free them first)")
         params = params if params is not None else SamplingParams()
         if isinstance(params, SamplingParams):
