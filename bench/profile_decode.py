@@ -74,8 +74,10 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", default="", help="'' (graphs only), 'default', "
                     "'max-autotune-no-cudagraphs'")
     ap.add_argument("--kernels", action="store_true", help="print the top kernels of a step")
-    ap.add_argument("--decode", choices=["fused", "torch"], default="fused",
-                    help="the Triton decode step (default) or the PyTorch one")
+    ap.add_argument("--decode", choices=["fused", "torch", "server"], default="fused",
+                    help="the Triton decode step at every batch (default), the PyTorch one "
+                    "with SDPA, or what the server runs (fused at batch 1, PyTorch linears "
+                    "with the Triton attention above)")
     ap.add_argument("--which", default="dense,pruned")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -89,7 +91,8 @@ def main(argv=None) -> int:
                                            max_batch_size=max(args.batch),
                                            max_seq_len=max(args.context) + 128,
                                            compile=compile_mode,
-                                           kernels=args.decode == "fused"):
+                                           kernels={"fused": True, "torch": False,
+                                                    "server": None}[args.decode]):
         wb, kvb = facts["decode_read_bytes"], facts["kv_bytes_per_token"]
         for b in args.batch:
             for c in args.context:
