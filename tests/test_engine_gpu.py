@@ -75,3 +75,24 @@ def test_decode_graphs_warmed_for_every_bucket():
                    SamplingParams(max_new_tokens=6, temperature=0.8, seed=3)):
         assert eng.generate(PROMPTS[:3], params) == eager.generate(PROMPTS[:3], params)
     assert set(eng._graphs) == captured
+
+
+def test_add_many_on_warmed_graphs_gives_eager_tokens_and_captures_nothing():
+    """The server's prefill: prompts admitted together run as batches of 1/2/4/... rows on
+    graphs ``warmup(prefill_row_counts)`` captured; two batches of the same shape replay one
+    graph back to back (its output is copied before the second replay)."""
+    model = tiny_pruned("llama", seed=7).cuda()
+    eng = Engine(model, max_batch_size=8, max_seq_len=64, max_prefill_rows=2)
+    eng.warmup(eng.prefill_row_counts, max_prompt_len=40, decode=True)
+    before = (set(eng._prefill_graphs), set(eng._graphs))
+    eager = Engine(model, max_batch_size=8, max_seq_len=64, cuda_graphs=False)
+    prompts = [[3 + (7 * i + j) % 50 for j in range(n)] for i, n in
+               enumerate((5, 6, 12, 13, 30, 2, 33))]
+    params = [SamplingParams(max_new_tokens=6, temperature=0.7 * (i % 2), seed=i)
+              for i in range(len(prompts))]
+    slots = [6, 0, 1, 5, 2, 3, 4]
+    want = [eager.add(s, p, q) for s, p, q in zip(slots, prompts, params)]
+    assert eng.add_many(slots, prompts, params) == want
+    for _ in range(5):
+        assert eng.step() == eager.step()
+    assert (set(eng._prefill_graphs), set(eng._graphs)) == before

@@ -117,3 +117,68 @@ def test_several_steps_per_sync_give_the_tokens_of_single_steps(family):
     while a.active_slots:
         toks += a.steps(8)[1]
     assert toks == want[1][:want[1].index(stop) + 1]
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_prefill_groups_respect_rows_tokens_and_order(pow2):
+    from ecospa_deploy.engine.engine import prefill_groups
+
+    lengths = [3, 5, 9, 9, 17, 30, 31, 64, 65, 200, 7]
+    for max_rows in (1, 2, 3, 8):
+        for max_tokens in (16, 64, 128, 4096):
+            groups = prefill_groups(lengths, max_rows, max_tokens, pow2)
+            assert [a for a, _ in groups] == [0] + [b for _, b in groups[:-1]]
+            assert groups[-1][1] == len(lengths)
+            for a, b in groups:
+                rows = b - a
+                assert 1 <= rows <= max_rows
+                assert rows == 1 or rows * max(lengths[a:b]) <= max_tokens
+                if pow2:
+                    assert rows & (rows - 1) == 0, (groups, max_rows, max_tokens)
+    # the padded width counts against the token budget, not the raw length
+    assert prefill_groups([17, 17], 8, 40, True, width=lambda t: 32) == [(0, 1), (1, 2)]
+    assert prefill_groups([5] * 7, 8, 4096, True) == [(0, 4), (4, 6), (6, 7)]
+
+
+@pytest.mark.parametrize("graph_rows", [False, True])
+def test_add_many_gives_the_tokens_of_one_add_each(graph_rows, monkeypatch):
+    """Prompts prefilled together (batches of at most 2 rows here; with graph_rows the
+    power-of-two split and right padding that CUDA graphs replay) continue exactly as
+    prompts added one at a time, sampled rows included."""
+    model = tiny_pruned("llama", seed=8)
+    ref = Engine(model, max_batch_size=5, max_seq_len=96)
+    eng = Engine(model, max_batch_size=5, max_seq_len=96, max_prefill_rows=2)
+    calls = []
+    if graph_rows:
+        eng.prefill_graphs = True
+        monkeypatch.setattr(eng, "_run_prefill", lambda b, n, i: (calls.append(tuple(b.shape)),
+                                                                   eng._prefill_step(b, n, i))[1])
+    prompts = [[3 + (5 * i + j) % 40 for j in range(n)] for i, n in enumerate((4, 9, 9, 23, 2))]
+    params = [SamplingParams(max_new_tokens=10, temperature=0.8 * (i % 2), seed=i)
+              for i in range(5)]
+    slots = [4, 0, 2, 1, 3]
+    want = [ref.add(s, p, q) for s, p, q in zip(slots, prompts, params)]
+    assert eng.add_many(slots, prompts, params) == want
+    if graph_rows:
+        assert calls == [(2, 16), (2, 32), (1, 16)]           # 2 + 2 + 1 rows, bucketed
+    for _ in range(9):
+        assert eng.step() == ref.step()
+    assert eng.prefill_row_counts == [1, 2]
+
+
+def test_add_many_refuses_before_running_anything():
+    eng = Engine(tiny_pruned("llama", seed=8), max_batch_size=3, max_seq_len=32)
+    ok, params = [3, 4, 5], SamplingParams(max_new_tokens=4)
+    with pytest.raises(ValueError, match="repeat a slot"):
+        eng.add_many([0, 0], [ok, ok], [params, params])
+    with pytest.raises(ValueError):
+        eng.add_many([0, 1], [ok, list(range(3, 40))], [params, params])   # too long
+    with pytest.raises(ValueError, match="one of each"):
+        eng.add_many([0, 1], [ok], [params, params])
+    assert eng._busy() == []                                 # nothing was claimed
+    eng.add(2, ok, params)
+    with pytest.raises(ValueError, match="in use"):
+        eng.add_many([0, 2], [ok, ok], [params, params])
+    assert eng._busy() == [2]
+    with pytest.raises(ValueError, match="max_prefill_rows"):
+        Engine(tiny_pruned("llama", seed=8), max_prefill_rows=0)

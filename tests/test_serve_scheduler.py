@@ -460,3 +460,70 @@ def test_the_chunk_follows_the_prefill_rate_of_long_prompts_only():
     assert sched._budget() == 64
     sched._active.clear()
     assert sched._budget() == 2048                    # nothing runs: no pause to bound
+
+
+class Batched(FakeBackend):
+    """FakeBackend with ``add_many`` and ``add_chunk``; ``log`` records prefills and steps."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.log: list = []
+        self.fail_many = False
+
+    def add_many(self, slots, prompts, params):
+        if self.fail_many:
+            raise RuntimeError("batched prefill exploded")
+        self.log.append(("many", [len(p) for p in prompts]))
+        return [self.add(s, p, q) for s, p, q in zip(slots, prompts, params)]
+
+    def add_chunk(self, slot, prompt_ids, params, end):
+        self.log.append(("chunk", end))
+        if end < len(prompt_ids):
+            return None
+        return self.add(slot, prompt_ids, params)
+
+    def step(self):
+        out = super().step()
+        self.log.append(("step", len(out)))
+        return out
+
+
+def test_prompts_that_fit_prefill_together_and_only_a_prompt_over_the_budget_is_cut():
+    backend = Batched()
+    backend.gate.clear()
+    sched = Scheduler(backend, 8, 8, prefill_chunk=40).start()
+    try:
+        events = [[] for _ in range(5)]
+        sched.submit([Sequence(list(range(3, 3 + n)), SamplingParams(max_new_tokens=3),
+                               events[i].append) for i, n in enumerate([50, 1, 30, 7, 30])])
+        wait_for(lambda: backend.log)
+        backend.gate.set()
+        wait_for(lambda: all(e and e[-1].finish for e in events))
+    finally:
+        sched.stop()
+    prefills = [e for e in backend.log if e[0] != "step"]
+    # step 1: 1 + 7 + 30 together; the second 30 does not fit the 2 tokens left and waits
+    # whole for step 2 (not cut); the 50-token prompt is longer than a step: cut 10 + 40
+    assert prefills[0] == ("many", [1, 7, 30])
+    assert ("chunk", 10) in prefills and ("chunk", 50) in prefills
+    assert backend.added == [1, 7, 30, 30, 50]
+    assert not [e for e in prefills if e[0] == "chunk" and e[1] not in (10, 50)]
+    assert backend.log.index(("step", 3)) < backend.log.index(("chunk", 10))
+    assert [len(e) for e in events] == [4] * 5
+
+
+def test_a_failed_batched_prefill_falls_back_to_one_add_each():
+    backend = Batched(fail_add={7})
+    backend.fail_many = True
+    sched = Scheduler(backend, 4, 4).start()           # no chunking: all admitted together
+    try:
+        events = [[] for _ in range(3)]
+        sched.submit([Sequence([p, 4, 5], SamplingParams(max_new_tokens=2), events[i].append)
+                      for i, p in enumerate([3, 7, 9])])
+        wait_for(lambda: all(e and e[-1].finish for e in events))
+    finally:
+        sched.stop()
+    assert events[1][-1].finish == "error" and "bad prompt" in events[1][-1].error
+    assert [e[-1].finish for e in (events[0], events[2])] == ["length", "length"]
+    assert sorted(backend.freed) == [0, 2]             # the two that ran were freed
+    assert sorted(sched._free) == [0, 1, 2, 3]         # and the failed one's slot came back

@@ -93,6 +93,27 @@ def prefill_buckets(max_len: int, max_seq: int) -> list[int]:
     return out
 
 
+def prefill_groups(lengths: Sequence[int], max_rows: int, max_tokens: int, pow2: bool,
+                   width=lambda t: t) -> list[tuple[int, int]]:
+    """Split prompts (in order) into prefill batches ``[start, end)``: at most ``max_rows``
+    rows and ``max_tokens`` padded tokens (``rows * width(longest)``) each, a single over-long
+    prompt alone; with ``pow2`` every batch has a power-of-two row count, so captured prefill
+    graphs of rows 1, 2, 4, ... cover every batch (a group of 7 runs as 4 + 2 + 1)."""
+    out, start, n = [], 0, len(lengths)
+    while start < n:
+        end, longest = start + 1, lengths[start]
+        while end < n and end - start < max_rows:
+            t = max(longest, lengths[end])
+            if width(t) * (end - start + 1) > max_tokens:
+                break
+            longest, end = t, end + 1
+        if pow2:
+            end = start + (1 << ((end - start).bit_length() - 1))
+        out.append((start, end))
+        start = end
+    return out
+
+
 def batch_bucket(n: int, max_batch: int) -> int:
     b = 1
     while b < n:
@@ -117,11 +138,13 @@ class Engine:
                  pad_multiple: int = 64, cuda_graphs: bool = True, compile: bool | str = False,
                  head_multiple: int = 8, max_prefill_tokens: int = 16384, sync_every: int = 16,
                  compile_prefill: bool = False, kernels: bool | None = None,
-                 prefill_graphs: bool | None = None):
+                 prefill_graphs: bool | None = None, max_prefill_rows: int = 8):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r}; expected an int >= 1")
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise ValueError(f"max_seq_len={max_seq_len!r}; expected an int >= 2")
+        if not isinstance(max_prefill_rows, int) or max_prefill_rows < 1:
+            raise ValueError(f"max_prefill_rows={max_prefill_rows!r}; expected an int >= 1")
         for name, value in (("pad_multiple", pad_multiple), ("head_multiple", head_multiple)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; expected an int >= 1 (1 = no padding)")
@@ -138,6 +161,9 @@ class Engine:
                              self.device)
         self.forward = Forward(self.weights, self.cache, self.dtype, self.device)
         self.max_prefill_tokens, self.sync_every = max_prefill_tokens, sync_every
+        # Prompts prefilled together run in batches of power-of-two rows up to this many (the
+        # row counts ``warmup`` captures: ``prefill_row_counts``).
+        self.max_prefill_rows = max_prefill_rows
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         kw = dict(device=self.device)
         self._tokens = torch.zeros(max_batch_size, dtype=torch.long, **kw)
@@ -247,22 +273,18 @@ class Engine:
     def _prefill_rows(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Prefill ``prompts`` into ``slots`` (params already set); returns first tokens [n]."""
         firsts = []
-        start = 0
-        while start < len(slots):
-            t_max, end = 0, start
-            while end < len(slots):
-                t = max(t_max, len(prompts[end]))
-                if end > start and t * (end - start + 1) > self.max_prefill_tokens:
-                    break
-                t_max, end = t, end + 1
-            rows = slots[start:end]
-            width = prefill_bucket(t_max, self.max_seq_len) if self.prefill_graphs else t_max
-            batch = torch.zeros(len(rows), width, dtype=torch.long)
-            for j, p in enumerate(prompts[start:end]):
+        pow2 = self.prefill_graphs
+        bucket = (lambda t: prefill_bucket(t, self.max_seq_len)) if pow2 else (lambda t: t)
+        for start, end in prefill_groups([len(p) for p in prompts], self.max_prefill_rows,
+                                         self.max_prefill_tokens, pow2, bucket):
+            group = prompts[start:end]
+            t_max = max(len(p) for p in group)
+            width = bucket(t_max)
+            batch = torch.zeros(len(group), width, dtype=torch.long)
+            for j, p in enumerate(group):
                 batch[j, :len(p)] = torch.tensor(p, dtype=torch.long)
-            lengths = torch.tensor([len(p) for p in prompts[start:end]])
-            firsts.append(self._run_prefill(batch, lengths, torch.tensor(rows)))
-            start = end
+            lengths = torch.tensor([len(p) for p in group])
+            firsts.append(self._run_prefill(batch, lengths, torch.tensor(slots[start:end])))
         return torch.cat(firsts)
 
     def _prefill_step(self, tokens: torch.Tensor, lengths: torch.Tensor, idx: torch.Tensor
@@ -299,7 +321,7 @@ class Engine:
         lens.copy_(lengths)
         rows.copy_(idx)
         graph.replay()
-        return out
+        return out.clone()      # the next replay of this graph overwrites ``out``
 
     def _capture_prefill(self, batch: torch.Tensor, lengths: torch.Tensor, idx: torch.Tensor):
         """Warm up and capture ``_prefill_step`` on these very rows and tokens: the warm-up
@@ -414,6 +436,29 @@ class Engine:
         self._set_params(slot, params)
         return self._start(slot, prompt, params,
                            int(self._prefill_rows([slot], [prompt])[0]))
+
+    def add_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
+                 params: Sequence[SamplingParams]) -> list[int]:
+        """``add`` for several free slots at once: the prompts prefill together (batches of
+        power-of-two rows, ``prefill_groups``) with one host sync for all their first tokens.
+        Every slot and prompt is checked before anything runs, so a refusal changes nothing."""
+        if not len(slots) == len(prompts) == len(params):
+            raise ValueError(f"add_many: {len(slots)} slots, {len(prompts)} prompts and "
+                             f"{len(params)} params; expected one of each per sequence")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"add_many: slots {list(slots)} repeat a slot")
+        claimed = [self._claim(s, p, q) for s, p, q in zip(slots, prompts, params)]
+        for s, q in zip(slots, params):
+            self._set_params(s, q)
+        firsts = self._prefill_rows(list(slots), claimed).tolist()
+        return [self._start(s, p, q, t) for s, p, q, t in zip(slots, claimed, params, firsts)]
+
+    @property
+    def prefill_row_counts(self) -> list[int]:
+        """The row counts of prefill batches (``add_many``, ``generate``): powers of two up
+        to ``max_prefill_rows``; warm these up to keep every prefill on a captured graph."""
+        top = min(self.max_prefill_rows, self.max_batch_size)
+        return [1 << k for k in range(top.bit_length()) if 1 << k <= top]
 
     def _busy(self) -> list[int]:
         """Slots holding a request: decoding (``_slots``) or part-prefilled (``_partial``)."""

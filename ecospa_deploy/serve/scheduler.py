@@ -1,13 +1,16 @@
 """Dynamic batching: one worker thread owns the backend and runs admit → step forever.
 
 Each iteration first frees the slots of cancelled sequences, then prefills waiting sequences
-into free slots (``backend.add``; shortest prompt first among those admitted together), then
-decodes one token for every occupied slot (``backend.step``). A request that arrives while a
+into free slots (shortest prompt first among those admitted together; together in one
+``backend.add_many`` where the backend has it, else one ``backend.add`` each), then decodes one
+token for every occupied slot (``backend.step``). A request that arrives while a
 batch decodes therefore joins it at the next step; nothing is serialised per request.
 
 With ``prefill_chunk`` (and a backend with ``add_chunk``, the engine) at most that many prompt
-tokens are prefilled between two decode steps: a long prompt enters a chunk at a time
-(chunked prefill), so running streams pause for one chunk, never for a whole long prompt.
+tokens are prefilled between two decode steps: whole prompts while they fit (a prompt that
+does not fit what is left of the step waits for the next one), and a prompt longer than a
+step's budget a chunk at a time (chunked prefill), so running streams pause for one budget's
+worth of prefill, never for a whole long prompt.
 While streams run, the chunk also shrinks to what the measured prefill rate does in
 ``max_pause`` seconds (a CPU prefills a few hundred tokens a second; a chunk's attention grows
 with the prompt cached before it), at least ``MIN_CHUNK`` tokens; the rate is measured on
@@ -238,8 +241,7 @@ class Scheduler:
                 # prefill: in turn, a budget of tokens per step): none starves.
                 admit.sort(key=lambda q: len(q.prompt_ids))
                 if self.prefill_chunk is None:
-                    for seq in admit:
-                        self._admit(seq)
+                    self._admit_many([(seq, self._free.pop()) for seq in admit])
                 else:
                     self._prefilling.extend([seq, self._free.pop(), 0] for seq in admit)
                     self._prefill_some(self._budget())
@@ -283,19 +285,26 @@ class Scheduler:
         return budget
 
     def _prefill_some(self, budget: int) -> None:
-        """Prefill up to ``budget`` prompt tokens of the sequences in turn: whole prompts that
-        fit through ``add``, the rest a chunk at a time through ``add_chunk``."""
+        """Prefill up to ``budget`` prompt tokens of the sequences in turn. Whole prompts that
+        fit go together through ``add_many`` (one batched prefill, one host sync) where the
+        backend has it; a prompt that does not fit what is left waits for the next step if a
+        whole step's budget would hold it (cutting it would run its pieces on the slower
+        chunked path); only a prompt longer than a whole step's budget is cut, a chunk at a
+        time through ``add_chunk``."""
+        full, whole = budget, []
         while self._prefilling and budget > 0:
             item = self._prefilling[0]
             seq, slot, done = item
-            n = min(len(seq.prompt_ids) - done, budget)
+            left = len(seq.prompt_ids) - done
+            if done == 0 and left <= budget:
+                whole.append(self._prefilling.popleft())
+                budget -= left
+                continue
+            if left <= full and budget < full:
+                break                                   # whole, at the next step
+            n = min(left, budget)
             budget -= n
             start = time.perf_counter()
-            if done == 0 and n == len(seq.prompt_ids):
-                self._prefilling.popleft()
-                self._admit(seq, slot)
-                self._measure(n, time.perf_counter() - start)
-                continue
             try:
                 token = self.backend.add_chunk(slot, seq.prompt_ids, seq.params, done + n)
                 self._measure(n, time.perf_counter() - start)
@@ -309,6 +318,11 @@ class Scheduler:
             if token is not None:
                 self._prefilling.popleft()
                 self._activate(slot, seq, token)
+        if whole:
+            start = time.perf_counter()
+            self._admit_many([(seq, slot) for seq, slot, _ in whole])
+            self._measure(sum(len(seq.prompt_ids) for seq, _, _ in whole),
+                          time.perf_counter() - start)
 
     def _measure(self, tokens: int, seconds: float) -> None:
         if tokens < MEASURE_MIN:   # a short prompt's time is fixed overhead, not its tokens
@@ -334,6 +348,25 @@ class Scheduler:
             self._finish(seq, "error", f"prefill failed: {type(exc).__name__}: {exc}")
             return
         self._activate(slot, seq, token)
+
+    def _admit_many(self, items: list[tuple[Sequence, int]]) -> None:
+        """Prefill ``(sequence, reserved slot)`` pairs together where the backend can
+        (``add_many``); if that fails, each alone, so a bad request fails only itself."""
+        add_many = getattr(self.backend, "add_many", None)
+        if add_many is not None and len(items) > 1:
+            try:
+                tokens = add_many([slot for _, slot in items],
+                                  [seq.prompt_ids for seq, _ in items],
+                                  [seq.params for seq, _ in items])
+            except Exception:
+                log.warning("batched prefill of %d sequences failed; prefilling each alone",
+                            len(items), exc_info=True)
+            else:
+                for (seq, slot), token in zip(items, tokens):
+                    self._activate(slot, seq, token)
+                return
+        for seq, slot in items:
+            self._admit(seq, slot)
 
     def _activate(self, slot: int, seq: Sequence, token: int) -> None:
         self._active[slot] = seq

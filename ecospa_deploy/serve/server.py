@@ -156,9 +156,9 @@ def build_backend(name: str, model, max_batch_size: int, max_seq_len: int, devic
 
         engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                         device=device, dtype=dtype)
-        # Requests are prefilled one at a time: capture every prompt-length bucket and every
-        # decode shape now, so no request pays a capture or an autotune (CUDA only).
-        engine.warmup([1], decode=True)
+        # Capture every prefill batch (rows x prompt-length bucket) and every decode shape
+        # now, so no request pays a capture or an autotune (CUDA only).
+        engine.warmup(engine.prefill_row_counts, decode=True)
         return engine
     from ecospa_deploy.serve.hf_backend import HFBackend
 
