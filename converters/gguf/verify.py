@@ -24,11 +24,28 @@ GGML_TYPE_F32 = 0
 
 
 def open_llama(path: str, n_ctx: int):
+    """llama-cpp-python on the file, loaded into plain CPU buffers: by default llama.cpp
+    repacks weights into "extra" buffer types (AMX and other CPU-specific layouts), and on a CPU
+    with AMX its q8_0 path crashed the process (segfault) on our small shapes. The check is of
+    the file, so it runs the reference CPU path on every machine."""
     from llama_cpp import Llama
+    from llama_cpp import llama_cpp as low
 
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                 verbose=False, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32,
-                 n_threads=min(4, os.cpu_count() or 1))
+    default = low.llama_model_default_params
+
+    def plain_buffers():
+        params = default()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = plain_buffers
+    try:
+        return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
+                     verbose=False, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32,
+                     n_threads=min(4, os.cpu_count() or 1))
+    finally:
+        low.llama_model_default_params = default
 
 
 @torch.no_grad()
