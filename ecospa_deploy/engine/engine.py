@@ -275,16 +275,14 @@ class Engine:
         firsts = []
         pow2 = self.prefill_graphs
         bucket = (lambda t: prefill_bucket(t, self.max_seq_len)) if pow2 else (lambda t: t)
-        for start, end in prefill_groups([len(p) for p in prompts], self.max_prefill_rows,
-                                         self.max_prefill_tokens, pow2, bucket):
-            group = prompts[start:end]
-            t_max = max(len(p) for p in group)
-            width = bucket(t_max)
-            batch = torch.zeros(len(group), width, dtype=torch.long)
-            for j, p in enumerate(group):
+        lens = [len(p) for p in prompts]
+        for start, end in prefill_groups(lens, self.max_prefill_rows, self.max_prefill_tokens,
+                                         pow2, bucket):
+            batch = torch.zeros(end - start, bucket(max(lens[start:end])), dtype=torch.long)
+            for j, p in enumerate(prompts[start:end]):
                 batch[j, :len(p)] = torch.tensor(p, dtype=torch.long)
-            lengths = torch.tensor([len(p) for p in group])
-            firsts.append(self._run_prefill(batch, lengths, torch.tensor(slots[start:end])))
+            firsts.append(self._run_prefill(batch, torch.tensor(lens[start:end]),
+                                            torch.tensor(slots[start:end])))
         return torch.cat(firsts)
 
     def _prefill_step(self, tokens: torch.Tensor, lengths: torch.Tensor, idx: torch.Tensor
@@ -432,10 +430,7 @@ class Engine:
     # -- slot API (continuous batching) ---------------------------------------------------
     def add(self, slot: int, prompt_ids: list[int], params: SamplingParams) -> int:
         """Prefill ``prompt_ids`` into a free ``slot``; returns the first generated token."""
-        prompt = self._claim(slot, prompt_ids, params)
-        self._set_params(slot, params)
-        return self._start(slot, prompt, params,
-                           int(self._prefill_rows([slot], [prompt])[0]))
+        return self.add_many([slot], [prompt_ids], [params])[0]
 
     def add_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
                  params: Sequence[SamplingParams]) -> list[int]:
@@ -458,7 +453,7 @@ class Engine:
         """The row counts of prefill batches (``add_many``, ``generate``): powers of two up
         to ``max_prefill_rows``; warm these up to keep every prefill on a captured graph."""
         top = min(self.max_prefill_rows, self.max_batch_size)
-        return [1 << k for k in range(top.bit_length()) if 1 << k <= top]
+        return [1 << k for k in range(top.bit_length())]
 
     def _busy(self) -> list[int]:
         """Slots holding a request: decoding (``_slots``) or part-prefilled (``_partial``)."""
