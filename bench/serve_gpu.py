@@ -49,19 +49,36 @@ def ttft_floor_ms(model, prompts: list[list[int]], matmul_flops_per_s: float) ->
     return {q: round(1e3 * percentile(floor, n), 2) for q, n in (("p50", 50), ("p99", 99))}
 
 
-def main(argv=None) -> int:
-    from ecospa_deploy.serve.loadtest import run_stream_load, token_prompts
-    from ecospa_deploy.serve.process import ServerProcess
-
-    from ecospa_deploy.benchmark.floor import measure_ceilings
-    from ecospa_deploy.benchmark.shapes import build_model, load_shape
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def burst_arguments(ap: argparse.ArgumentParser) -> None:
+    """The burst's arguments (shared with ``serve_replay``, which runs the same burst)."""
     ap.add_argument("--shape", default="llama-1b")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-lens", default="16:1024")
     ap.add_argument("--max-tokens-mix", default="32,64,128")
     ap.add_argument("--max-model-len", type=int, default=1280)
+
+
+def burst_load(args) -> tuple[dict, int, list[list[int]], list[int]]:
+    """``(shape, vocab size, prompts, max_tokens mix)`` of the burst ``args`` describe."""
+    from ecospa_deploy.benchmark.shapes import load_shape
+    from ecospa_deploy.serve.loadtest import token_prompts
+
+    shape = load_shape(args.shape)
+    vocab = shape["dense"]["vocab_size"]
+    lo, hi = (int(x) for x in args.prompt_lens.split(":"))
+    mix = [int(x) for x in args.max_tokens_mix.split(",")]
+    return shape, vocab, token_prompts(args.requests, lo, hi, vocab), mix
+
+
+def main(argv=None) -> int:
+    from ecospa_deploy.serve.loadtest import run_stream_load
+    from ecospa_deploy.serve.process import ServerProcess
+
+    from ecospa_deploy.benchmark.floor import measure_ceilings
+    from ecospa_deploy.benchmark.shapes import build_model
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    burst_arguments(ap)
     ap.add_argument("--loads", action="store_true",
                     help="also the random 1024-in/128-out set at once and at --rates")
     ap.add_argument("--rates", default="8,16,32", help="Poisson request rates for --loads")
@@ -70,11 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="suffix of the output file name")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    shape = load_shape(args.shape)
-    vocab = shape["dense"]["vocab_size"]
-    lo, hi = (int(x) for x in args.prompt_lens.split(":"))
-    mix = [int(x) for x in args.max_tokens_mix.split(",")]
-    prompts = token_prompts(args.requests, lo, hi, vocab)
+    shape, vocab, prompts, mix = burst_load(args)
     server_args = ["--backend", "engine", "--dtype", "bfloat16", "--device", "cuda",
                    "--max-batch-size", str(args.requests), "--max-model-len",
                    str(args.max_model_len), "--max-queue", str(4 * args.requests),

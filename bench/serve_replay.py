@@ -82,28 +82,20 @@ def burst(scheduler, prompts, mix) -> dict:
 
 def main(argv=None) -> int:
     from ecospa_deploy.benchmark.floor import measure_ceilings
-    from ecospa_deploy.benchmark.shapes import build_model, load_shape
-    from ecospa_deploy.serve.loadtest import token_prompts
+    from ecospa_deploy.benchmark.shapes import build_model
+    from ecospa_deploy.bench.serve_gpu import burst_arguments, burst_load
     from ecospa_deploy.serve.scheduler import Scheduler
     from ecospa_deploy.serve.server import build_backend
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="llama-1b")
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--prompt-lens", default="16:1024")
-    ap.add_argument("--max-tokens-mix", default="32,64,128")
-    ap.add_argument("--max-model-len", type=int, default=1280)
+    burst_arguments(ap)
     ap.add_argument("--prefill-chunk", type=int, default=2048)
     ap.add_argument("--decode-steps", type=int, default=1)
     ap.add_argument("--which", default="dense,pruned")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    shape = load_shape(args.shape)
-    vocab = shape["dense"]["vocab_size"]
-    lo, hi = (int(x) for x in args.prompt_lens.split(":"))
-    mix = [int(x) for x in args.max_tokens_mix.split(",")]
-    prompts = token_prompts(args.requests, lo, hi, vocab)
+    shape, _, prompts, mix = burst_load(args)
     dev, dtype = torch.device("cuda"), torch.bfloat16
     result = dict(shape=args.shape, requests=args.requests, prompt_lens=args.prompt_lens,
                   max_tokens_mix=mix, prefill_chunk=args.prefill_chunk,

@@ -5,14 +5,7 @@
 # the engine alone (bench/serve_replay.py), on the tree with batched
 # prefill (Engine.add_many). Needs .whl24 (prometheus-client, httpx) carried.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site24 .whl24/*.whl \
-  || exit 1
-mkdir -p /tmp/pkg && cp -r ecospa_deploy /tmp/pkg/ && cp -r bench /tmp/pkg/ecospa_deploy/bench \
-  && cp -r converters /tmp/pkg/ecospa_deploy/converters
-export PYTHONPATH=/tmp/pkg:/tmp/site24 PATH=/tmp/site24/bin:$PATH PYTHONUNBUFFERED=1
-repo=$PWD
-cd /tmp
-nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+source bench/results/serve_h200/run3/setup.sh
 timeout 60 python3 -m pytest -q -x -p no:cacheprovider --rootdir /tmp $repo/tests/test_engine_gpu.py -k warmed \
   >$OUT/gpu_tests.log 2>&1; echo "tests rc $?"
 timeout ${T1:-150} python3 -m ecospa_deploy.bench.profile_decode --shape llama-1b --batch 32 64 \
