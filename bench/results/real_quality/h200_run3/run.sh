@@ -4,7 +4,8 @@
 # before; .whl the gguf wheel; .gtexts the evaluation texts), plus: $RQ_ARGS passed to every
 # real_quality call, and the self-generated text cached in /tmp/ec/selftext travels back as
 # $OUT/selftext.tgz and in again from .selftext/ (so a later call does not generate it again).
-# $1: seconds for the rows; then job groups "SEEDS:METHODS:FRACTIONS", one shard per group.
+# $1: seconds for the rows; then job groups "SEEDS:METHODS:FRACTIONS", one shard per group;
+# $PAR (default: all) caps how many groups run at once, the rest start as earlier ones end.
 set -u
 budget=${1:-500}; shift
 export ECOSPA_SMOLLM2_GGUF=/tmp/g/s.gguf ECOSPA_CACHE=/tmp/ec HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -26,6 +27,8 @@ echo "prepared in $(( $(date +%s) - t0 )) s"
 left=$(( budget - ($(date +%s) - t0) ))
 k=0
 for g in "$@"; do
+  while [ "$(jobs -rp | wc -l)" -ge "${PAR:-$#}" ]; do wait -n; done
+  left=$(( budget - ($(date +%s) - t0) )); [ $left -gt 30 ] || break
   IFS=: read -r seeds methods fractions <<<"$g"
   timeout $left $rq --shard 0/1 --seeds $seeds --methods $methods --fractions $fractions \
     --out /tmp/rq/g$k >>/tmp/shard$k.log 2>&1 &
