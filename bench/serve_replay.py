@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     for label in args.which.split(","):
         model = build_model(shape, label == "pruned", dtype, dev)
         t0 = time.perf_counter()
-        engine = build_backend("engine", model, args.requests, args.max_model_len, dev, dtype)
+        engine = build_backend("engine", model, args.requests, args.max_model_len, dev, dtype,
+                               step_tokens=args.prefill_chunk or None)
         start_s = time.perf_counter() - t0
         del model
         timed = _Timed(engine, timed=False)

@@ -20,6 +20,16 @@ def test_prefill_buckets_cover_every_length_with_little_padding():
     assert prefill_bucket(2040, 2048) == 2048          # clamped to the cache
 
 
+def test_several_row_buckets_are_powers_of_two():
+    """Batches of several rows pad to a power of two: few graphs per row count."""
+    for rows in (2, 4, 8):
+        for n in range(1, 1025):
+            b = prefill_bucket(n, 4096, rows)
+            assert b >= max(n, 16) and b & (b - 1) == 0 and b < 2 * max(n, 16)
+    assert prefill_buckets(1024, 4096, 2) == [16, 32, 64, 128, 256, 512, 1024]
+    assert prefill_bucket(40, 48, 4) == 48              # clamped to the cache
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
 def test_padded_prefill_gives_the_unpadded_tokens(family, monkeypatch):
     """What the CUDA graphs replay, run eagerly: prompts right-padded to their bucket."""
@@ -153,14 +163,14 @@ def test_add_many_gives_the_tokens_of_one_add_each(graph_rows, monkeypatch):
         eng.prefill_graphs = True
         monkeypatch.setattr(eng, "_run_prefill", lambda b, n, i: (calls.append(tuple(b.shape)),
                                                                    eng._prefill_step(b, n, i))[1])
-    prompts = [[3 + (5 * i + j) % 40 for j in range(n)] for i, n in enumerate((4, 9, 9, 23, 2))]
+    prompts = [[3 + (5 * i + j) % 40 for j in range(n)] for i, n in enumerate((4, 9, 9, 40, 40))]
     params = [SamplingParams(max_new_tokens=10, temperature=0.8 * (i % 2), seed=i)
               for i in range(5)]
     slots = [4, 0, 2, 1, 3]
     want = [ref.add(s, p, q) for s, p, q in zip(slots, prompts, params)]
     assert eng.add_many(slots, prompts, params) == want
-    if graph_rows:
-        assert calls == [(2, 16), (2, 32), (1, 16)]           # 2 + 2 + 1 rows, bucketed
+    if graph_rows:   # 2 + 2 + 1 rows: several rows pad to a power of two, one row to its bucket
+        assert calls == [(2, 16), (2, 64), (1, 48)]
     for _ in range(9):
         assert eng.step() == ref.step()
     assert eng.prefill_row_counts == [1, 2]

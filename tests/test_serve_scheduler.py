@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from ecospa_deploy.engine.sampling import SamplingParams
 from ecospa_deploy.serve.app import create_app
@@ -527,3 +528,19 @@ def test_a_failed_batched_prefill_falls_back_to_one_add_each():
     assert [e[-1].finish for e in (events[0], events[2])] == ["length", "length"]
     assert sorted(backend.freed) == [0, 2]             # the two that ran were freed
     assert sorted(sched._free) == [0, 1, 2, 3]         # and the failed one's slot came back
+
+
+def test_the_server_engine_prefills_within_the_step_budget():
+    """build_backend bounds the engine's prefill batches by the scheduler's step, so warm-up
+    captures several-row graphs only for widths a step reaches; without a step, the default."""
+    from ecospa_deploy.engine import Engine
+    from ecospa_deploy.serve.server import build_backend
+    from ecospa_deploy.testing import tiny_pruned
+
+    model = tiny_pruned("llama", seed=3)
+    eng = build_backend("engine", model, 4, 64, torch.device("cpu"), torch.float32,
+                        step_tokens=512)
+    assert isinstance(eng, Engine) and eng.max_prefill_tokens == 512
+    default = build_backend("engine", model, 4, 64, torch.device("cpu"), torch.float32)
+    assert default.max_prefill_tokens == Engine(model, max_batch_size=4,
+                                                max_seq_len=64).max_prefill_tokens

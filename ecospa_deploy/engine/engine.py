@@ -77,18 +77,24 @@ def kv_bucket(n: int, max_seq: int) -> int:
     return min(round_up(n, step), max_seq)
 
 
-def prefill_bucket(n: int, max_seq: int) -> int:
-    """Padded prompt length of a captured prefill: multiples of max(16, 2^ceil(log2 n)/16)
-    (< 12.5% extra above 128 tokens; 40 buckets up to 2048)."""
+def prefill_bucket(n: int, max_seq: int, rows: int = 1) -> int:
+    """Padded prompt length of a captured prefill. One row: multiples of
+    max(16, 2^ceil(log2 n)/16) (< 12.5% extra above 128 tokens; 40 buckets up to 2048).
+    Several rows: the next power of two >= 16, since each row count needs its own graphs and
+    a batch of several rows holds short prompts whose prefill is launch-bound, so padding
+    them costs little while a server's start captures 18 graphs for rows 2/4/8 instead of 72
+    (widths up to 1024/512/256 within a 2048-token step)."""
+    if rows > 1:
+        return min(max(16, 1 << max(n - 1, 1).bit_length()), max_seq)
     step = max(16, (1 << max(n - 1, 1).bit_length()) // 16)
     return min(round_up(n, step), max_seq)
 
 
-def prefill_buckets(max_len: int, max_seq: int) -> list[int]:
+def prefill_buckets(max_len: int, max_seq: int, rows: int = 1) -> list[int]:
     """Every ``prefill_bucket`` a prompt of 1..``max_len`` tokens can land in."""
     out, n = [], 1
     while n <= max_len:
-        out.append(prefill_bucket(n, max_seq))
+        out.append(prefill_bucket(n, max_seq, rows))
         n = out[-1] + 1
     return out
 
@@ -274,11 +280,13 @@ class Engine:
         """Prefill ``prompts`` into ``slots`` (params already set); returns first tokens [n]."""
         firsts = []
         pow2 = self.prefill_graphs
-        bucket = (lambda t: prefill_bucket(t, self.max_seq_len)) if pow2 else (lambda t: t)
+        cap = self.max_seq_len   # pad to the widths ``warmup`` captures (several rows: rows=2)
+        bucket = (lambda t, rows=2: prefill_bucket(t, cap, rows)) if pow2 else (lambda t, rows=1: t)
         lens = [len(p) for p in prompts]
         for start, end in prefill_groups(lens, self.max_prefill_rows, self.max_prefill_tokens,
                                          pow2, bucket):
-            batch = torch.zeros(end - start, bucket(max(lens[start:end])), dtype=torch.long)
+            width = bucket(max(lens[start:end]), end - start)
+            batch = torch.zeros(end - start, width, dtype=torch.long)
             for j, p in enumerate(prompts[start:end]):
                 batch[j, :len(p)] = torch.tensor(p, dtype=torch.long)
             firsts.append(self._run_prefill(batch, torch.tensor(lens[start:end]),
@@ -369,7 +377,7 @@ class Engine:
             if not 1 <= n <= self.max_batch_size:
                 raise ValueError(f"warmup batch size {n!r}; expected ints in "
                                  f"[1, {self.max_batch_size}]")
-            for width in prefill_buckets(max_len, self.max_seq_len):
+            for width in prefill_buckets(max_len, self.max_seq_len, n):
                 if n > 1 and n * width > self.max_prefill_tokens:
                     break
                 if (n, width) not in self._prefill_graphs:

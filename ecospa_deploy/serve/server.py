@@ -150,12 +150,16 @@ def _max_model_len(model, requested: int | None) -> int:
     return requested
 
 
-def build_backend(name: str, model, max_batch_size: int, max_seq_len: int, device, dtype):
+def build_backend(name: str, model, max_batch_size: int, max_seq_len: int, device, dtype,
+                  step_tokens: int | None = None):
+    """``step_tokens``: the scheduler's prompt tokens per step; the engine's prefill batches stay
+    within it, so warm-up captures several-row graphs only for widths a step can reach."""
     if name == "engine":
         from ecospa_deploy.engine import Engine
 
+        extra = {"max_prefill_tokens": step_tokens} if step_tokens else {}
         engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                        device=device, dtype=dtype)
+                        device=device, dtype=dtype, **extra)
         # Capture every prefill batch (rows x prompt-length bucket) and every decode shape
         # now, so no request pays a capture or an autotune (CUDA only).
         engine.warmup(engine.prefill_row_counts, decode=True)
@@ -296,11 +300,12 @@ def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket
     model = load_model(opts.path, dtype=dtype)
     tokenizer = load_tokenizer(opts.path)
     max_len = _max_model_len(model, opts.max_model_len)
-    backend = build_backend(backend_name, model, opts.max_batch_size, max_len, device, dtype)
-    metrics = Metrics()
     chunk = opts.prefill_chunk
     if chunk is None:
         chunk = 2048 if device.type == "cuda" else 512
+    backend = build_backend(backend_name, model, opts.max_batch_size, max_len, device, dtype,
+                            step_tokens=chunk or None)
+    metrics = Metrics()
     scheduler = Scheduler(backend, opts.max_batch_size, opts.max_queue, metrics,
                           prefill_chunk=chunk or None,
                           max_pause=None if device.type == "cuda" else 0.25,

@@ -3,11 +3,11 @@
 # prompts wait for the next step instead of being cut). The engine's GPU tests first, then the
 # burst without HTTP (serve_replay; with T2 also at chunk 4096), then the HTTP burst and the
 # `ecospa bench serve` loads (serve_gpu $LOADS, default --loads). A stage whose T is 0 is
-# skipped: `T0=0 T1=0 LOADS= bash run.sh` is the HTTP burst alone.
+# skipped: `T0=0 T1=0 LOADS= bash run.sh` is the HTTP burst alone; $K selects GPU tests (-k).
 set -u
 source bench/results/serve_h200/run3/setup.sh
 [ "${T0:-120}" = 0 ] || { timeout $T0 python3 -m pytest -q -x -p no:cacheprovider --rootdir /tmp \
-  $repo/tests/test_engine_gpu.py >$OUT/gpu_tests.log 2>&1; echo "tests rc $?"; }
+  $repo/tests/test_engine_gpu.py ${K:+-k "$K"} >$OUT/gpu_tests.log 2>&1; echo "tests rc $?"; }
 [ "${T1:-200}" = 0 ] || { timeout $T1 python3 -m ecospa_deploy.bench.serve_replay \
   --shape llama-1b --out $OUT >$OUT/replay.log 2>&1; echo "replay rc $?"; }
 [ "${T2:-0}" = 0 ] || { timeout $T2 python3 -m ecospa_deploy.bench.serve_replay --shape llama-1b \
