@@ -13,7 +13,8 @@ empty answers). Pruning and recovery times are wall seconds on ``--device``.
 Rows are written to ``rows-<shard>.json`` after each one, so ``--shard K/N`` runs N processes
 side by side on one GPU (a 135M model leaves it mostly idle) and an interrupted run resumes
 where it stopped; ``--report`` merges every shard's rows into ``real_quality.md`` (mean ± std
-over seeds of the perplexity ratio to dense, geometric mean over domains).
+over seeds of the perplexity ratio to dense, geometric mean over domains), and with
+``--merge RUN_DIR ...`` the rows of several runs into ``real_quality_merged.md``.
 
     python -m ecospa_deploy.bench.real_quality --out bench/results/real_quality --device cuda \\
         --shard 0/4 &  ...  ; python -m ecospa_deploy.bench.real_quality --out ... --report
@@ -155,8 +156,24 @@ def _fmt(values: list[float], digits: int = 2) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def report(out: Path) -> str:
-    rows = [r for p in sorted(out.glob("rows-*.json")) for r in json.loads(p.read_text())]
+def merge_rows(runs: list[Path]) -> list[dict]:
+    """The rows of several runs' folders, in order: a later run's row replaces an earlier one of
+    the same seed, method and size, except that a failed row never replaces a finished one."""
+    merged: dict[tuple, dict] = {}
+    for run in runs:
+        for p in sorted(run.glob("rows-*.json")):
+            for r in json.loads(p.read_text()):
+                key = (r["seed"], r["method"], r["fraction"])
+                if "error" in r and key in merged and "error" not in merged[key]:
+                    continue
+                merged[key] = r
+    return list(merged.values())
+
+
+def report(out: Path, runs: list[Path] | None = None) -> str:
+    """The table of ``out``'s rows (``real_quality.md``), or with ``runs`` of those folders'
+    rows merged (``merge_rows``; ``real_quality_merged.md`` in ``out``)."""
+    rows = merge_rows(runs or [out])
     dense = json.loads((out / "dense.json").read_text())
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fractions = sorted({r["fraction"] for r in rows})
@@ -196,12 +213,15 @@ def report(out: Path) -> str:
             rec = [r["recovery"]["seconds"] for r in sel if "recovery" in r]
             cells.append(f"{_fmt(p, 1)} / {_fmt(rec, 1)}" if p else "—")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    errors = sorted({f"{r['method']} −{r['fraction']:.0%}: {r['error']}" for r in rows
-                     if "error" in r})
+    errors = sorted({f"{r['method']} −{r['fraction']:.0%} seed {r['seed']}: "
+                     f"{r['error'].split('. ')[0][:120]}" for r in rows if "error" in r})
     if errors:
         lines += ["", "Errors:", *[f"- {e}" for e in errors]]
+    if runs:
+        lines += ["", "Merged from " + ", ".join(str(r) for r in runs) + " (later replaces "
+                  "earlier)."]
     text = "\n".join(lines) + "\n"
-    (out / "real_quality.md").write_text(text)
+    (out / ("real_quality_merged.md" if runs else "real_quality.md")).write_text(text)
     return text
 
 
@@ -243,10 +263,13 @@ def main(argv=None) -> int:
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N")
     p.add_argument("--report", action="store_true", help="merge the shards' rows and write "
                    "the table (no pruning)")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RUN_DIR",
+                   help="with --report: the rows of these runs' folders, a later run's row "
+                   "replacing an earlier one's (real_quality_merged.md in --out)")
     args = p.parse_args(argv)
     args.calib_seq_len = args.calib_seq_len or args.seq_len
     if args.report:
-        print(report(Path(args.out)))
+        print(report(Path(args.out), args.merge))
         return 0
     run(args)
     return 0
