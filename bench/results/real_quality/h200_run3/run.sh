@@ -35,7 +35,7 @@ for g in "$@"; do
   k=$((k + 1))
 done
 wait
+for f in /tmp/shard*.log; do echo "$f: $(tr '\r' '\n' <$f | grep -v '^ *$' | tail -n 1 | cut -c1-200)"; done
 echo "rows: $(cat /tmp/rq/g*/rows-*.json 2>/dev/null | grep -c '"method"') after $(( $(date +%s) - t0 )) s"
-tail -n 3 /tmp/shard*.log /tmp/prep*.log 2>/dev/null
 cd /tmp && tar czf $OUT/rq.tgz rq shard*.log $(ls prep*.log 2>/dev/null)
 tar czf $OUT/selftext.tgz -C /tmp/ec selftext
