@@ -94,6 +94,8 @@ def main(argv=None) -> int:
                    str(args.max_model_len), "--max-queue", str(4 * args.requests),
                    *shlex.split(args.server_args)]
     ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"serve_{args.shape}{args.tag}.json"
     result = dict(shape=args.shape, server_args=server_args, requests=args.requests,
                   prompt_lens=args.prompt_lens, max_tokens_mix=mix, ceilings=ceil.to_dict(),
                   runs={})
@@ -120,10 +122,9 @@ def main(argv=None) -> int:
                 run["loads"] = loads
             result["runs"][label] = run
             print(label, json.dumps(run), flush=True)
+            path.write_text(json.dumps(result, indent=1) + "\n")   # kept if a limit cuts the rest
     d, p = result["runs"]["dense"], result["runs"]["pruned"]
     result["pruned_over_dense_tokens_per_s"] = p["output_tokens_per_s"] / d["output_tokens_per_s"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"serve_{args.shape}{args.tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
     return 0
