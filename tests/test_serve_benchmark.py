@@ -112,3 +112,19 @@ def test_a_dead_server_is_a_failed_run_not_a_crash(tmp_path):
               "--timeout", "5", "--result-file", str(out)])
     run = json.loads(out.read_text())["runs"][0]
     assert rc == 1 and run["failed"] == 2 and "ConnectError" in run["errors"][0]
+
+
+def test_batch_size_stats_count_the_load_alone():
+    """The server's counters run over its life; with the text from before the load, the
+    warm-up's and earlier loads' steps drop out."""
+    from ecospa_deploy.serve.loadtest import batch_size_stats
+
+    def text(count, total, single):
+        return (f'ecospa_batch_size_bucket{{le="1.0"}} {single}\n'
+                f"ecospa_batch_size_sum {total}\necospa_batch_size_count {count}\n")
+
+    before, after = text(150, 4600, 6), text(294, 9200, 10)
+    assert batch_size_stats(after) == {"steps": 294, "mean": 31.29,
+                                       "steps_with_more_than_one": 284}
+    assert batch_size_stats(after, before) == {"steps": 144, "mean": 31.94,
+                                               "steps_with_more_than_one": 140}

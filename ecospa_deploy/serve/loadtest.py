@@ -53,6 +53,7 @@ async def run_load(url: str, prompts: list[str], *, requests: int = 64, max_toke
         bodies = [{"prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
                    "temperature": 0, "ignore_eos": True, **({"model": model} if model else {})}
                   for i in range(requests)]
+        before = (await client.get("/metrics")).text
         t0 = time.perf_counter()
         results = await asyncio.wait_for(asyncio.gather(*(_one(client, b) for b in bodies)),
                                          time_cap)
@@ -68,7 +69,7 @@ async def run_load(url: str, prompts: list[str], *, requests: int = 64, max_toke
         "latency_p50_s": round(percentile(lat, 50), 3),
         "latency_p99_s": round(percentile(lat, 99), 3),
         "latency_mean_s": round(statistics.fmean(lat), 3),
-        "batch_size": batch_size_stats(metrics),
+        "batch_size": batch_size_stats(metrics, before),
         "results": results,
     }
 
@@ -120,6 +121,7 @@ async def run_stream_load(url: str, prompts: list[list[int]], max_tokens: list[i
         bodies = [{"prompt": p, "max_tokens": max_tokens[i % len(max_tokens)],
                    "temperature": 0, "ignore_eos": True, **({"model": model} if model else {})}
                   for i, p in enumerate(prompts)]
+        before = (await client.get("/metrics")).text
         t0 = time.perf_counter()
         results = await asyncio.wait_for(
             asyncio.gather(*(_one_stream(client, b) for b in bodies)), time_cap)
@@ -138,15 +140,19 @@ async def run_stream_load(url: str, prompts: list[list[int]], max_tokens: list[i
         "output_tokens_per_s": round(tokens / wall, 1),
         "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
         "tpot_p50_ms": ms(percentile(tpot, 50)), "tpot_p99_ms": ms(percentile(tpot, 99)),
-        "batch_size": batch_size_stats(metrics), "results": results,
+        "batch_size": batch_size_stats(metrics, before), "results": results,
     }
 
 
-def batch_size_stats(metrics_text: str) -> dict[str, float]:
-    """Decode steps, mean sequences per step and steps with more than one sequence."""
+def batch_size_stats(metrics_text: str, before: str | None = None) -> dict[str, float]:
+    """Decode steps, mean sequences per step and steps with more than one sequence; with
+    ``before`` (the /metrics text when the load began) those of the load alone, since the
+    server's counters run over its whole life (warm-up and earlier loads included)."""
     def value(pattern: str) -> float:
-        match = re.search(pattern, metrics_text, re.M)
-        return float(match.group(1)) if match else 0.0
+        def one(text):
+            match = re.search(pattern, text or "", re.M)
+            return float(match.group(1)) if match else 0.0
+        return one(metrics_text) - one(before)
 
     steps = value(r"^ecospa_batch_size_count (\S+)")
     total = value(r"^ecospa_batch_size_sum (\S+)")
