@@ -279,19 +279,22 @@ class Engine:
     def _prefill_rows(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Prefill ``prompts`` into ``slots`` (params already set); returns first tokens [n]."""
         firsts = []
-        pow2 = self.prefill_graphs
-        cap = self.max_seq_len   # pad to the widths ``warmup`` captures (several rows: rows=2)
-        bucket = (lambda t, rows=2: prefill_bucket(t, cap, rows)) if pow2 else (lambda t, rows=1: t)
         lens = [len(p) for p in prompts]
+        # a group grows row by row, so its token budget counts the several-row width
         for start, end in prefill_groups(lens, self.max_prefill_rows, self.max_prefill_tokens,
-                                         pow2, bucket):
-            width = bucket(max(lens[start:end]), end - start)
+                                         self.prefill_graphs, lambda t: self._prefill_width(t, 2)):
+            width = self._prefill_width(max(lens[start:end]), end - start)
             batch = torch.zeros(end - start, width, dtype=torch.long)
             for j, p in enumerate(prompts[start:end]):
                 batch[j, :len(p)] = torch.tensor(p, dtype=torch.long)
             firsts.append(self._run_prefill(batch, torch.tensor(lens[start:end]),
                                             torch.tensor(slots[start:end])))
         return torch.cat(firsts)
+
+    def _prefill_width(self, longest: int, rows: int) -> int:
+        """Padded length of a prefill batch: with graphs, the bucket ``warmup`` captured for its
+        row count; eager, the longest prompt."""
+        return prefill_bucket(longest, self.max_seq_len, rows) if self.prefill_graphs else longest
 
     def _prefill_step(self, tokens: torch.Tensor, lengths: torch.Tensor, idx: torch.Tensor
                       ) -> torch.Tensor:
