@@ -84,10 +84,9 @@ def prefill_bucket(n: int, max_seq: int, rows: int = 1) -> int:
     a batch of several rows holds short prompts whose prefill is launch-bound, so padding
     them costs little while a server's start captures 18 graphs for rows 2/4/8 instead of 72
     (widths up to 1024/512/256 within a 2048-token step)."""
-    if rows > 1:
-        return min(max(16, 1 << max(n - 1, 1).bit_length()), max_seq)
-    step = max(16, (1 << max(n - 1, 1).bit_length()) // 16)
-    return min(round_up(n, step), max_seq)
+    pow2 = 1 << max(n - 1, 1).bit_length()
+    width = max(16, pow2) if rows > 1 else round_up(n, max(16, pow2 // 16))
+    return min(width, max_seq)
 
 
 def prefill_buckets(max_len: int, max_seq: int, rows: int = 1) -> list[int]:

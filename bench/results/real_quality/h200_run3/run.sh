@@ -24,7 +24,6 @@ python3 -c "from ecospa_deploy.smollm2 import dense_dir; print(dense_dir())" || 
 rq="python3 -m ecospa_deploy.bench.real_quality --out /tmp/rq --texts $repo/.gtexts --device cuda ${RQ_ARGS:-}"
 for s in ${PREP:-}; do $rq --prepare --seeds $s >/tmp/prep$s.log 2>&1 & done; wait
 echo "prepared in $(( $(date +%s) - t0 )) s"
-left=$(( budget - ($(date +%s) - t0) ))
 k=0
 for g in "$@"; do
   while [ "$(jobs -rp | wc -l)" -ge "${PAR:-$#}" ]; do wait -n; done
