@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     burst_arguments(ap)
     ap.add_argument("--prefill-chunk", type=int, default=2048)
     ap.add_argument("--decode-steps", type=int, default=1)
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="as `ecospa serve --no-compile`: the decode step not compiled")
     ap.add_argument("--which", default="dense,pruned")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", type=Path, required=True)
@@ -99,13 +101,13 @@ def main(argv=None) -> int:
     dev, dtype = torch.device("cuda"), torch.bfloat16
     result = dict(shape=args.shape, requests=args.requests, prompt_lens=args.prompt_lens,
                   max_tokens_mix=mix, prefill_chunk=args.prefill_chunk,
-                  decode_steps=args.decode_steps,
+                  decode_steps=args.decode_steps, compile=args.compile,
                   ceilings=measure_ceilings(dev, dtype).to_dict(), runs={})
     for label in args.which.split(","):
         model = build_model(shape, label == "pruned", dtype, dev)
         t0 = time.perf_counter()
         engine = build_backend("engine", model, args.requests, args.max_model_len, dev, dtype,
-                               step_tokens=args.prefill_chunk or None)
+                               step_tokens=args.prefill_chunk or None, compile=args.compile)
         start_s = time.perf_counter() - t0
         del model
         timed = _Timed(engine, timed=False)

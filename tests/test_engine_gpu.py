@@ -96,3 +96,28 @@ def test_add_many_on_warmed_graphs_gives_eager_tokens_and_captures_nothing():
     for _ in range(5):
         assert eng.step() == eager.step()
     assert (set(eng._prefill_graphs), set(eng._graphs)) == before
+
+
+def test_server_backend_compiles_few_graphs_for_every_decode_bucket():
+    """``ecospa serve``'s engine (``build_backend``, compile on): warm-up compiles the PyTorch
+    decode step a few times, not once per (batch, KV) bucket (Dynamo makes both ints symbolic
+    after the second shape), captures every bucket, and decodes the uncompiled engine's tokens,
+    greedy and sampled."""
+    from torch._dynamo.utils import counters
+
+    from ecospa_deploy.serve.server import build_backend
+
+    model = tiny_pruned("llama", seed=8).cuda()
+    before = counters["stats"]["unique_graphs"]
+    eng = build_backend("engine", model, 8, 300, torch.device("cuda"), torch.float32)
+    compiled = counters["stats"]["unique_graphs"] - before
+    buckets = {(nb, kv, s) for nb in (1, 2, 4, 8) for kv in (128, 256, 300) for s in (False, True)}
+    assert set(eng._graphs) == buckets
+    assert 1 <= compiled <= 6, compiled          # 18 compiled-path buckets
+    plain = build_backend("engine", model, 8, 300, torch.device("cuda"), torch.float32,
+                          compile=False)
+    prompts = [[3 + (5 * i + j) % 40 for j in range(n)] for i, n in enumerate((4, 140, 9, 30, 2))]
+    for params in (SamplingParams(max_new_tokens=130),
+                   SamplingParams(max_new_tokens=20, temperature=0.8, seed=2)):
+        assert eng.generate(prompts, params) == plain.generate(prompts, params)
+    assert set(eng._graphs) == buckets

@@ -66,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "host work of a step (sync, bookkeeping, streaming) is paid once per "
                         "that many tokens, which then arrive together (engine backend; "
                         "default: %(default)s)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="engine backend on CUDA: do not torch.compile the decode step "
+                        "(starts faster; each step of a batch above 1 then runs ~120 small "
+                        "unfused kernels)")
     parser.add_argument("--shutdown-timeout", type=float, default=D.shutdown_timeout,
                         help="seconds in-flight requests get to finish after SIGTERM; work "
                         "still running then ends with a 503 and the exit code is 1 "

@@ -50,6 +50,7 @@ class ServeOptions:
     max_queue: int = 256
     prefill_chunk: int | None = None     # None: 512 prompt tokens per step on CPU, 2048 on CUDA
     decode_steps: int = 1
+    compile: bool = True                 # torch.compile the engine's decode step (CUDA only)
     shutdown_timeout: float = 30.0
     read_timeout: float = 30.0
     max_connections: int | None = None
@@ -151,15 +152,23 @@ def _max_model_len(model, requested: int | None) -> int:
 
 
 def build_backend(name: str, model, max_batch_size: int, max_seq_len: int, device, dtype,
-                  step_tokens: int | None = None):
+                  step_tokens: int | None = None, compile: bool = True):
     """``step_tokens``: the scheduler's prompt tokens per step; the engine's prefill batches stay
-    within it, so warm-up captures several-row graphs only for widths a step can reach."""
+    within it, so warm-up captures several-row graphs only for widths a step can reach.
+    ``compile``: on CUDA, the decode step of batches above 1 goes through ``torch.compile``
+    (Inductor fuses the ~120 small elementwise kernels of an eager step); Dynamo makes the batch
+    and KV-length ints symbolic after the second shape it sees, so the warm-up compiles a few
+    graphs, not one per bucket, and then captures every bucket from them. Never on CPU, where
+    compiling costs more than a CPU server's whole run."""
     if name == "engine":
+        import torch
+
         from ecospa_deploy.engine import Engine
 
         extra = {"max_prefill_tokens": step_tokens} if step_tokens else {}
         engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                        device=device, dtype=dtype, **extra)
+                        device=device, dtype=dtype,
+                        compile=bool(compile) and torch.device(device).type == "cuda", **extra)
         # Capture every prefill batch (rows x prompt-length bucket) and every decode shape
         # now, so no request pays a capture or an autotune (CUDA only).
         engine.warmup(engine.prefill_row_counts, decode=True)
@@ -304,7 +313,7 @@ def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket
     if chunk is None:
         chunk = 2048 if device.type == "cuda" else 512
     backend = build_backend(backend_name, model, opts.max_batch_size, max_len, device, dtype,
-                            step_tokens=chunk or None)
+                            step_tokens=chunk or None, compile=opts.compile)
     metrics = Metrics()
     scheduler = Scheduler(backend, opts.max_batch_size, opts.max_queue, metrics,
                           prefill_chunk=chunk or None,
