@@ -12,8 +12,8 @@ from ecospa_deploy.testing import tiny_pruned
 @pytest.mark.slow
 def test_compiled_decode_recompiles_little_and_matches_eager():
     """Dynamo turns the step's batch and KV-length ints symbolic after the second shape, so
-    five (batch, KV bucket, greedy/sampled) mixes compile at most four graphs (one per
-    greedy/sampled and its first static shape), and every one decodes the eager tokens."""
+    five (batch, KV bucket, greedy/sampled) mixes compile at most three graphs (sampling runs
+    outside the compiled part), and every one decodes the eager tokens."""
     from torch._dynamo.utils import counters
 
     model = tiny_pruned("llama", seed=3)
@@ -25,4 +25,4 @@ def test_compiled_decode_recompiles_little_and_matches_eager():
         prompts = [[(7 * i + j) % 50 + 1 for j in range(length + i)] for i in range(n)]
         params = SamplingParams(max_new_tokens=new, temperature=temperature, seed=5)
         assert eng.generate(prompts, params) == eager.generate(prompts, params), (n, length)
-    assert 2 <= counters["stats"]["unique_graphs"] - before <= 4
+    assert 2 <= counters["stats"]["unique_graphs"] - before <= 3

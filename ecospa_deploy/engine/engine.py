@@ -5,8 +5,8 @@ step that replays as one CUDA graph per (batch bucket, KV-length bucket, greedy/
 CUDA prefill replays one graph per (rows, prompt-length bucket) too (``warmup()`` captures them
 all up front, so a first-seen prompt length costs what a repeated one does). On
 CUDA the decode step of batch 1 is built from the Triton kernels of ``engine/fused.py`` (five
-launches per layer); larger batches run the PyTorch step (cuBLAS linears, which ``compile=`` may
-pass through ``torch.compile(fullgraph=True)``) with the Triton decode attention;
+launches per layer); larger batches run the PyTorch step (cuBLAS linears, whose model part
+``compile=`` may pass through ``torch.compile(fullgraph=True)``) with the Triton decode attention;
 ``kernels=False`` keeps plain PyTorch (SDPA) throughout. Two ways to use it:
 
 - ``generate(prompts, params)``: whole batches, no host sync between decode steps except every
@@ -20,6 +20,7 @@ pass through ``torch.compile(fullgraph=True)``) with the Triton decode attention
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
 from dataclasses import dataclass
@@ -199,13 +200,15 @@ class Engine:
         if compile:
             mode = compile if isinstance(compile, str) else None
             # Dynamo caches compiled code per code object: every engine in a process (each
-            # with its own weights) and every bucket shape adds an entry to Forward.decode's
-            # cache, so the default limit of 8 is reached by a process that builds a few
-            # engines (bench, tests). Raise it; each entry is a real, distinct specialisation.
+            # with its own weights) adds entries to Forward.decode_logits' cache (its batch and
+            # KV-length ints turn symbolic after the second shape, so a few per engine), and
+            # the default limit of 8 is reached by a process that builds a few engines (bench,
+            # tests). Raise it; each entry is a real, distinct specialisation.
             dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, 256)
             dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4096)
-            self._decode = torch.compile(self.forward.decode, fullgraph=True, mode=mode)
+            self._decode = functools.partial(self.forward.decode, logits_fn=torch.compile(
+                self.forward.decode_logits, fullgraph=True, mode=mode))
             if compile_prefill:
                 self._prefill = torch.compile(self.forward.prefill, fullgraph=True)
 

@@ -194,13 +194,24 @@ class Forward:
     # -- decode ---------------------------------------------------------------------------
     def decode(self, nb: int, kv_len: int, sample: bool, tokens: torch.Tensor,
                positions: torch.Tensor, history: torch.Tensor, temperature: torch.Tensor,
-               top_k: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+               top_k: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
+               logits_fn=None) -> torch.Tensor:
         """One step for batch rows ``[:nb]`` attending over ``kv_len`` cached tokens.
 
         Reads ``tokens[:nb]`` at ``positions[:nb]``, writes their K/V, picks the next tokens,
         stores them in ``tokens``, ``history[b, position+1]`` and advances ``positions`` (all
         in place, so a captured graph replays with no host work). Returns the next tokens.
+        ``logits_fn``: ``decode_logits`` or a compiled copy of it (the engine compiles the
+        model's part only: Inductor fails to generate top-p's cumsum over a 32k vocabulary,
+        and sampling is a few kernels of a step).
         """
+        logits = (logits_fn or self.decode_logits)(nb, kv_len, tokens, positions)
+        return self.advance(nb, logits, sample, tokens, positions, history, temperature, top_k,
+                            top_p, seeds)
+
+    def decode_logits(self, nb: int, kv_len: int, tokens: torch.Tensor, positions: torch.Tensor
+                      ) -> torch.Tensor:
+        """The model's part of ``decode``: K/V of rows ``[:nb]`` written, logits ``[nb, V]``."""
         tok, pos = tokens[:nb], positions[:nb]
         rows = torch.arange(nb, device=tok.device)
         x = self._embed(tok[:, None], pos[:, None])                   # [nb, 1, hidden]
@@ -225,9 +236,7 @@ class Forward:
 
         for i, lw in enumerate(self.w.layers):
             x = self._layer(i, lw, x, table, attend)
-        logits = self._logits(x[:, 0])                                 # [nb, V]
-        return self.advance(nb, logits, sample, tokens, positions, history, temperature, top_k,
-                            top_p, seeds)
+        return self._logits(x[:, 0])                                   # [nb, V]
 
     def advance(self, nb: int, logits: torch.Tensor, sample: bool, tokens: torch.Tensor,
                 positions: torch.Tensor, history: torch.Tensor, temperature: torch.Tensor,
