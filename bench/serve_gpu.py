@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--server-args", default="", help="more ecospa serve flags, one string "
                     "(e.g. \"--decode-steps 4\")")
     ap.add_argument("--tag", default="", help="suffix of the output file name")
+    ap.add_argument("--which", default="dense,pruned", help="the twins to serve, in order")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     shape, vocab, prompts, mix = burst_load(args)
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     result = dict(shape=args.shape, server_args=server_args, requests=args.requests,
                   prompt_lens=args.prompt_lens, max_tokens_mix=mix, ceilings=ceil.to_dict(),
                   runs={})
-    for label in ("dense", "pruned"):
+    for label in args.which.split(","):
         with tempfile.TemporaryDirectory(prefix=f"ecospa-serve-{label}-") as tmp:
             model = build_model(shape, label == "pruned", torch.bfloat16, torch.device("cuda"))
             model.save_pretrained(tmp)
@@ -123,8 +124,10 @@ def main(argv=None) -> int:
             result["runs"][label] = run
             print(label, json.dumps(run), flush=True)
             path.write_text(json.dumps(result, indent=1) + "\n")   # kept if a limit cuts the rest
-    d, p = result["runs"]["dense"], result["runs"]["pruned"]
-    result["pruned_over_dense_tokens_per_s"] = p["output_tokens_per_s"] / d["output_tokens_per_s"]
+    runs = result["runs"]
+    if "dense" in runs and "pruned" in runs:
+        result["pruned_over_dense_tokens_per_s"] = (runs["pruned"]["output_tokens_per_s"]
+                                                    / runs["dense"]["output_tokens_per_s"])
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
     return 0

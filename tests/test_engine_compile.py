@@ -26,3 +26,15 @@ def test_compiled_decode_recompiles_little_and_matches_eager():
         params = SamplingParams(max_new_tokens=new, temperature=temperature, seed=5)
         assert eng.generate(prompts, params) == eager.generate(prompts, params), (n, length)
     assert 2 <= counters["stats"]["unique_graphs"] - before <= 3
+
+
+def test_decode_warmup_order_changes_batch_and_kv_at_the_second_compiled_shape():
+    """``warmup(decode=True)`` visits every decode bucket once; the compiled step's second
+    shape differs from its first in both ints, so Dynamo's one recompile makes both symbolic."""
+    model = tiny_pruned("llama", seed=3)
+    eng = Engine(model, max_batch_size=8, max_seq_len=300, compile=True, kernels=False)
+    keys = eng._decode_keys()
+    assert sorted(keys) == sorted((nb, kv, s) for nb in (1, 2, 4, 8) for kv in (128, 256, 300)
+                                  for s in (False, True))
+    (nb0, kv0, _), (nb1, kv1, _) = keys[0], keys[1]
+    assert nb0 != nb1 and kv0 != kv1

@@ -100,8 +100,8 @@ def test_add_many_on_warmed_graphs_gives_eager_tokens_and_captures_nothing():
 
 def test_server_backend_compiles_few_graphs_for_every_decode_bucket():
     """``ecospa serve``'s engine (``build_backend``, compile on): warm-up compiles the PyTorch
-    decode step a few times, not once per (batch, KV) bucket (Dynamo makes both ints symbolic
-    after the second shape), captures every bucket, and decodes the uncompiled engine's tokens,
+    decode step twice, not once per (batch, KV) bucket (its second shape changes both ints,
+    which Dynamo then makes symbolic), captures every bucket, and decodes the uncompiled engine's tokens,
     greedy and sampled."""
     from torch._dynamo.utils import counters
 
@@ -113,7 +113,7 @@ def test_server_backend_compiles_few_graphs_for_every_decode_bucket():
     compiled = counters["stats"]["unique_graphs"] - before
     buckets = {(nb, kv, s) for nb in (1, 2, 4, 8) for kv in (128, 256, 300) for s in (False, True)}
     assert set(eng._graphs) == buckets
-    assert 1 <= compiled <= 3, compiled          # 9 compiled (batch, KV) buckets
+    assert 1 <= compiled <= 2, compiled          # 9 compiled (batch, KV) buckets
     plain = build_backend("engine", model, 8, 300, torch.device("cuda"), torch.float32,
                           compile=False)
     prompts = [[3 + (5 * i + j) % 40 for j in range(n)] for i, n in enumerate((4, 140, 9, 30, 2))]

@@ -370,12 +370,8 @@ class Engine:
         before = len(self._prefill_graphs) + len(self._graphs)
         if decode:
             self._positions.zero_()   # every row writes position 0 of a free slot
-            for nb in sorted({batch_bucket(n, self.max_batch_size)
-                              for n in range(1, self.max_batch_size + 1)}):
-                for kv_len in sorted({kv_bucket(n, self.max_seq_len)
-                                      for n in range(1, self.max_seq_len + 1)}):
-                    for sample in (False, True):
-                        self._run_decode(nb, kv_len, sample)
+            for nb, kv_len, sample in self._decode_keys():
+                self._run_decode(nb, kv_len, sample)
         if not self.prefill_graphs:
             batch_sizes = ()
         for n in batch_sizes:
@@ -393,6 +389,22 @@ class Engine:
             buf.copy_(old)
         torch.cuda.synchronize(self.device)
         return len(self._prefill_graphs) + len(self._graphs) - before
+
+    def _decode_keys(self) -> list[tuple[int, int, bool]]:
+        """Every (batch bucket, KV bucket, greedy/sampled) decode graph, in warm-up order. Dynamo
+        turns an int symbolic once a second call changes it: the compiled step's second shape
+        changes both the batch and the KV length, so one recompile covers every bucket (two
+        compiles in all, not three)."""
+        nbs = sorted({batch_bucket(n, self.max_batch_size)
+                      for n in range(1, self.max_batch_size + 1)})
+        kvs = sorted({kv_bucket(n, self.max_seq_len) for n in range(1, self.max_seq_len + 1)})
+        keys = [(nb, kv, s) for nb in nbs for kv in kvs for s in (False, True)]
+        compiled = [nb for nb in nbs if self._step_fn(nb) is self._decode]
+        if len(compiled) > 1 and len(kvs) > 1:
+            second = (compiled[1], kvs[1], False)
+            keys.remove(second)
+            keys.insert(keys.index((compiled[0], kvs[0], False)) + 1, second)
+        return keys
 
     # -- decode ---------------------------------------------------------------------------
     def _buffers(self):

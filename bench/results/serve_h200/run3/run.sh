@@ -13,5 +13,5 @@ source bench/results/serve_h200/run3/setup.sh
 [ "${T2:-0}" = 0 ] || { timeout $T2 python3 -m ecospa_deploy.bench.serve_replay --shape llama-1b \
   --prefill-chunk 4096 --tag _chunk4096 --out $OUT >$OUT/replay4096.log 2>&1; echo "rc $?"; }
 [ "${T3:-250}" = 0 ] || { timeout $T3 python3 -m ecospa_deploy.bench.serve_gpu --shape llama-1b \
-  ${LOADS---loads} --rates ${RATES:-8,16,32} --out $OUT >$OUT/serve.log 2>&1; echo "serve rc $?"; }
+  ${LOADS---loads} --rates ${RATES:-8,16,32} ${WHICH:+--which $WHICH} --out $OUT >$OUT/serve.log 2>&1; echo "serve rc $?"; }
 tail -n 3 $OUT/*.log
