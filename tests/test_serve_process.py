@@ -87,7 +87,7 @@ def test_oversized_prompts_do_not_stall_a_running_stream(model_dir):
 
 def test_shutdown_timeout_ends_running_work_with_503(model_dir):
     srv = ServerProcess(model_dir, "--backend", "hf", "--max-model-len", "100000",
-                        "--shutdown-timeout", "1").start()
+                        "--shutdown-timeout", "1", "--gil-switch-ms", "2").start()
     long = {"prompt": "To be", "max_tokens": 90_000, "ignore_eos": True, "temperature": 0}
     result: dict = {}
 
@@ -118,6 +118,7 @@ def test_shutdown_timeout_ends_running_work_with_503(model_dir):
     assert resp.json()["error"]["code"] == "shutting_down"
     assert code == 1
     assert "Traceback" not in srv.log and "cutting off" in srv.log
+    assert "GIL switch 2 ms" in srv.log
 
 
 def _serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -132,8 +133,9 @@ def _serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     ([], {"ECOSPA_API_KEY": ""}, "ECOSPA_API_KEY is ''"),
     # once accepted, and then every client got 401: clients strip the header's spaces
     (["--api-key", " K "], {}, "--api-key has leading or trailing whitespace"),
+    (["--gil-switch-ms", "0"], {}, "--gil-switch-ms 0.0; expected milliseconds > 0"),
 ])
-def test_empty_api_key_is_an_error(tmp_path, args, env, fragment):
+def test_refused_flags_exit_2_with_the_reason(tmp_path, args, env, fragment):
     proc = _serve(str(tmp_path / "missing"), "--port", "0", *args, env=env)
     assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr
 

@@ -70,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="engine backend on CUDA: do not torch.compile the decode step "
                         "(starts faster; each step of a batch above 1 then runs ~120 small "
                         "unfused kernels)")
+    parser.add_argument("--gil-switch-ms", type=float, default=D.gil_switch_ms,
+                        help="Python's thread switch interval while serving: how long the "
+                        "decode loop may wait for the GIL behind the HTTP side (default: "
+                        "%(default)s; Python's own is 5)")
     parser.add_argument("--shutdown-timeout", type=float, default=D.shutdown_timeout,
                         help="seconds in-flight requests get to finish after SIGTERM; work "
                         "still running then ends with a 503 and the exit code is 1 "

@@ -51,6 +51,7 @@ class ServeOptions:
     prefill_chunk: int | None = None     # None: 512 prompt tokens per step on CPU, 2048 on CUDA
     decode_steps: int = 1
     compile: bool = True                 # torch.compile the engine's decode step (CUDA only)
+    gil_switch_ms: float = 0.5           # sys.setswitchinterval while serving (Python's: 5 ms)
     shutdown_timeout: float = 30.0
     read_timeout: float = 30.0
     max_connections: int | None = None
@@ -235,6 +236,8 @@ def serve(opts: ServeOptions) -> int:
                          "to prefill whole prompts")
     if opts.decode_steps < 1:
         raise UsageError(f"--decode-steps {opts.decode_steps}; expected an integer >= 1")
+    if not opts.gil_switch_ms > 0:
+        raise UsageError(f"--gil-switch-ms {opts.gil_switch_ms}; expected milliseconds > 0")
     if opts.max_connections is not None and opts.max_connections < 1:
         raise UsageError(f"--max-connections {opts.max_connections}; expected a positive integer")
     opts.api_key = resolve_api_key(opts.api_key)
@@ -314,6 +317,11 @@ def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket
         chunk = 2048 if device.type == "cuda" else 512
     backend = build_backend(backend_name, model, opts.max_batch_size, max_len, device, dtype,
                             step_tokens=chunk or None, compile=opts.compile)
+    # The decode loop (scheduler thread) and the HTTP side (event loop: SSE, detokenizing)
+    # share the GIL; a thread that wants it back waits until the holder is asked to drop it,
+    # after Python's switch interval. At 5 ms that wait lands on every decode step while
+    # streams are being written (a step is 2-4 ms on the GPU).
+    sys.setswitchinterval(opts.gil_switch_ms / 1e3)
     metrics = Metrics()
     scheduler = Scheduler(backend, opts.max_batch_size, opts.max_queue, metrics,
                           prefill_chunk=chunk or None,
@@ -327,8 +335,9 @@ def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket
                      backend_name=backend_name)
     max_connections = opts.max_connections or default_max_connections()
     host, port = sock.getsockname()[:2]
-    log.info("model %s on %s (%s), max_model_len %d, max_batch_size %d", opts.path, device,
-             dtypes.name_of(dtype), max_len, opts.max_batch_size)
+    log.info("model %s on %s (%s), max_model_len %d, max_batch_size %d, GIL switch %g ms",
+             opts.path, device, dtypes.name_of(dtype), max_len, opts.max_batch_size,
+             sys.getswitchinterval() * 1e3)
     print_banner(_url(opts.host, port), name, backend_name, opts.api_key)
     config = uvicorn.Config(app, log_level=opts.log_level, access_log=False,
                             timeout_graceful_shutdown=opts.shutdown_timeout + _UVICORN_GRACE,
