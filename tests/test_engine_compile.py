@@ -38,3 +38,22 @@ def test_decode_warmup_order_changes_batch_and_kv_at_the_second_compiled_shape()
                                   for s in (False, True))
     (nb0, kv0, _), (nb1, kv1, _) = keys[0], keys[1]
     assert nb0 != nb1 and kv0 != kv1
+
+
+@pytest.mark.slow
+def test_decode_warmup_compiles_a_fixed_few_graphs_not_one_per_bucket():
+    """Every decode bucket run in warm-up order (``warmup`` does so on CUDA, capturing each):
+    44 (batch, KV) buckets, 5 compiles: the symbolic graph's two, plus what only this CPU path
+    specialises (batch 1, which the fused kernels run on CUDA; the KV bucket equal to the
+    cache's length, which SDPA slices whole; the CUDA path passes ``kv_len`` to its kernel)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_pruned("llama", seed=4)
+    eng = Engine(model, max_batch_size=8, max_seq_len=1300, compile=True, kernels=False)
+    keys = eng._decode_keys()
+    assert len({(nb, kv) for nb, kv, _ in keys}) == 44
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for key in keys:
+            eng._run_decode(*key)
+    assert counters["stats"]["unique_graphs"] - before <= 5
