@@ -34,7 +34,8 @@ class _Timed:
 
     def __getattr__(self, name):
         fn = getattr(self._b, name)
-        if not callable(fn) or name not in ("add", "add_many", "add_chunk", "step", "steps"):
+        if not callable(fn) or name not in ("add", "add_many", "add_chunk", "step", "steps",
+                                            "launch", "collect"):
             return fn
 
         def call(*args, **kw):
@@ -93,6 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-steps", type=int, default=1)
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="as `ecospa serve --no-compile`: the decode step not compiled")
+    ap.add_argument("--no-async-decode", dest="async_decode", action="store_false",
+                    help="as `ecospa serve --no-async-decode`")
     ap.add_argument("--which", default="dense,pruned")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", type=Path, required=True)
@@ -102,6 +105,7 @@ def main(argv=None) -> int:
     result = dict(shape=args.shape, requests=args.requests, prompt_lens=args.prompt_lens,
                   max_tokens_mix=mix, prefill_chunk=args.prefill_chunk,
                   decode_steps=args.decode_steps, compile=args.compile,
+                  async_decode=args.async_decode,
                   ceilings=measure_ceilings(dev, dtype).to_dict(), runs={})
     for label in args.which.split(","):
         model = build_model(shape, label == "pruned", dtype, dev)
@@ -113,7 +117,8 @@ def main(argv=None) -> int:
         timed = _Timed(engine, timed=False)
         sched = Scheduler(timed, args.requests, 4 * args.requests,
                           prefill_chunk=args.prefill_chunk, max_pause=None,
-                          decode_steps=args.decode_steps).start()
+                          decode_steps=args.decode_steps,
+                          async_decode=args.async_decode).start()
         first = burst(sched, prompts, mix)
         clean = burst(sched, prompts, mix)
         timed.timed = True

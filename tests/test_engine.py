@@ -101,3 +101,31 @@ def test_kv_bucket():
     assert kv_bucket(129, 4096) == 256
     assert kv_bucket(4097, 8192) == 4608       # <= 12.5% over
     assert kv_bucket(5000, 4200) == 4200
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_launched_steps_collected_later_give_the_step_tokens(device):
+    """``launch`` twice, then ``collect`` both: the tokens of two ``step`` calls. A slot
+    freed while its steps are in flight gets none of them, and one prefilled into it
+    meanwhile decodes its own tokens from the next launch on."""
+    model = tiny_pruned("llama", seed=10).to(device)
+    eng, ref = (Engine(model, max_batch_size=4, max_seq_len=64) for _ in range(2))
+    params = SamplingParams(max_new_tokens=20, temperature=0.7, seed=4)
+    for e in (eng, ref):
+        for slot, prompt in enumerate(PROMPTS):
+            e.add(slot, prompt, params)
+    for _ in range(3):
+        first, second = eng.launch(), eng.launch()
+        want = [ref.step(), ref.step()]
+        assert [{s: t[0] for s, t in eng.collect(x).items()} for x in (first, second)] == want
+    pending = eng.launch()
+    eng.free(1)
+    eng.add(1, [9, 8, 7], params)
+    ref.step()
+    ref.free(1)
+    ref.add(1, [9, 8, 7], params)
+    assert set(eng.collect(pending)) == {0, 2}
+    for _ in range(4):
+        assert {s: t[0] for s, t in eng.collect(eng.launch()).items()} == ref.step()

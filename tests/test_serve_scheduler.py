@@ -397,8 +397,8 @@ def test_several_decode_steps_per_tick_when_nothing_waits():
     def run(decode_steps):
         engine = Engine(tiny_pruned("llama", seed=5), max_batch_size=4, max_seq_len=64)
         calls = []
-        original = engine.steps
-        engine.steps = lambda n: (calls.append(n), original(n))[1]
+        original = engine.launch
+        engine.launch = lambda n: (calls.append(n), original(n))[1]
         sched = Scheduler(engine, 4, 8, decode_steps=decode_steps).start()
         got = {i: [] for i in range(3)}
         seqs = [Sequence([3 + i, 4, 5], SamplingParams(max_new_tokens=m, temperature=0.7,
@@ -412,7 +412,7 @@ def test_several_decode_steps_per_tick_when_nothing_waits():
     single, _ = run(1)
     multi, calls = run(4)
     assert multi == single and [len(single[i]) for i in range(3)] == [5, 17, 12]
-    assert max(calls) == 4 and sum(calls) < 17          # several tokens per host sync
+    assert max(calls) == 4 and len(calls) < 17          # several tokens per host sync
     assert all(n <= 4 for n in calls)
 
 
@@ -544,3 +544,45 @@ def test_the_server_engine_prefills_within_the_step_budget():
     default = build_backend("engine", model, 4, 64, torch.device("cpu"), torch.float32)
     assert default.max_prefill_tokens == Engine(model, max_batch_size=4,
                                                 max_seq_len=64).max_prefill_tokens
+
+
+def _engine_run(async_decode: bool, record: list | None = None):
+    """Eight sequences in two waves through the scheduler and the tiny engine, greedy and
+    sampled, some ending on a stop token, one cancelled: the events each one received."""
+    from ecospa_deploy.engine import Engine
+    from ecospa_deploy.testing import tiny_pruned
+
+    engine = Engine(tiny_pruned("llama", seed=9), max_batch_size=4, max_seq_len=96)
+    if record is not None:
+        for name in ("launch", "collect"):
+            original = getattr(engine, name)
+            setattr(engine, name, lambda *a, _f=original, _n=name: (record.append(_n), _f(*a))[1])
+    sched = Scheduler(engine, 4, 16, async_decode=async_decode).start()
+    got = {i: [] for i in range(8)}
+    params = [SamplingParams(max_new_tokens=m, temperature=0.8 * (i % 2), seed=i,
+                             stop_token_ids=(32,) if i % 3 == 0 else ())
+              for i, m in enumerate((9, 30, 4, 17, 25, 2, 40, 11))]
+    seqs = [Sequence([3 + i, 4 + i % 5, 5], params[i], got[i].append) for i in range(8)]
+    sched.submit(seqs[:5])
+    wait_for(lambda: len(got[1]) >= 5, timeout=30)
+    seqs[4].cancel()
+    sched.submit(seqs[5:])
+    wait_for(lambda: all(s.done for s in seqs), timeout=60)
+    sched.stop()
+    assert engine.active_slots == [] and engine._busy() == []
+    return {i: [e.token for e in v if e.token is not None] for i, v in got.items() if i != 4}, \
+        {i: v[-1].finish for i, v in got.items()}
+
+
+def test_async_decode_gives_the_tokens_of_the_synchronous_loop():
+    """Launching step N+1 before handling step N's tokens changes no sequence's tokens or end:
+    a sequence that stopped or was cancelled while a step was in flight gets nothing of it,
+    and a sequence admitted into its freed slot meanwhile gets only its own."""
+    record: list = []
+    sync_tokens, sync_ends = _engine_run(False)
+    async_tokens, async_ends = _engine_run(True, record)
+    assert async_tokens == sync_tokens and async_ends == sync_ends
+    assert async_ends[4] == "cancelled" and async_ends[0] == async_ends[3] == "stop"
+    assert async_tokens[0][-1] == 32 and [len(async_tokens[i]) for i in (2, 5)] == [4, 2]
+    # overlap: the next step is launched before the previous one's tokens are collected
+    assert record[:3] == ["launch", "launch", "collect"]

@@ -66,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "host work of a step (sync, bookkeeping, streaming) is paid once per "
                         "that many tokens, which then arrive together (engine backend; "
                         "default: %(default)s)")
+    parser.add_argument("--no-async-decode", dest="async_decode", action="store_false",
+                        help="engine backend: launch each decode step only after the previous "
+                        "step's tokens were handed to the streams (by default the next step "
+                        "runs on the device meanwhile)")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="engine backend on CUDA: do not torch.compile the decode step "
                         "(starts faster; each step of a batch above 1 then runs ~120 small "

@@ -128,6 +128,17 @@ def batch_bucket(n: int, max_batch: int) -> int:
 
 
 @dataclass
+class Launched:
+    """Decode steps in flight (``Engine.launch``): their tokens, host-side once ``event``
+    completes (``[nb, n]``), and the slot states they ran for."""
+
+    nb: int
+    states: list
+    table: torch.Tensor
+    event: object = None
+
+
+@dataclass
 class _Slot:
     params: SamplingParams
     prompt_len: int
@@ -544,7 +555,6 @@ class Engine:
         """
         return {s: toks[0] for s, toks in self.steps(1).items()}
 
-    @torch.no_grad()
     def steps(self, n: int) -> dict[int, list[int]]:
         """``n`` decode steps with one host sync: ``{slot: tokens}`` for every running slot.
 
@@ -554,11 +564,22 @@ class Engine:
         steps gets its tokens up to that one; the steps it ran past it are discarded (its row
         wrote only its own cache row, at positions nothing reads).
         """
+        return self.collect(self.launch(n))
+
+    @torch.no_grad()
+    def launch(self, n: int = 1) -> "Launched | None":
+        """Enqueue ``n`` decode steps for every running slot and return at once (on CUDA the
+        tokens come back to pinned host memory behind an event); ``collect`` reads them.
+
+        Between the two the host may do anything, including launching the next steps: a
+        server that launches step N+1 before it processes step N's tokens keeps the GPU busy
+        while it streams (vLLM's async scheduling). A slot that stops or is freed meanwhile
+        still runs in the steps already launched; ``collect`` drops those tokens."""
         if not isinstance(n, int) or n < 1:
-            raise ValueError(f"steps n={n!r}; expected an int >= 1")
+            raise ValueError(f"launch n={n!r}; expected an int >= 1")
         running = self.active_slots
         if not running:
-            return {}
+            return None
         nb = batch_bucket(max(running) + 1, self.max_batch_size)
         first = max(self._slots[s].position for s in running) + 1
         sample = any(not self._slots[s].params.greedy for s in running)
@@ -567,23 +588,44 @@ class Engine:
             out = self._run_decode(nb, kv_bucket(min(first + i, self.max_seq_len),
                                                  self.max_seq_len), sample)
             # a graph's output buffer is overwritten by its next replay: keep a copy
-            outs.append(out[:nb].clone() if n > 1 else out[:nb])
-        table = (torch.stack(outs, 1) if n > 1 else outs[0][:, None]).tolist()
+            outs.append(out[:nb].clone())
+        table = torch.stack(outs, 1)
+        event = None
+        if table.is_cuda:
+            table = table.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        states = [(s, self._slots[s]) for s in running]
+        for _, st in states:        # where the device's rows are once these steps have run
+            st.position += n
+        return Launched(nb, states, table, event)
+
+    @torch.no_grad()
+    def collect(self, launched: "Launched | None") -> dict[int, list[int]]:
+        """``{slot: tokens}`` of launched steps for the slots that ran them and still run
+        (a slot freed or stopped since gets nothing); waits for them on the device only."""
+        if launched is None:
+            return {}
+        if launched.event is not None:
+            launched.event.synchronize()
+        table = launched.table.tolist()
         result = {}
-        for s in running:
-            st = self._slots[s]
+        for s, st in launched.states:
+            if self._slots.get(s) is not st or st.finished:
+                continue
             toks = []
             for tok in table[s]:
                 toks.append(tok)
-                st.position += 1
                 st.generated += 1
                 if tok in st.params.stop_token_ids or st.generated >= st.params.max_new_tokens:
                     st.finished = True
                     break
             result[s] = toks
-        # rows of finished, free or still-prefilling slots inside the bucket advanced too:
-        # park them (one write), where their next decode touches nothing they will read.
-        parked = [s for s in range(nb) if s not in result or self._slots[s].finished]
+        # Rows inside the bucket that do not decode (free, finished, still prefilling) advanced
+        # too: park them (one write) where their next decode touches nothing they will read.
+        # A slot prefilled since the launch is running: its row is left alone.
+        parked = [s for s in range(launched.nb)
+                  if s not in self._slots or self._slots[s].finished]
         if parked:
             where = [self._partial[s][2] if s in self._partial else 0 for s in parked]
             self._positions[torch.tensor(parked, device=self.device)] = torch.tensor(

@@ -3,7 +3,9 @@
 Each iteration first frees the slots of cancelled sequences, then prefills waiting sequences
 into free slots (shortest prompt first among those admitted together; together in one
 ``backend.add_many`` where the backend has it, else one ``backend.add`` each), then decodes one
-token for every occupied slot (``backend.step``). A request that arrives while a
+token for every occupied slot (``backend.step``; with a backend that has ``launch`` and
+``collect``, the engine, step N+1 is launched before step N's tokens are handled, so the device
+never waits for this thread's per-token work). A request that arrives while a
 batch decodes therefore joins it at the next step; nothing is serialised per request.
 
 With ``prefill_chunk`` (and a backend with ``add_chunk``, the engine) at most that many prompt
@@ -133,7 +135,8 @@ class Scheduler:
 
     def __init__(self, backend: SlotBackend, max_batch_size: int, max_queue: int,
                  metrics: Metrics | None = None, prefill_chunk: int | None = None,
-                 max_pause: float | None = 0.25, decode_steps: int = 1) -> None:
+                 max_pause: float | None = 0.25, decode_steps: int = 1,
+                 async_decode: bool = True) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size={max_batch_size}, max_queue={max_queue}; "
                              "expected both >= 1")
@@ -149,6 +152,11 @@ class Scheduler:
             raise ValueError(f"decode_steps={decode_steps!r}; expected an int >= 1")
         # several steps per host sync while nothing waits (a backend with ``steps``)
         self.decode_steps = decode_steps if hasattr(backend, "steps") else 1
+        # Launch step N+1 before handling step N's tokens (a backend with launch/collect): the
+        # device runs while this thread fans tokens out, waits for the GIL, prefills.
+        self.async_decode = bool(async_decode) and hasattr(backend, "launch") and \
+            hasattr(backend, "collect")
+        self._inflight = None
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}
         self._prefill_rate: float | None = None     # prompt tokens/s, smoothed
         self.max_batch_size = max_batch_size
@@ -249,6 +257,8 @@ class Scheduler:
                 if self._active:
                     self._step()
                     self._flush()
+                if not self._active and self._inflight is not None:
+                    self._drain()
         finally:
             self._shutdown()
 
@@ -384,14 +394,36 @@ class Scheduler:
             self.metrics.batch_size.observe(len(batch))
         self.steps += n
         try:
-            tokens = self.backend.steps(n) if n > 1 else \
-                {s: [t] for s, t in self.backend.step().items()}
+            if self.async_decode:
+                launched = self.backend.launch(n)
+                tokens = self._collect()
+                self._inflight = launched
+            else:
+                tokens = self.backend.steps(n) if n > 1 else \
+                    {s: [t] for s, t in self.backend.step().items()}
         except Exception as exc:
+            self._inflight = None
             log.exception("decode step failed for %d sequences", len(batch))
             for slot, seq in batch.items():
                 self._release(slot)
                 self._finish(seq, "error", f"decode failed: {type(exc).__name__}: {exc}")
             return
+        self._deliver(tokens)
+
+    def _collect(self) -> dict[int, list[int]]:
+        """The tokens of the steps in flight (``async_decode``), if any."""
+        launched, self._inflight = self._inflight, None
+        return self.backend.collect(launched) if launched is not None else {}
+
+    def _drain(self) -> None:
+        """Every sequence ended with steps in flight: wait for them, nothing takes their
+        tokens (the backend parks the rows they advanced)."""
+        try:
+            self._collect()
+        except Exception:
+            log.exception("collecting the last decode step failed")
+
+    def _deliver(self, tokens: dict[int, list[int]]) -> None:
         for slot, toks in tokens.items():
             for token in toks:
                 seq = self._active.get(slot)

@@ -50,6 +50,7 @@ class ServeOptions:
     max_queue: int = 256
     prefill_chunk: int | None = None     # None: 512 prompt tokens per step on CPU, 2048 on CUDA
     decode_steps: int = 1
+    async_decode: bool = True            # launch the next decode step before streaming this one
     compile: bool = True                 # torch.compile the engine's decode step (CUDA only)
     gil_switch_ms: float = 0.5           # sys.setswitchinterval while serving (Python's: 5 ms)
     shutdown_timeout: float = 30.0
@@ -326,7 +327,8 @@ def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket
     scheduler = Scheduler(backend, opts.max_batch_size, opts.max_queue, metrics,
                           prefill_chunk=chunk or None,
                           max_pause=None if device.type == "cuda" else 0.25,
-                          decode_steps=opts.decode_steps).start()
+                          decode_steps=opts.decode_steps,
+                          async_decode=opts.async_decode).start()
     service = GenerationService(scheduler, tokenizer, name, max_len,
                                 vocab_size=model.config.vocab_size,
                                 eos_token_ids=_eos_ids(model, tokenizer),
