@@ -592,7 +592,8 @@ class Engine:
         table = torch.stack(outs, 1)
         event = None
         if table.is_cuda:
-            table = table.to("cpu", non_blocking=True)
+            host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+            table = host.copy_(table, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         states = [(s, self._slots[s]) for s in running]
