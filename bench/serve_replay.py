@@ -4,7 +4,8 @@
 engine as ``ecospa serve`` does on CUDA (``build_backend``, every graph captured at start),
 drives a ``Scheduler`` with the same 64 prompts and ``max_tokens`` mix as ``serve_gpu``'s burst
 through plain callable sinks, and writes ``serve_replay_<shape>.json``: wall time and output
-tokens/s of a warm burst, decode steps, and where the scheduler thread's time went (prefill
+tokens/s and TTFT p50/p99 of a warm burst (all submitted at once: TTFT without HTTP or
+tokenizing), decode steps, and where the scheduler thread's time went (prefill
 calls, decode calls, the rest), timed with a device sync around each backend call (the syncs
 cost a little; a second, untimed burst gives the clean wall). Set against the HTTP server's
 figures on the same burst, the difference is what HTTP, SSE and detokenizing cost; set
@@ -76,9 +77,14 @@ def burst(scheduler, prompts, mix) -> dict:
     scheduler.submit(seqs)
     done.wait(600)
     wall = time.perf_counter() - t0
+    ttft = sorted(1e3 * (q.first_token_at - q.arrival) for q in seqs
+                  if q.first_token_at is not None)
     return dict(wall_s=round(wall, 4), output_tokens=tokens[0],
                 output_tokens_per_s=round(tokens[0] / wall, 1),
-                decode_steps=scheduler.steps - steps0)
+                decode_steps=scheduler.steps - steps0,
+                ttft_p50_ms=round(ttft[len(ttft) // 2], 2) if ttft else None,
+                ttft_p99_ms=round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 2)
+                if ttft else None)
 
 
 def main(argv=None) -> int:
