@@ -247,7 +247,9 @@ def create_app(service: GenerationService, metrics: Metrics, *, api_key: str | N
 
 
 def _stream(gen: Generation, frame, usage_chunk, req) -> StreamingResponse:
-    """Server-sent events: one chunk per delta, optional usage chunk, then ``[DONE]``.
+    """Server-sent events: one chunk per delta, optional usage chunk, then ``[DONE]``. The
+    deltas of one wake-up go out in one write (one ASGI message, one socket write), so a stream
+    that fell behind catches up with fewer writes rather than falling further behind.
 
     Errors after the headers are sent (timeout, shutdown) go out as an ``error`` event, the
     way OpenAI's streams report them, followed by ``[DONE]``.
@@ -256,8 +258,8 @@ def _stream(gen: Generation, frame, usage_chunk, req) -> StreamingResponse:
 
     async def events() -> AsyncIterator[str]:
         try:
-            async for delta in gen.deltas():
-                yield _sse(frame(delta))
+            async for batch in gen.delta_batches():
+                yield "".join(_sse(frame(delta)) for delta in batch)
             if include_usage:
                 yield _sse(usage_chunk())
         except APIError as exc:

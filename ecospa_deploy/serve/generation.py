@@ -228,40 +228,68 @@ class Generation:
         for seq in self.seqs:
             seq.cancel()
 
+    def _handle(self, index: int, event, open_: set, out: list[Delta]) -> None:
+        """One event of choice ``index``: its delta (if any) onto ``out``; an end or an error
+        closes the choice or raises."""
+        stream = self.texts[index]
+        if event.token is not None:
+            self.completion_tokens += 1
+            text = stream.push(event.token)
+            if stream.stopped:
+                self.seqs[index].cancel()
+                open_.discard(index)
+                out.append(Delta(index, text, "stop"))
+            elif text:
+                out.append(Delta(index, text))
+        elif event.finish in ("stop", "length"):
+            open_.discard(index)
+            out.append(Delta(index, *stream.close(event.finish)))
+        elif event.finish == "cancelled":
+            raise ClientGone()
+        elif event.finish == "shutdown":
+            raise APIError(503, f"{event.error}; the request was cut off after "
+                           f"{self.completion_tokens} tokens", code="shutting_down")
+        else:
+            raise APIError(500, event.error or "generation failed")
+
     async def deltas(self) -> AsyncIterator[Delta]:
         """Text as it is decoded; each choice ends with one delta carrying its finish reason."""
+        async for batch in self.delta_batches():
+            for delta in batch:
+                yield delta
+
+    async def delta_batches(self) -> AsyncIterator[list[Delta]]:
+        """``deltas`` grouped by wake-up: everything that arrived by the time the event loop got
+        to it (a step's token for each choice; several steps' when the loop fell behind), so
+        a stream can be written once per wake-up instead of once per token."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.service.request_timeout
         open_ = set(range(len(self.seqs)))
         try:
             while open_:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        index, event = await self._queue.get()
-                except TimeoutError:
-                    raise APIError(408, f"request timed out after {self.service.request_timeout}"
-                                   " s (--request-timeout)", code="timeout") from None
-                if index not in open_:
-                    continue  # events after a stop string ended the choice
-                stream = self.texts[index]
-                if event.token is not None:
-                    self.completion_tokens += 1
-                    text = stream.push(event.token)
-                    if stream.stopped:
-                        self.seqs[index].cancel()
-                        open_.discard(index)
-                        yield Delta(index, text, "stop")
-                    elif text:
-                        yield Delta(index, text)
-                elif event.finish in ("stop", "length"):
-                    open_.discard(index)
-                    yield Delta(index, *stream.close(event.finish))
-                elif event.finish == "cancelled":
-                    raise ClientGone()
-                elif event.finish == "shutdown":
-                    raise APIError(503, f"{event.error}; the request was cut off after "
-                                   f"{self.completion_tokens} tokens", code="shutting_down")
+                if self._queue.empty():
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            events = [await self._queue.get()]
+                    except TimeoutError:
+                        raise APIError(408, f"request timed out after "
+                                       f"{self.service.request_timeout} s (--request-timeout)",
+                                       code="timeout") from None
                 else:
-                    raise APIError(500, event.error or "generation failed")
+                    events = []
+                while not self._queue.empty():
+                    events.append(self._queue.get_nowait())
+                batch: list[Delta] = []
+                error: Exception | None = None
+                try:
+                    for index, event in events:
+                        if index in open_:  # else: events after a stop string ended the choice
+                            self._handle(index, event, open_, batch)
+                except (APIError, ClientGone) as exc:
+                    error = exc
+                if batch:   # what came before an error still reaches the client
+                    yield batch
+                if error is not None:
+                    raise error
         finally:
             self.cancel()

@@ -1,0 +1,123 @@
+"""The HTTP side's own cost per streamed token: the server over a backend that costs nothing.
+
+``python -m ecospa_deploy.bench.serve_host --out DIR`` runs ``ecospa serve``'s app (uvicorn with
+our h11 protocol, the scheduler, detokenizing, SSE) in a child process over an instant backend
+and the tiny tokenizer, streams ``--requests`` completions at once from this process, and writes
+``serve_host[_TAG].json``: output tokens/s and the server's CPU milliseconds per 1 000 tokens.
+That is what the server can stream at most, whatever the model: on a GPU the event loop's share
+of it competes with the decode loop for the GIL at every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import socket
+import sys
+from pathlib import Path
+
+
+class _InstantBackend:
+    """Slot protocol; every step returns at once, cycling through ids that decode to text."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids, self.slots = ids, {}
+
+    def add(self, slot, prompt_ids, params):
+        self.slots[slot] = 0
+        return self.ids[0]
+
+    def step(self):
+        for slot in self.slots:
+            self.slots[slot] += 1
+        return {s: self.ids[n % len(self.ids)] for s, n in self.slots.items()}
+
+    def free(self, slot):
+        self.slots.pop(slot, None)
+
+
+def _text_ids(tokenizer) -> list[int]:
+    return [i for i in range(3, len(tokenizer)) if tokenizer.decode([i]).strip().isalpha()]
+
+
+def _serve(sock: socket.socket, batch: int, gil_switch_ms: float) -> None:
+    import uvicorn
+
+    from ecospa_deploy.serve.app import create_app
+    from ecospa_deploy.serve.connections import guarded_h11
+    from ecospa_deploy.serve.generation import GenerationService
+    from ecospa_deploy.serve.metrics import Metrics
+    from ecospa_deploy.serve.scheduler import Scheduler
+    from ecospa_deploy.testing import tiny_tokenizer
+
+    sys.setswitchinterval(gil_switch_ms / 1e3)     # as ecospa serve does
+    tokenizer = tiny_tokenizer()
+    metrics = Metrics()
+    sched = Scheduler(_InstantBackend(_text_ids(tokenizer)), batch, 4 * batch, metrics).start()
+    service = GenerationService(sched, tokenizer, "host", 4096, vocab_size=len(tokenizer),
+                                eos_token_ids=(2,), request_timeout=600)
+    app = create_app(service, metrics, max_body_bytes=1 << 20)
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                            http=guarded_h11(30.0, 1000))
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main(argv=None) -> int:
+    from ecospa_deploy.serve.loadtest import run_stream_load
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--gil-switch-ms", type=float, default=0.5)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(2048)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_serve, args=(sock, args.requests, args.gil_switch_ms),
+                       daemon=True)
+    proc.start()
+    prompts = [[5 + i % 7] * 8 for i in range(args.requests)]
+    runs = []
+    try:
+        asyncio.run(run_stream_load(url, prompts[:4], [4]))     # warm-up (waits for start)
+        for _ in range(args.repeats):
+            cpu0 = _cpu_s(proc.pid)
+            run = asyncio.run(run_stream_load(url, prompts, [args.max_tokens]))
+            cpu = _cpu_s(proc.pid) - cpu0
+            tokens = sum(r.get("completion_tokens", 0) for r in run.pop("results"))
+            runs.append(dict(output_tokens=tokens, wall_s=run["wall_s"],
+                             output_tokens_per_s=run["output_tokens_per_s"],
+                             server_cpu_ms_per_1k_tokens=round(1e6 * cpu / max(tokens, 1), 1)))
+            print(json.dumps(runs[-1]), flush=True)
+    finally:
+        proc.terminate()
+        proc.join(10)
+    rates = sorted(r["output_tokens_per_s"] for r in runs)
+    cpu = sorted(r["server_cpu_ms_per_1k_tokens"] for r in runs)
+    result = dict(requests=args.requests, max_tokens=args.max_tokens,
+                  gil_switch_ms=args.gil_switch_ms, cpus=os.cpu_count(),
+                  median_output_tokens_per_s=rates[len(rates) // 2],
+                  median_server_cpu_ms_per_1k_tokens=cpu[len(cpu) // 2], runs=runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"serve_host{args.tag}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
