@@ -20,46 +20,22 @@ import sys
 from pathlib import Path
 
 
-class _InstantBackend:
-    """Slot protocol; every step returns at once, cycling through ids that decode to text."""
-
-    def __init__(self, ids: list[int]) -> None:
-        self.ids, self.slots = ids, {}
-
-    def add(self, slot, prompt_ids, params):
-        self.slots[slot] = 0
-        return self.ids[0]
-
-    def step(self):
-        for slot in self.slots:
-            self.slots[slot] += 1
-        return {s: self.ids[n % len(self.ids)] for s, n in self.slots.items()}
-
-    def free(self, slot):
-        self.slots.pop(slot, None)
-
-
 def _text_ids(tokenizer) -> list[int]:
+    """Ids that decode to letters, so every streamed token carries text (and is counted)."""
     return [i for i in range(3, len(tokenizer)) if tokenizer.decode([i]).strip().isalpha()]
 
 
 def _serve(sock: socket.socket, batch: int, gil_switch_ms: float) -> None:
     import uvicorn
 
-    from ecospa_deploy.serve.app import create_app
     from ecospa_deploy.serve.connections import guarded_h11
-    from ecospa_deploy.serve.generation import GenerationService
-    from ecospa_deploy.serve.metrics import Metrics
-    from ecospa_deploy.serve.scheduler import Scheduler
+    from ecospa_deploy.serve.echo import EchoBackend, echo_app
     from ecospa_deploy.testing import tiny_tokenizer
 
     sys.setswitchinterval(gil_switch_ms / 1e3)     # as ecospa serve does
     tokenizer = tiny_tokenizer()
-    metrics = Metrics()
-    sched = Scheduler(_InstantBackend(_text_ids(tokenizer)), batch, 4 * batch, metrics).start()
-    service = GenerationService(sched, tokenizer, "host", 4096, vocab_size=len(tokenizer),
-                                eos_token_ids=(2,), request_timeout=600)
-    app = create_app(service, metrics, max_body_bytes=1 << 20)
+    app, _, _ = echo_app(tokenizer, EchoBackend(None, _text_ids(tokenizer)), batch=batch,
+                         max_queue=4 * batch, max_model_len=4096, timeout=600)
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
                             http=guarded_h11(30.0, 1000))
     uvicorn.Server(config).run(sockets=[sock])

@@ -54,6 +54,7 @@ class _Timed:
 
 def burst(scheduler, prompts, mix) -> dict:
     from ecospa_deploy.engine.sampling import SamplingParams
+    from ecospa_deploy.serve.loadtest import percentile
     from ecospa_deploy.serve.scheduler import Sequence
 
     done = threading.Event()
@@ -77,14 +78,12 @@ def burst(scheduler, prompts, mix) -> dict:
     scheduler.submit(seqs)
     done.wait(600)
     wall = time.perf_counter() - t0
-    ttft = sorted(1e3 * (q.first_token_at - q.arrival) for q in seqs
-                  if q.first_token_at is not None)
+    ttft = [1e3 * (q.first_token_at - q.arrival) for q in seqs if q.first_token_at is not None]
     return dict(wall_s=round(wall, 4), output_tokens=tokens[0],
                 output_tokens_per_s=round(tokens[0] / wall, 1),
                 decode_steps=scheduler.steps - steps0,
-                ttft_p50_ms=round(ttft[len(ttft) // 2], 2) if ttft else None,
-                ttft_p99_ms=round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 2)
-                if ttft else None)
+                ttft_p50_ms=round(percentile(ttft, 50), 2) if ttft else None,
+                ttft_p99_ms=round(percentile(ttft, 99), 2) if ttft else None)
 
 
 def main(argv=None) -> int:

@@ -8,35 +8,11 @@ import threading
 import time
 from contextlib import contextmanager
 
-from ecospa_deploy.serve.app import create_app
 from ecospa_deploy.serve.connections import guarded_h11
-from ecospa_deploy.serve.generation import GenerationService
-from ecospa_deploy.serve.metrics import Metrics
-from ecospa_deploy.serve.scheduler import Scheduler
+from ecospa_deploy.serve.echo import EchoBackend, echo_app
 from ecospa_deploy.testing import tiny_tokenizer
 
 KEY = "fake-key"
-
-
-class EchoBackend:
-    """Slot protocol; token = 10 + tokens generated so far, after ``delay`` seconds a step."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.delay = delay
-        self.slots: dict[int, int] = {}
-
-    def add(self, slot, prompt_ids, params):
-        self.slots[slot] = 0
-        return 10
-
-    def step(self):
-        time.sleep(self.delay)
-        for slot in self.slots:
-            self.slots[slot] += 1
-        return {slot: 10 + n % 50 for slot, n in self.slots.items()}
-
-    def free(self, slot):
-        self.slots.pop(slot, None)
 
 
 _TOKENIZER = None
@@ -54,11 +30,8 @@ def tokenizer():
 
 def fake_app(*, delay: float = 0.0, max_queue: int = 64, batch: int = 4, api_key=None,
              max_model_len: int = 64, timeout: float = 30.0):
-    metrics = Metrics()
-    sched = Scheduler(EchoBackend(delay), batch, max_queue, metrics).start()
-    service = GenerationService(sched, tokenizer(), "fake", max_model_len, vocab_size=96,
-                                eos_token_ids=(2,), request_timeout=timeout)
-    return create_app(service, metrics, api_key=api_key, max_body_bytes=1 << 20), sched, service
+    return echo_app(tokenizer(), EchoBackend(delay), batch=batch, max_queue=max_queue,
+                    max_model_len=max_model_len, timeout=timeout, api_key=api_key)
 
 
 @contextmanager

@@ -1,0 +1,52 @@
+"""A slot backend that computes nothing, and the server's app around it: the HTTP side alone.
+
+The tests of the HTTP layer (tests/serve_fakes.py) and the host-cost benchmark
+(bench/serve_host.py) both build the same stack: ``Scheduler`` → ``GenerationService`` →
+``create_app`` over ``EchoBackend``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+
+class EchoBackend:
+    """Slot protocol; after ``delay`` seconds a step, each slot's token is ``ids[n % len]``
+    for its n-th generated token (``ids`` default: 10..59). ``delay=None`` never sleeps, not
+    even ``sleep(0)``, which hands the GIL over at every step: a step that costs nothing."""
+
+    def __init__(self, delay: float | None = 0.0, ids: Sequence[int] | None = None) -> None:
+        self.delay = delay
+        self.ids = list(ids) if ids else list(range(10, 60))
+        self.slots: dict[int, int] = {}
+
+    def add(self, slot, prompt_ids, params):
+        self.slots[slot] = 0
+        return self.ids[0]
+
+    def step(self):
+        if self.delay is not None:
+            time.sleep(self.delay)
+        for slot in self.slots:
+            self.slots[slot] += 1
+        return {slot: self.ids[n % len(self.ids)] for slot, n in self.slots.items()}
+
+    def free(self, slot):
+        self.slots.pop(slot, None)
+
+
+def echo_app(tokenizer, backend: EchoBackend, *, batch: int, max_queue: int,
+             max_model_len: int, timeout: float, api_key: str | None = None):
+    """``(app, scheduler, service)`` of the server over ``backend`` (the scheduler started)."""
+    from ecospa_deploy.serve.app import create_app
+    from ecospa_deploy.serve.generation import GenerationService
+    from ecospa_deploy.serve.metrics import Metrics
+    from ecospa_deploy.serve.scheduler import Scheduler
+
+    metrics = Metrics()
+    sched = Scheduler(backend, batch, max_queue, metrics).start()
+    service = GenerationService(sched, tokenizer, "fake", max_model_len,
+                                vocab_size=len(tokenizer), eos_token_ids=(2,),
+                                request_timeout=timeout)
+    return create_app(service, metrics, api_key=api_key, max_body_bytes=1 << 20), sched, service
