@@ -78,6 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Python's thread switch interval while serving: how long the "
                         "decode loop may wait for the GIL behind the HTTP side (default: "
                         "%(default)s; Python's own is 5)")
+    parser.add_argument("--engine-process", action="store_true",
+                        help="run the model and its decode loop in a process of their own "
+                        "(the engine core), so the decode loop never waits for the GIL behind "
+                        "HTTP, tokenizing and streaming (engine and hf backends)")
     parser.add_argument("--shutdown-timeout", type=float, default=D.shutdown_timeout,
                         help="seconds in-flight requests get to finish after SIGTERM; work "
                         "still running then ends with a 503 and the exit code is 1 "

@@ -97,7 +97,7 @@ class Sequence:
         if not self.cancelled:
             self.cancelled = True
             if self._scheduler is not None:
-                self._scheduler.wake()
+                self._scheduler.on_cancel(self)
 
 
 class AsyncioSink:
@@ -116,6 +116,25 @@ class AsyncioSink:
 def asyncio_sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue,
                  tag: object) -> AsyncioSink:
     return AsyncioSink(loop, queue, tag)
+
+
+class Outbox:
+    """Events bound for asyncio sinks, held until ``flush``: one ``call_soon_threadsafe`` per
+    event loop for everything emitted since the last flush; other sinks are called at once."""
+
+    def __init__(self) -> None:
+        self._items: dict[asyncio.AbstractEventLoop, list] = {}
+
+    def add(self, sink: Callable[[TokenEvent], None], event: TokenEvent) -> None:
+        if isinstance(sink, AsyncioSink):
+            self._items.setdefault(sink.loop, []).append((sink.queue, (sink.tag, event)))
+        else:
+            sink(event)
+
+    def flush(self) -> None:
+        items, self._items = self._items, {}
+        for loop, batch in items.items():
+            _send_threadsafe(loop, batch)
 
 
 def _put_all(items: list) -> None:
@@ -157,7 +176,7 @@ class Scheduler:
         self.async_decode = bool(async_decode) and hasattr(backend, "launch") and \
             hasattr(backend, "collect")
         self._inflight = None
-        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}
+        self._outbox = Outbox()
         self._prefill_rate: float | None = None     # prompt tokens/s, smoothed
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -192,6 +211,10 @@ class Scheduler:
     def wake(self) -> None:
         with self._cond:
             self._cond.notify()
+
+    def on_cancel(self, seq: Sequence) -> None:
+        """``seq.cancel()`` was called: the worker frees its slot at the next iteration."""
+        self.wake()
 
     @property
     def alive(self) -> bool:
@@ -431,18 +454,12 @@ class Scheduler:
                     self._emit(slot, seq, token)
 
     def _send(self, seq: Sequence, event: TokenEvent) -> None:
-        """Deliver ``event``: queued per event loop until ``_flush`` for asyncio sinks."""
-        sink = seq.sink
-        if isinstance(sink, AsyncioSink):
-            self._outbox.setdefault(sink.loop, []).append((sink.queue, (sink.tag, event)))
-        else:
-            sink(event)
+        """Deliver ``event``: held until ``_flush`` for asyncio sinks."""
+        self._outbox.add(seq.sink, event)
 
     def _flush(self) -> None:
         """One wake-up per event loop for everything emitted since the last flush."""
-        outbox, self._outbox = self._outbox, {}
-        for loop, items in outbox.items():
-            _send_threadsafe(loop, items)
+        self._outbox.flush()
 
     def _emit(self, slot: int, seq: Sequence, token: int) -> None:
         now = time.monotonic()

@@ -53,6 +53,7 @@ class ServeOptions:
     async_decode: bool = True            # launch the next decode step before streaming this one
     compile: bool = True                 # torch.compile the engine's decode step (CUDA only)
     gil_switch_ms: float = 0.5           # sys.setswitchinterval while serving (Python's: 5 ms)
+    engine_process: bool = False         # the engine core in its own process (serve/core.py)
     shutdown_timeout: float = 30.0
     read_timeout: float = 30.0
     max_connections: int | None = None
@@ -127,15 +128,31 @@ def resolve_device_dtype(device: str, dtype: str):
     return dev, dtypes.to_torch(dtype)
 
 
-def _eos_ids(model, tokenizer) -> tuple[int, ...]:
+def _ids_of(*values) -> tuple[int, ...]:
     ids: set[int] = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None),
-                  getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id):
+    for value in values:
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return tuple(sorted(ids))
+
+
+def _model_eos_ids(model) -> tuple[int, ...]:
+    return _ids_of(getattr(model.generation_config, "eos_token_id", None),
+                   getattr(model.config, "eos_token_id", None))
+
+
+def _eos_ids(model_ids: tuple[int, ...], tokenizer) -> tuple[int, ...]:
+    return _ids_of(list(model_ids), tokenizer.eos_token_id)
+
+
+def step_tokens(prefill_chunk: int | None, device) -> int:
+    """Prompt tokens per scheduler step: ``--prefill-chunk``, else 2048 on CUDA and 512 on CPU;
+    0 means whole prompts."""
+    if prefill_chunk is not None:
+        return prefill_chunk
+    return 2048 if device.type == "cuda" else 512
 
 
 def _max_model_len(model, requested: int | None) -> int:
@@ -298,48 +315,75 @@ def _draining_server(uvicorn, config, scheduler, drain_timeout: float):
     return DrainingServer(config)
 
 
-def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket.socket) -> int:
-    import uvicorn
-
-    from ecospa_deploy.loading import load_model, load_tokenizer
-    from ecospa_deploy.serve.app import create_app
-    from ecospa_deploy.serve.connections import guarded_h11
-    from ecospa_deploy.serve.generation import GenerationService
-    from ecospa_deploy.serve.metrics import Metrics
+def _start_in_process(opts: ServeOptions, backend_name: str, metrics):
+    """The model, backend and scheduler thread in this process; returns (scheduler, info)."""
+    from ecospa_deploy.loading import load_model
     from ecospa_deploy.serve.scheduler import Scheduler
 
     device, dtype = resolve_device_dtype(opts.device, opts.dtype)
-    # Loader errors propagate: the server refuses to start with the loader's message.
     model = load_model(opts.path, dtype=dtype)
-    tokenizer = load_tokenizer(opts.path)
     max_len = _max_model_len(model, opts.max_model_len)
-    chunk = opts.prefill_chunk
-    if chunk is None:
-        chunk = 2048 if device.type == "cuda" else 512
+    chunk = step_tokens(opts.prefill_chunk, device)
     backend = build_backend(backend_name, model, opts.max_batch_size, max_len, device, dtype,
                             step_tokens=chunk or None, compile=opts.compile)
-    # The decode loop (scheduler thread) and the HTTP side (event loop: SSE, detokenizing)
-    # share the GIL; a thread that wants it back waits until the holder is asked to drop it,
-    # after Python's switch interval. At 5 ms that wait lands on every decode step while
-    # streams are being written (a step is 2-4 ms on the GPU).
-    sys.setswitchinterval(opts.gil_switch_ms / 1e3)
-    metrics = Metrics()
     scheduler = Scheduler(backend, opts.max_batch_size, opts.max_queue, metrics,
                           prefill_chunk=chunk or None,
                           max_pause=None if device.type == "cuda" else 0.25,
                           decode_steps=opts.decode_steps,
                           async_decode=opts.async_decode).start()
+    return scheduler, {"max_model_len": max_len, "vocab_size": model.config.vocab_size,
+                       "eos_token_ids": _model_eos_ids(model), "device": str(device),
+                       "dtype": dtypes.name_of(dtype)}
+
+
+def _start_core(opts: ServeOptions, backend_name: str, metrics):
+    """The model, backend and scheduler in an engine-core process (``serve/core.py``)."""
+    from ecospa_deploy.serve.core import CoreConfig, EngineCoreClient
+
+    config = CoreConfig(
+        path=opts.path, backend=backend_name, device=opts.device, dtype=opts.dtype,
+        max_batch_size=opts.max_batch_size, max_model_len=opts.max_model_len,
+        max_queue=opts.max_queue, prefill_chunk=opts.prefill_chunk,
+        decode_steps=opts.decode_steps, async_decode=opts.async_decode, compile=opts.compile,
+        gil_switch_ms=opts.gil_switch_ms, log_level=opts.log_level)
+    client = EngineCoreClient(config, metrics).start()
+    return client, client.info
+
+
+def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket.socket) -> int:
+    import uvicorn
+
+    from ecospa_deploy.loading import load_tokenizer
+    from ecospa_deploy.serve.app import create_app
+    from ecospa_deploy.serve.connections import guarded_h11
+    from ecospa_deploy.serve.generation import GenerationService
+    from ecospa_deploy.serve.metrics import Metrics
+
+    metrics = Metrics()
+    # Loader errors propagate: the server refuses to start with the loader's message.
+    tokenizer = load_tokenizer(opts.path)
+    if opts.engine_process:
+        scheduler, info = _start_core(opts, backend_name, metrics)
+    else:
+        scheduler, info = _start_in_process(opts, backend_name, metrics)
+    # The decode loop and the HTTP side (event loop: SSE, detokenizing) share a GIL when they
+    # share a process; a thread that wants it back waits until the holder is asked to drop
+    # it, after Python's switch interval. At 5 ms that wait lands on every decode step while
+    # streams are being written (a step is 2-4 ms on the GPU).
+    sys.setswitchinterval(opts.gil_switch_ms / 1e3)
+    max_len, device = info["max_model_len"], info["device"]
     service = GenerationService(scheduler, tokenizer, name, max_len,
-                                vocab_size=model.config.vocab_size,
-                                eos_token_ids=_eos_ids(model, tokenizer),
+                                vocab_size=info["vocab_size"],
+                                eos_token_ids=_eos_ids(info["eos_token_ids"], tokenizer),
                                 request_timeout=opts.request_timeout)
     app = create_app(service, metrics, api_key=opts.api_key, max_body_bytes=opts.max_body_bytes,
                      backend_name=backend_name)
     max_connections = opts.max_connections or default_max_connections()
     host, port = sock.getsockname()[:2]
-    log.info("model %s on %s (%s), max_model_len %d, max_batch_size %d, GIL switch %g ms",
-             opts.path, device, dtypes.name_of(dtype), max_len, opts.max_batch_size,
-             sys.getswitchinterval() * 1e3)
+    log.info("model %s on %s (%s), max_model_len %d, max_batch_size %d, GIL switch %g ms, "
+             "engine %s", opts.path, device, info["dtype"], max_len, opts.max_batch_size,
+             sys.getswitchinterval() * 1e3,
+             "in its own process" if opts.engine_process else "in this process")
     print_banner(_url(opts.host, port), name, backend_name, opts.api_key)
     config = uvicorn.Config(app, log_level=opts.log_level, access_log=False,
                             timeout_graceful_shutdown=opts.shutdown_timeout + _UVICORN_GRACE,
