@@ -338,14 +338,15 @@ def test_sigterm_finishes_in_flight_requests(model_dir):
     assert "Traceback" not in srv.log
 
 
-def test_bad_model_dir_refuses_to_start(tmp_path):
+@pytest.mark.parametrize("where", [[], ["--engine-process"]], ids=["in_process", "core"])
+def test_bad_model_dir_refuses_to_start(tmp_path, where):
     bad = tmp_path / "broken"
     bad.mkdir()
     (bad / "config.json").write_text('{"model_type": "ecospa_llama", "ecospa": {"layers": 3}}')
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "ecospa_deploy.cli", "serve", str(bad),
-                           "--port", "0", "--backend", "hf"], capture_output=True, text=True,
-                          timeout=120)
+                           "--port", "0", "--backend", "hf", *where], capture_output=True,
+                          text=True, timeout=120)
     with pytest.raises(Exception) as loader:
         load_model(bad)
     assert proc.returncode == 2

@@ -361,11 +361,15 @@ def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket
 
     metrics = Metrics()
     # Loader errors propagate: the server refuses to start with the loader's message.
-    tokenizer = load_tokenizer(opts.path)
     if opts.engine_process:
         scheduler, info = _start_core(opts, backend_name, metrics)
     else:
         scheduler, info = _start_in_process(opts, backend_name, metrics)
+    try:
+        tokenizer = load_tokenizer(opts.path)
+    except BaseException:
+        scheduler.stop()
+        raise
     # The decode loop and the HTTP side (event loop: SSE, detokenizing) share a GIL when they
     # share a process; a thread that wants it back waits until the holder is asked to drop
     # it, after Python's switch interval. At 5 ms that wait lands on every decode step while
