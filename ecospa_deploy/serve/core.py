@@ -32,7 +32,7 @@ from typing import Any
 
 from ecospa_deploy.serve.metrics import Metrics
 from ecospa_deploy.serve.scheduler import (NeverFits, Outbox, QueueFull, Scheduler, Sequence,
-                                           ShuttingDown, TokenEvent)
+                                           ShuttingDown, TokenEvent, check_admission)
 
 log = logging.getLogger("ecospa_deploy.serve")
 
@@ -328,15 +328,8 @@ class EngineCoreClient:
         """Queue all of a request's sequences, or none (``QueueFull``/``NeverFits``/
         ``ShuttingDown``), as ``Scheduler.submit``."""
         with self._lock:
-            if self._stopping or not self.alive:
-                raise ShuttingDown("the server is shutting down")
-            if len(seqs) > self.max_queue:
-                raise NeverFits(f"this request needs {len(seqs)} sequences (prompts x n) and "
-                                f"the queue holds at most {self.max_queue} (--max-queue); "
-                                "send fewer prompts or a smaller n")
-            if len(self._waiting) + len(seqs) > self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} sequences are waiting and the queue "
-                                f"holds at most {self.max_queue} (--max-queue); retry later")
+            check_admission(self._stopping or not self.alive, len(self._waiting), len(seqs),
+                            self.max_queue)
             for seq in seqs:
                 seq._scheduler = self
                 self._seqs[seq.id] = seq

@@ -118,6 +118,19 @@ def asyncio_sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue,
     return AsyncioSink(loop, queue, tag)
 
 
+def check_admission(stopping: bool, waiting: int, count: int, max_queue: int) -> None:
+    """Raise why ``count`` more sequences cannot queue behind ``waiting`` ones, if they cannot."""
+    if stopping:
+        raise ShuttingDown("the server is shutting down")
+    if count > max_queue:
+        raise NeverFits(f"this request needs {count} sequences (prompts x n) and the queue "
+                        f"holds at most {max_queue} (--max-queue); send fewer prompts or a "
+                        "smaller n")
+    if waiting + count > max_queue:
+        raise QueueFull(f"{waiting} sequences are waiting and the queue holds at most "
+                        f"{max_queue} (--max-queue); retry later")
+
+
 class Outbox:
     """Events bound for asyncio sinks, held until ``flush``: one ``call_soon_threadsafe`` per
     event loop for everything emitted since the last flush; other sinks are called at once."""
@@ -193,15 +206,8 @@ class Scheduler:
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue all of a request's sequences, or none (``QueueFull``/``ShuttingDown``)."""
         with self._cond:
-            if self._stopping or not self.alive:
-                raise ShuttingDown("the server is shutting down")
-            if len(seqs) > self.max_queue:
-                raise NeverFits(f"this request needs {len(seqs)} sequences (prompts x n) and "
-                                f"the queue holds at most {self.max_queue} (--max-queue); "
-                                "send fewer prompts or a smaller n")
-            if len(self._pending) + len(seqs) > self.max_queue:
-                raise QueueFull(f"{len(self._pending)} sequences are waiting and the queue "
-                                f"holds at most {self.max_queue} (--max-queue); retry later")
+            check_admission(self._stopping or not self.alive, len(self._pending), len(seqs),
+                            self.max_queue)
             for seq in seqs:
                 seq._scheduler = self
                 self._pending.append(seq)
