@@ -204,3 +204,46 @@ def test_ecospa_serve_engine_process_end_to_end(model_dir):
         assert "engine in its own process" in srv.log
         code = srv.stop()
     assert code == 0
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@needs_engine
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_a_killed_api_process_takes_the_core_with_it(model_dir):
+    srv = ServerProcess(model_dir, "--backend", "engine", "--engine-process").start()
+    cores: list[int] = []
+    try:
+        cores = _children(srv.proc.pid)
+        assert cores and all(_running(p) for p in cores), "the core is the API's child"
+        os.kill(srv.proc.pid, signal.SIGKILL)
+        srv.proc.wait(30)
+        deadline = time.monotonic() + 30
+        while any(_running(p) for p in cores) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_running(p) for p in cores)
+    finally:
+        srv.stop(timeout=5)
+        for p in cores:     # never leave an orphan behind when the assertion fails
+            if _running(p):
+                os.kill(p, signal.SIGKILL)
