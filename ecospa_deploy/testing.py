@@ -163,6 +163,13 @@ def tiny_tokenizer(vocab_size: int = VOCAB):
                                    eos_token="</s>")
 
 
+def save_tiny_served(path: Path, seed: int = 0) -> Path:
+    """A servable model folder: ``tiny_pruned("llama", seed)`` and ``tiny_tokenizer()``."""
+    tiny_pruned("llama", seed=seed).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 def tiny_chat_tokenizer(vocab_size: int = VOCAB):
     """``tiny_tokenizer`` with the project's ChatML chat template (``data.CHAT_TEMPLATE``)."""
     from ecospa_deploy.data import CHAT_TEMPLATE

@@ -18,7 +18,7 @@ from ecospa_deploy.serve.core import CoreConfig, EngineCoreClient, RecordingMetr
 from ecospa_deploy.serve.metrics import Metrics
 from ecospa_deploy.serve.process import ServerProcess
 from ecospa_deploy.serve.scheduler import NeverFits, QueueFull, Scheduler, Sequence, ShuttingDown
-from ecospa_deploy.testing import tiny_pruned, tiny_tokenizer
+from ecospa_deploy.testing import save_tiny_served
 
 needs_engine = pytest.mark.skipif(engine_available() is not None, reason=str(engine_available()))
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [20], [30, 31, 32, 33]]
@@ -26,10 +26,7 @@ PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [20], [30, 31, 32, 33]]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("core") / "tiny"
-    tiny_pruned("llama", seed=5).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_served(tmp_path_factory.mktemp("core") / "tiny", seed=5)
 
 
 def _config(path, **kw) -> CoreConfig:

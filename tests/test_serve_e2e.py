@@ -21,7 +21,7 @@ from ecospa_deploy.loading import load_model, load_tokenizer
 from ecospa_deploy.serve.backend import engine_available
 from ecospa_deploy.serve.loadtest import run_load, run_stream_load, token_prompts
 from ecospa_deploy.serve.process import ServerProcess
-from ecospa_deploy.testing import tiny_pruned, tiny_tokenizer
+from ecospa_deploy.testing import save_tiny_served, tiny_pruned, tiny_tokenizer
 
 KEY = "test-key-123"
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -280,9 +280,7 @@ def test_api_key(server):
 
 
 def test_chat_without_template_is_clear_400(tmp_path):
-    path = tmp_path / "no-template"
-    tiny_pruned("llama", seed=1).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    path = save_tiny_served(tmp_path / "no-template", seed=1)
     with ServerProcess(path, "--backend", "hf") as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
         with pytest.raises(openai.BadRequestError, match="no chat template"):

@@ -15,15 +15,12 @@ import pytest
 
 from ecospa_deploy.serve.backend import engine_available
 from ecospa_deploy.serve.process import ServerProcess
-from ecospa_deploy.testing import tiny_pruned, tiny_tokenizer
+from ecospa_deploy.testing import save_tiny_served
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("served") / "tiny"
-    tiny_pruned("llama", seed=3).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_served(tmp_path_factory.mktemp("served") / "tiny", seed=3)
 
 
 def _stream_gaps(url: str, body: dict, started: threading.Event, flood_over: threading.Event,

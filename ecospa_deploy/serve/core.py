@@ -22,6 +22,7 @@ can still be answered 429: a sequence counts as waiting until its first event ar
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import signal
@@ -43,7 +44,8 @@ _METRICS = ("prompt_tokens", "generation_tokens", "ttft", "tpot", "e2e", "queue_
 
 @dataclass(frozen=True)
 class CoreConfig:
-    """What the core needs to load and serve the model (picklable: it crosses the spawn)."""
+    """What it takes to load and serve the model (picklable: it crosses the spawn); the
+    one-process server starts from it too (``server.start_scheduler``)."""
 
     path: str
     backend: str
@@ -171,26 +173,10 @@ def run_core(conn, config: CoreConfig) -> None:
 
 
 def _load(config: CoreConfig, send) -> tuple[_CoreScheduler, dict]:
-    from ecospa_deploy import dtypes
-    from ecospa_deploy.loading import load_model
-    from ecospa_deploy.serve.server import (_max_model_len, _model_eos_ids, build_backend,
-                                            resolve_device_dtype, step_tokens)
+    from ecospa_deploy.serve.server import start_scheduler
 
-    device, dtype = resolve_device_dtype(config.device, config.dtype)
-    model = load_model(config.path, dtype=dtype)
-    max_len = _max_model_len(model, config.max_model_len)
-    chunk = step_tokens(config.prefill_chunk, device)
-    backend = build_backend(config.backend, model, config.max_batch_size, max_len, device, dtype,
-                            step_tokens=chunk or None, compile=config.compile)
+    scheduler, info = start_scheduler(config, functools.partial(_CoreScheduler, send))
     sys.setswitchinterval(config.gil_switch_ms / 1e3)
-    scheduler = _CoreScheduler(send, backend, config.max_batch_size, config.max_queue,
-                               prefill_chunk=chunk or None,
-                               max_pause=None if device.type == "cuda" else 0.25,
-                               decode_steps=config.decode_steps,
-                               async_decode=config.async_decode).start()
-    info = {"max_model_len": max_len, "vocab_size": model.config.vocab_size,
-            "eos_token_ids": _model_eos_ids(model), "device": str(device),
-            "dtype": dtypes.name_of(dtype)}
     return scheduler, info
 
 

@@ -12,6 +12,7 @@ streams), and the process exits with code 1 so supervisors see the cut-off.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import os
@@ -144,7 +145,7 @@ def _model_eos_ids(model) -> tuple[int, ...]:
 
 
 def _eos_ids(model_ids: tuple[int, ...], tokenizer) -> tuple[int, ...]:
-    return _ids_of(list(model_ids), tokenizer.eos_token_id)
+    return _ids_of(model_ids, tokenizer.eos_token_id)
 
 
 def step_tokens(prefill_chunk: int | None, device) -> int:
@@ -315,39 +316,52 @@ def _draining_server(uvicorn, config, scheduler, drain_timeout: float):
     return DrainingServer(config)
 
 
-def _start_in_process(opts: ServeOptions, backend_name: str, metrics):
-    """The model, backend and scheduler thread in this process; returns (scheduler, info)."""
+def start_scheduler(config, make_scheduler):
+    """Load the model of ``config`` (a ``serve.core.CoreConfig``), build its backend and start
+    ``make_scheduler(backend, max_batch_size, max_queue, **knobs)``; returns (scheduler, info:
+    what the HTTP side needs of the model). The one path of both layouts: in this process, and
+    inside the engine core."""
     from ecospa_deploy.loading import load_model
-    from ecospa_deploy.serve.scheduler import Scheduler
 
-    device, dtype = resolve_device_dtype(opts.device, opts.dtype)
-    model = load_model(opts.path, dtype=dtype)
-    max_len = _max_model_len(model, opts.max_model_len)
-    chunk = step_tokens(opts.prefill_chunk, device)
-    backend = build_backend(backend_name, model, opts.max_batch_size, max_len, device, dtype,
-                            step_tokens=chunk or None, compile=opts.compile)
-    scheduler = Scheduler(backend, opts.max_batch_size, opts.max_queue, metrics,
-                          prefill_chunk=chunk or None,
-                          max_pause=None if device.type == "cuda" else 0.25,
-                          decode_steps=opts.decode_steps,
-                          async_decode=opts.async_decode).start()
+    device, dtype = resolve_device_dtype(config.device, config.dtype)
+    model = load_model(config.path, dtype=dtype)
+    max_len = _max_model_len(model, config.max_model_len)
+    chunk = step_tokens(config.prefill_chunk, device)
+    backend = build_backend(config.backend, model, config.max_batch_size, max_len, device, dtype,
+                            step_tokens=chunk or None, compile=config.compile)
+    scheduler = make_scheduler(backend, config.max_batch_size, config.max_queue,
+                               prefill_chunk=chunk or None,
+                               max_pause=None if device.type == "cuda" else 0.25,
+                               decode_steps=config.decode_steps,
+                               async_decode=config.async_decode).start()
     return scheduler, {"max_model_len": max_len, "vocab_size": model.config.vocab_size,
                        "eos_token_ids": _model_eos_ids(model), "device": str(device),
                        "dtype": dtypes.name_of(dtype)}
 
 
-def _start_core(opts: ServeOptions, backend_name: str, metrics):
-    """The model, backend and scheduler in an engine-core process (``serve/core.py``)."""
-    from ecospa_deploy.serve.core import CoreConfig, EngineCoreClient
+def _core_config(opts: ServeOptions, backend_name: str):
+    from ecospa_deploy.serve.core import CoreConfig
 
-    config = CoreConfig(
+    return CoreConfig(
         path=opts.path, backend=backend_name, device=opts.device, dtype=opts.dtype,
         max_batch_size=opts.max_batch_size, max_model_len=opts.max_model_len,
         max_queue=opts.max_queue, prefill_chunk=opts.prefill_chunk,
         decode_steps=opts.decode_steps, async_decode=opts.async_decode, compile=opts.compile,
         gil_switch_ms=opts.gil_switch_ms, log_level=opts.log_level)
-    client = EngineCoreClient(config, metrics).start()
-    return client, client.info
+
+
+def _start(opts: ServeOptions, backend_name: str, metrics):
+    """(scheduler, info): the engine in this process, or in an engine-core process
+    (``--engine-process``, ``serve/core.py``)."""
+    config = _core_config(opts, backend_name)
+    if opts.engine_process:
+        from ecospa_deploy.serve.core import EngineCoreClient
+
+        client = EngineCoreClient(config, metrics).start()
+        return client, client.info
+    from ecospa_deploy.serve.scheduler import Scheduler
+
+    return start_scheduler(config, functools.partial(Scheduler, metrics=metrics))
 
 
 def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket.socket) -> int:
@@ -361,10 +375,7 @@ def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket
 
     metrics = Metrics()
     # Loader errors propagate: the server refuses to start with the loader's message.
-    if opts.engine_process:
-        scheduler, info = _start_core(opts, backend_name, metrics)
-    else:
-        scheduler, info = _start_in_process(opts, backend_name, metrics)
+    scheduler, info = _start(opts, backend_name, metrics)
     try:
         tokenizer = load_tokenizer(opts.path)
     except BaseException:
