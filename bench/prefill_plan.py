@@ -1,0 +1,125 @@
+"""The burst's prefill plan, without a GPU: scheduler steps, prefill launches, padded tokens.
+
+``python -m ecospa_deploy.bench.prefill_plan --chunks 2048 8192 --out DIR`` drives the server's
+``Scheduler`` (shortest prompt first, whole prompts per step budget) with ``serve_gpu``'s burst
+over a backend that only records its prefill calls, and lays each ``add_many`` out as the CUDA
+engine does (``prefill_groups`` into power-of-two row batches within the step's tokens, each
+padded to its captured ``prefill_bucket``). It writes ``prefill_plan.json``: per step budget,
+the scheduler steps that prefill, the prefill launches, and real vs padded prompt tokens. That
+is the work the GPU is handed before the burst's last first token, whatever its speed: the
+part of the TTFT gap to the floor (prompts at the matmul ceiling, shortest first, unpadded) that
+the plan itself causes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from collections import Counter
+from pathlib import Path
+
+
+class PlanBackend:
+    """Slot protocol; records each prefill call's prompt lengths, computes nothing."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []     # one entry per add/add_many/add_chunk call
+        self.slots: set[int] = set()
+        self.cached: dict[int, int] = {}      # prompt tokens a chunked slot holds so far
+
+    def add(self, slot, prompt_ids, params):
+        return self.add_many([slot], [prompt_ids], [params])[0]
+
+    def add_many(self, slots, prompts, params):
+        self.calls.append([len(p) for p in prompts])
+        self.slots.update(slots)
+        return [1] * len(prompts)
+
+    def add_chunk(self, slot, prompt_ids, params, upto):
+        self.calls.append([self.cached.get(slot, 0) - upto])   # a chunk: negative, alone
+        if upto < len(prompt_ids):
+            self.cached[slot] = upto
+            return None
+        self.cached.pop(slot, None)
+        self.slots.add(slot)
+        return 1
+
+    def step(self):
+        return {slot: 1 for slot in self.slots}
+
+    def free(self, slot):
+        self.slots.discard(slot)
+        self.cached.pop(slot, None)
+
+
+def layout(calls: list[list[int]], step_tokens: int, max_seq: int, max_rows: int) -> dict:
+    """The engine's launches for the recorded calls (``Engine._prefill_rows`` with graphs)."""
+    from ecospa_deploy.engine.engine import prefill_bucket, prefill_groups
+
+    real = padded = launches = 0
+    rows = Counter()
+    for lens in calls:
+        if lens[0] < 0:                       # a chunk of a long prompt: one eager launch
+            launches, rows[1] = launches + 1, rows[1] + 1
+            real, padded = real - lens[0], padded - lens[0]
+            continue
+        for start, end in prefill_groups(lens, max_rows, step_tokens, True,
+                                         lambda t: prefill_bucket(t, max_seq, 2)):
+            n = end - start
+            launches, rows[n] = launches + 1, rows[n] + 1
+            real += sum(lens[start:end])
+            padded += n * prefill_bucket(max(lens[start:end]), max_seq, n)
+    return dict(prefill_calls=len(calls), launches=launches, rows=dict(sorted(rows.items())),
+                real_tokens=real, padded_tokens=padded, padded_over_real=round(padded / real, 3))
+
+
+def plan(prompts: list[list[int]], mix: list[int], step_tokens: int, max_seq: int,
+         max_rows: int = 8) -> dict:
+    """Run the burst through a ``Scheduler`` over ``PlanBackend``; the plan of its prefills."""
+    from ecospa_deploy.engine.sampling import SamplingParams
+    from ecospa_deploy.serve.scheduler import Scheduler, Sequence
+
+    backend = PlanBackend()
+    done, left, lock = threading.Event(), [len(prompts)], threading.Lock()
+
+    def sink(event):
+        if event.finish is not None:
+            with lock:
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+
+    sched = Scheduler(backend, len(prompts), 4 * len(prompts), prefill_chunk=step_tokens,
+                      max_pause=None, async_decode=False)
+    seqs = [Sequence(p, SamplingParams(max_new_tokens=mix[i % len(mix)]), sink)
+            for i, p in enumerate(prompts)]
+    sched.start().submit(seqs)      # queued under one lock: the worker admits them together
+    if not done.wait(60):
+        raise RuntimeError("the burst did not finish")
+    sched.stop()
+    return dict(step_tokens=step_tokens, decode_steps=sched.steps,
+                **layout(backend.calls, step_tokens, max_seq, max_rows))
+
+
+def main(argv=None) -> int:
+    from ecospa_deploy.bench.serve_gpu import burst_arguments, burst_load
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    burst_arguments(ap)
+    ap.add_argument("--chunks", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    _, _, prompts, mix = burst_load(args)
+    result = dict(shape=args.shape, requests=args.requests, prompt_lens=args.prompt_lens,
+                  prompt_tokens=sum(map(len, prompts)), max_model_len=args.max_model_len,
+                  plans=[plan(prompts, mix, c, args.max_model_len) for c in args.chunks])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "prefill_plan.json").write_text(json.dumps(result, indent=1) + "\n")
+    for p in result["plans"]:
+        print(json.dumps(p))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
