@@ -84,7 +84,8 @@ def main(argv=None) -> int:
                     help="also the random 1024-in/128-out set at once and at --rates")
     ap.add_argument("--rates", default="8,16,32", help="Poisson request rates for --loads")
     ap.add_argument("--server-args", default="", help="more ecospa serve flags, one string "
-                    "(e.g. \"--decode-steps 4\")")
+                    "after '=' (--server-args=\"--engine-process\"; a lone flag after a "
+                    "space is read as this command's own option)")
     ap.add_argument("--tag", default="", help="suffix of the output file name")
     ap.add_argument("--which", default="dense,pruned", help="the twins to serve, in order")
     ap.add_argument("--out", type=Path, required=True)

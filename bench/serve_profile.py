@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-model-len", type=int, default=1280)
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     ap.add_argument("--server-args", default="", help="more ecospa serve flags, one string "
-                    "(e.g. \"--decode-steps 4\")")
+                    "after '=' (--server-args=\"--engine-process\"; a lone flag after a "
+                    "space is read as this command's own option)")
     ap.add_argument("--tag", default="", help="suffix of the output file name")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)

@@ -7,6 +7,6 @@ source bench/results/serve_h200/run3/setup.sh
 timeout ${T:-330} python3 -m ecospa_deploy.bench.serve_gpu --shape llama-1b --loads --rates 16,32 \
   --out $OUT >$OUT/serve.log 2>&1; echo "serve rc $?"
 timeout ${T2:-150} python3 -m ecospa_deploy.bench.serve_gpu --shape llama-1b --loads --rates 16,32 \
-  --which pruned --server-args "--no-async-decode" --tag _pruned_sync --out $OUT \
+  --which pruned --server-args="--no-async-decode" --tag _pruned_sync --out $OUT \
   >$OUT/serve_pruned_sync.log 2>&1; echo "serve sync rc $?"
 tail -n 1 $OUT/*.log | cut -c1-400

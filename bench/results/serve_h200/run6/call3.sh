@@ -12,6 +12,6 @@ for c in "" default; do
   echo "profile '$c' rc $?"
 done
 timeout ${T:-300} python3 -m ecospa_deploy.bench.serve_gpu --shape llama-1b --loads --rates 16,32 \
-  --server-args "--prefill-chunk 8192" --tag _chunk8192 --out $OUT >$OUT/serve_chunk8192.log 2>&1
+  --server-args="--prefill-chunk 8192" --tag _chunk8192 --out $OUT >$OUT/serve_chunk8192.log 2>&1
 echo "chunk 8192 rc $?"
 tail -n 1 $OUT/*.log | cut -c1-300

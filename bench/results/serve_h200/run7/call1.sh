@@ -7,6 +7,6 @@ source bench/results/serve_h200/run3/setup.sh
 timeout ${T1:-330} python3 -m ecospa_deploy.bench.serve_gpu --shape llama-1b --loads --rates 16,32 \
   --out $OUT >$OUT/serve.log 2>&1; echo "serve rc $?"
 timeout ${T2:-240} python3 -m ecospa_deploy.bench.serve_gpu --shape llama-1b --loads --rates 16,32 \
-  --server-args "--engine-process" --tag _core --out $OUT >$OUT/serve_core.log 2>&1
+  --server-args="--engine-process" --tag _core --out $OUT >$OUT/serve_core.log 2>&1
 echo "serve core rc $?"
 tail -n 1 $OUT/*.log | cut -c1-400

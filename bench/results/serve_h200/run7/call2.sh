@@ -7,6 +7,6 @@ source bench/results/serve_h200/run3/setup.sh
 timeout ${T1:-200} python3 -m ecospa_deploy.bench.serve_gpu --shape llama-1b --which pruned \
   --out $OUT >$OUT/serve_pruned.log 2>&1; echo "serve rc $?"
 timeout ${T2:-140} python3 -m ecospa_deploy.bench.serve_gpu --shape llama-1b --which pruned \
-  --server-args "--engine-process" --tag _core --out $OUT >$OUT/serve_pruned_core.log 2>&1
+  --server-args="--engine-process" --tag _core --out $OUT >$OUT/serve_pruned_core.log 2>&1
 echo "serve core rc $?"
 tail -n 1 $OUT/*.log | cut -c1-400

@@ -5,9 +5,9 @@
 set -u
 source bench/results/serve_h200/run3/setup.sh
 timeout ${T1:-120} python3 -m ecospa_deploy.bench.serve_gpu --shape llama-1b --which pruned \
-  --server-args "--no-compile" --tag _nocompile --out $OUT >$OUT/serve_pruned.log 2>&1
+  --server-args="--no-compile" --tag _nocompile --out $OUT >$OUT/serve_pruned.log 2>&1
 echo "serve rc $?"
 timeout ${T2:-120} python3 -m ecospa_deploy.bench.serve_gpu --shape llama-1b --which pruned \
-  --server-args "--no-compile --engine-process" --tag _nocompile_core --out $OUT \
+  --server-args="--no-compile --engine-process" --tag _nocompile_core --out $OUT \
   >$OUT/serve_pruned_core.log 2>&1; echo "serve core rc $?"
 tail -n 1 $OUT/*.log | cut -c1-400
