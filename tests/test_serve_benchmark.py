@@ -128,3 +128,7 @@ def test_batch_size_stats_count_the_load_alone():
                                        "steps_with_more_than_one": 284}
     assert batch_size_stats(after, before) == {"steps": 144, "mean": 31.94,
                                                "steps_with_more_than_one": 140}
+    prefill = after.replace("ecospa_batch_size", "ecospa_prefill_batch_size")
+    assert batch_size_stats(after + prefill, name="ecospa_prefill_batch_size") == \
+        batch_size_stats(after)
+    assert batch_size_stats(after, name="ecospa_prefill_batch_size")["steps"] == 0

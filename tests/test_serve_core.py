@@ -116,6 +116,7 @@ def test_the_core_process_gives_the_in_process_tokens(model_dir):
         text = metrics.render().decode()
         assert f"ecospa_generation_tokens_total {12.0 * len(PROMPTS)}" in text
         assert f"ecospa_time_to_first_token_seconds_count {float(len(PROMPTS))}" in text
+        assert f"ecospa_prefill_batch_size_sum {float(len(PROMPTS))}" in text
     finally:
         core.stop()
     assert not core.alive and core._proc.exitcode == 0

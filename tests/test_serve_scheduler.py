@@ -528,6 +528,30 @@ def test_a_failed_batched_prefill_falls_back_to_one_add_each():
     assert [e[-1].finish for e in (events[0], events[2])] == ["length", "length"]
     assert sorted(backend.freed) == [0, 2]             # the two that ran were freed
     assert sorted(sched._free) == [0, 1, 2, 3]         # and the failed one's slot came back
+    # the two prefilled alone count as calls of one prompt; the failed batch counts nothing
+    assert (sched.metrics.prefill_batch_size._sum.get(), _count(sched.metrics)) == (2, 2)
+
+
+def _count(metrics) -> float:
+    return next(s.value for m in metrics.prefill_batch_size.collect() for s in m.samples
+                if s.name.endswith("_count"))
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_prefill_batch_size_counts_prompts_per_prefill_call(batched):
+    """A burst submitted at once is one ``add_many`` call of 5 prompts (without ``add_many``:
+    5 calls of 1): what ``ecospa_prefill_batch_size`` reports per call."""
+    backend = Batched() if batched else FakeBackend()
+    sched = Scheduler(backend, 8, 8).start()
+    try:
+        events = [[] for _ in range(5)]
+        sched.submit([Sequence([3] * n, SamplingParams(max_new_tokens=2), events[i].append)
+                      for i, n in enumerate([4, 1, 3, 2, 5])])
+        wait_for(lambda: all(e and e[-1].finish for e in events))
+    finally:
+        sched.stop()
+    assert sched.metrics.prefill_batch_size._sum.get() == 5
+    assert _count(sched.metrics) == (1 if batched else 5)
 
 
 def test_the_server_engine_prefills_within_the_step_budget():

@@ -39,7 +39,7 @@ log = logging.getLogger("ecospa_deploy.serve")
 
 # the scheduler's metric calls, recorded in the core and replayed on the API's Metrics
 _METRICS = ("prompt_tokens", "generation_tokens", "ttft", "tpot", "e2e", "queue_depth",
-            "running", "batch_size")
+            "running", "batch_size", "prefill_batch_size")
 
 
 @dataclass(frozen=True)

@@ -140,12 +140,16 @@ async def run_stream_load(url: str, prompts: list[list[int]], max_tokens: list[i
         "output_tokens_per_s": round(tokens / wall, 1),
         "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
         "tpot_p50_ms": ms(percentile(tpot, 50)), "tpot_p99_ms": ms(percentile(tpot, 99)),
-        "batch_size": batch_size_stats(metrics, before), "results": results,
+        "batch_size": batch_size_stats(metrics, before),
+        "prefill_batch_size": batch_size_stats(metrics, before, "ecospa_prefill_batch_size"),
+        "results": results,
     }
 
 
-def batch_size_stats(metrics_text: str, before: str | None = None) -> dict[str, float]:
-    """Decode steps, mean sequences per step and steps with more than one sequence; with
+def batch_size_stats(metrics_text: str, before: str | None = None,
+                     name: str = "ecospa_batch_size") -> dict[str, float]:
+    """Decode steps, mean sequences per step and steps with more than one sequence (with
+    ``name="ecospa_prefill_batch_size"``: prefill calls and whole prompts per call); with
     ``before`` (the /metrics text when the load began) those of the load alone, since the
     server's counters run over its whole life (warm-up and earlier loads included)."""
     def value(pattern: str) -> float:
@@ -154,9 +158,9 @@ def batch_size_stats(metrics_text: str, before: str | None = None) -> dict[str, 
             return float(match.group(1)) if match else 0.0
         return one(metrics_text) - one(before)
 
-    steps = value(r"^ecospa_batch_size_count (\S+)")
-    total = value(r"^ecospa_batch_size_sum (\S+)")
-    single = value(r'^ecospa_batch_size_bucket\{le="1\.0"\} (\S+)')
+    steps = value(rf"^{name}_count (\S+)")
+    total = value(rf"^{name}_sum (\S+)")
+    single = value(rf'^{name}_bucket\{{le="1\.0"\}} (\S+)')
     return {"steps": steps, "mean": round(total / steps, 2) if steps else 0.0,
             "steps_with_more_than_one": steps - single}
 

@@ -11,7 +11,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    """Requests, tokens, TTFT/TPOT histograms, queue depth and decode batch size."""
+    """Requests, tokens, TTFT/TPOT histograms, queue depth, decode and prefill batch sizes."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -38,6 +38,10 @@ class Metrics:
                              registry=r)
         self.batch_size = Histogram("ecospa_batch_size", "sequences decoded per step",
                                     buckets=_BATCH_BUCKETS, registry=r)
+        # a burst's TTFTs depend on how many prompts share a (shortest-first) prefill call
+        self.prefill_batch_size = Histogram("ecospa_prefill_batch_size",
+                                            "whole prompts prefilled in one backend call",
+                                            buckets=_BATCH_BUCKETS, registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -381,6 +381,7 @@ class Scheduler:
         slot = self._free.pop() if slot is None else slot
         try:
             token = self.backend.add(slot, seq.prompt_ids, seq.params)
+            self.metrics.prefill_batch_size.observe(1)
         except Exception as exc:  # a bad request must not take the worker down
             log.exception("prefill failed for sequence %d", seq.id)
             self._free.append(slot)
@@ -401,6 +402,7 @@ class Scheduler:
                 log.warning("batched prefill of %d sequences failed; prefilling each alone",
                             len(items), exc_info=True)
             else:
+                self.metrics.prefill_batch_size.observe(len(items))
                 for (seq, slot), token in zip(items, tokens):
                     self._activate(slot, seq, token)
                 return
