@@ -3,7 +3,7 @@
 ``python -m ecospa_deploy.bench.prefill_plan --chunks 2048 8192 --out DIR`` drives the server's
 ``Scheduler`` (shortest prompt first, whole prompts per step budget) with ``serve_gpu``'s burst
 over a backend that only records its prefill calls, and lays each ``add_many`` out as the CUDA
-engine does (``prefill_groups`` into power-of-two row batches within the step's tokens, each
+engine does (``prefill_layout``: power-of-two row batches within the step's tokens, each
 padded to its captured ``prefill_bucket``). It writes ``prefill_plan.json``: per step budget,
 the scheduler steps that prefill, the prefill launches, and real vs padded prompt tokens. That
 is the work the GPU is handed before the burst's last first token, whatever its speed: the
@@ -24,7 +24,8 @@ class PlanBackend:
     """Slot protocol; records each prefill call's prompt lengths, computes nothing."""
 
     def __init__(self) -> None:
-        self.calls: list[list[int]] = []     # one entry per add/add_many/add_chunk call
+        # one entry per call: ("many", prompt lengths) for add/add_many, ("chunk", tokens)
+        self.calls: list[tuple[str, object]] = []
         self.slots: set[int] = set()
         self.cached: dict[int, int] = {}      # prompt tokens a chunked slot holds so far
 
@@ -32,12 +33,12 @@ class PlanBackend:
         return self.add_many([slot], [prompt_ids], [params])[0]
 
     def add_many(self, slots, prompts, params):
-        self.calls.append([len(p) for p in prompts])
+        self.calls.append(("many", [len(p) for p in prompts]))
         self.slots.update(slots)
         return [1] * len(prompts)
 
     def add_chunk(self, slot, prompt_ids, params, upto):
-        self.calls.append([self.cached.get(slot, 0) - upto])   # a chunk: negative, alone
+        self.calls.append(("chunk", upto - self.cached.get(slot, 0)))
         if upto < len(prompt_ids):
             self.cached[slot] = upto
             return None
@@ -53,23 +54,24 @@ class PlanBackend:
         self.cached.pop(slot, None)
 
 
-def layout(calls: list[list[int]], step_tokens: int, max_seq: int, max_rows: int) -> dict:
-    """The engine's launches for the recorded calls (``Engine._prefill_rows`` with graphs)."""
-    from ecospa_deploy.engine.engine import prefill_bucket, prefill_groups
+def layout(calls: list[tuple[str, object]], step_tokens: int, max_seq: int,
+           max_rows: int) -> dict:
+    """The engine's launches for the recorded calls (``Engine._prefill_rows`` with graphs; a
+    chunk of a long prompt is one eager, unpadded launch: ``Engine.add_chunk``)."""
+    from ecospa_deploy.engine.engine import prefill_layout
 
     real = padded = launches = 0
     rows = Counter()
-    for lens in calls:
-        if lens[0] < 0:                       # a chunk of a long prompt: one eager launch
+    for kind, what in calls:
+        if kind == "chunk":
             launches, rows[1] = launches + 1, rows[1] + 1
-            real, padded = real - lens[0], padded - lens[0]
+            real, padded = real + what, padded + what
             continue
-        for start, end in prefill_groups(lens, max_rows, step_tokens, True,
-                                         lambda t: prefill_bucket(t, max_seq, 2)):
+        for start, end, width in prefill_layout(what, max_rows, step_tokens, max_seq, True):
             n = end - start
             launches, rows[n] = launches + 1, rows[n] + 1
-            real += sum(lens[start:end])
-            padded += n * prefill_bucket(max(lens[start:end]), max_seq, n)
+            real += sum(what[start:end])
+            padded += n * width
     return dict(prefill_calls=len(calls), launches=launches, rows=dict(sorted(rows.items())),
                 real_tokens=real, padded_tokens=padded, padded_over_real=round(padded / real, 3))
 

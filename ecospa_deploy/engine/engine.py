@@ -120,6 +120,20 @@ def prefill_groups(lengths: Sequence[int], max_rows: int, max_tokens: int, pow2:
     return out
 
 
+def prefill_layout(lengths: Sequence[int], max_rows: int, max_tokens: int, max_seq: int,
+                   graphs: bool) -> list[tuple[int, int, int]]:
+    """``[(start, end, width)]``: the prefill batches of prompts of ``lengths`` (in order) and
+    each one's padded length. With ``graphs``: power-of-two row counts, each padded to the
+    ``prefill_bucket`` ``warmup`` captured for its rows (a group grows row by row, so its token
+    budget counts the several-row width); eager: padded to its longest prompt."""
+    def width(longest: int, rows: int) -> int:
+        return prefill_bucket(longest, max_seq, rows) if graphs else longest
+
+    return [(start, end, width(max(lengths[start:end]), end - start))
+            for start, end in prefill_groups(lengths, max_rows, max_tokens, graphs,
+                                             lambda t: width(t, 2))]
+
+
 def batch_bucket(n: int, max_batch: int) -> int:
     b = 1
     while b < n:
@@ -293,21 +307,15 @@ class Engine:
         """Prefill ``prompts`` into ``slots`` (params already set); returns first tokens [n]."""
         firsts = []
         lens = [len(p) for p in prompts]
-        # a group grows row by row, so its token budget counts the several-row width
-        for start, end in prefill_groups(lens, self.max_prefill_rows, self.max_prefill_tokens,
-                                         self.prefill_graphs, lambda t: self._prefill_width(t, 2)):
-            width = self._prefill_width(max(lens[start:end]), end - start)
+        for start, end, width in prefill_layout(lens, self.max_prefill_rows,
+                                                self.max_prefill_tokens, self.max_seq_len,
+                                                self.prefill_graphs):
             batch = torch.zeros(end - start, width, dtype=torch.long)
             for j, p in enumerate(prompts[start:end]):
                 batch[j, :len(p)] = torch.tensor(p, dtype=torch.long)
             firsts.append(self._run_prefill(batch, torch.tensor(lens[start:end]),
                                             torch.tensor(slots[start:end])))
         return torch.cat(firsts)
-
-    def _prefill_width(self, longest: int, rows: int) -> int:
-        """Padded length of a prefill batch: with graphs, the bucket ``warmup`` captured for its
-        row count; eager, the longest prompt."""
-        return prefill_bucket(longest, self.max_seq_len, rows) if self.prefill_graphs else longest
 
     def _prefill_step(self, tokens: torch.Tensor, lengths: torch.Tensor, idx: torch.Tensor
                       ) -> torch.Tensor:
