@@ -122,6 +122,56 @@ def test_the_core_process_gives_the_in_process_tokens(model_dir):
     assert not core.alive and core._proc.exitcode == 0
 
 
+class _Pipe:
+    """The core's end of the pipe with messages already waiting, as when a burst arrives while
+    the core is busy; EOF once they are read."""
+
+    def __init__(self, msgs: list) -> None:
+        self.msgs = list(msgs)
+
+    def recv(self):
+        if not self.msgs:
+            raise EOFError
+        return self.msgs.pop(0)
+
+    def poll(self, timeout=0.0) -> bool:
+        return bool(self.msgs)
+
+
+class _RecordingScheduler:
+    """What ``_serve_pipe`` calls on the scheduler: requests of three sequences are refused."""
+
+    def __init__(self) -> None:
+        self.seqs: dict = {}
+        self.calls: list = []
+
+    def submit_many(self, groups):
+        self.calls.append([[seq.id for seq in g] for g in groups])
+        return [QueueFull("full") if len(g) == 3 else None for g in groups]
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+
+
+def test_the_core_submits_what_waits_in_the_pipe_together_in_order():
+    """Submissions already in the pipe reach the scheduler in one ``submit_many`` (one
+    shortest-first prefill), each request all or none; a cancel or abort splits them so it
+    lands after what preceded it; ``stop`` ends the loop (what follows it is not submitted)."""
+    from ecospa_deploy.serve.core import _serve_pipe
+
+    p = SamplingParams(max_new_tokens=2)
+    pipe = _Pipe([("submit", [(1, [5], p, 0.0)]), ("submit", [(2, [6, 7], p, 0.0)]),
+                  ("submit", [(3, [1], p, 0.0), (4, [1], p, 0.0), (5, [1], p, 0.0)]),
+                  ("cancel", 1), ("submit", [(6, [8], p, 0.0)]), ("abort",), ("stop",),
+                  ("submit", [(7, [9], p, 0.0)])])
+    sent, scheduler = [], _RecordingScheduler()
+    _serve_pipe(pipe, scheduler, sent.append)
+    assert scheduler.calls == [[[1], [2], [3, 4, 5]], [[6]], "abort"]
+    assert sent == [("events", [(i, None, "error", "full") for i in (3, 4, 5)], [])]
+    assert sorted(scheduler.seqs) == [1, 2, 6]       # the refused ones are forgotten
+    assert scheduler.seqs[1].cancelled and not scheduler.seqs[2].cancelled
+
+
 @needs_engine
 def test_cancel_limits_and_stop(model_dir):
     core = EngineCoreClient(_config(model_dir, max_batch_size=1, max_queue=2)).start()

@@ -489,6 +489,31 @@ class Batched(FakeBackend):
         return out
 
 
+def test_submit_many_queues_each_request_all_or_none_and_prefills_them_together():
+    backend = Batched()
+    backend.gate.clear()                                # the running sequence's step blocks
+    sched = Scheduler(backend, 8, 4).start()
+    events = [[] for _ in range(7)]
+    try:
+        sched.submit([Sequence([3], SamplingParams(max_new_tokens=2), events[0].append)])
+        wait_for(lambda: backend.slots)
+
+        def seq(i, n):
+            return Sequence([3] * n, SamplingParams(max_new_tokens=2), events[i].append)
+        errors = sched.submit_many([[seq(1, 5), seq(2, 2)], [seq(3, 1)] * 3, [seq(4, 4)],
+                                    [seq(5, 1)], [seq(6, 1)]])
+        # 2 queued; 3 more would be 5 > 4: refused whole; then 1 and 1 fit; the last does not
+        assert [type(e).__name__ if e else None for e in errors] == \
+            [None, "QueueFull", None, None, "QueueFull"]
+        assert sched.queued == 4 and sched.metrics.queue_depth._value.get() == 4
+        backend.gate.set()
+        wait_for(lambda: all(events[i] and events[i][-1].finish for i in (0, 1, 2, 4, 5)))
+    finally:
+        sched.stop()
+    assert ("many", [1, 2, 4, 5]) in backend.log     # the four, one shortest-first prefill
+    assert not events[3] and not events[6]
+
+
 def test_prompts_that_fit_prefill_together_and_only_a_prompt_over_the_budget_is_cut():
     backend = Batched()
     backend.gate.clear()

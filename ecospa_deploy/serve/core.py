@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ecospa_deploy.serve.metrics import Metrics
-from ecospa_deploy.serve.scheduler import (NeverFits, Outbox, QueueFull, Scheduler, Sequence,
-                                           ShuttingDown, TokenEvent, check_admission)
+from ecospa_deploy.serve.scheduler import (Outbox, Scheduler, Sequence, ShuttingDown,
+                                           TokenEvent, check_admission)
 
 log = logging.getLogger("ecospa_deploy.serve")
 
@@ -180,37 +180,63 @@ def _load(config: CoreConfig, send) -> tuple[_CoreScheduler, dict]:
     return scheduler, info
 
 
+# at most this many buffered messages are taken per wake-up (a bound on the reader's latency)
+_DRAIN = 1024
+
+
 def _serve_pipe(conn, scheduler: _CoreScheduler, send) -> None:
+    """Serve the pipe until ``stop`` or EOF. Each wake-up takes every message already waiting
+    and hands consecutive submissions to the scheduler together (``submit_many``): a burst that
+    reached the pipe while the core was busy is admitted as one shortest-first prefill, as in
+    one process, instead of the first arrival alone with the rest a step later."""
     while True:
         try:
-            msg = conn.recv()
+            msgs = [conn.recv()]
+            while len(msgs) < _DRAIN and conn.poll(0):
+                msgs.append(conn.recv())
         except (EOFError, OSError):
             log.warning("the API process is gone; stopping the engine core")
             return
-        kind = msg[0]
-        if kind == "submit":
-            seqs = []
-            for sid, prompt_ids, params, arrival in msg[1]:
-                seq = Sequence(prompt_ids, params, _ignore)
-                seq.id, seq.arrival = sid, arrival
-                seqs.append(seq)
-            for seq in seqs:
-                scheduler.seqs[seq.id] = seq
-            try:
-                scheduler.submit(seqs)
-            except (QueueFull, NeverFits, ShuttingDown) as exc:
-                finish = "shutdown" if isinstance(exc, ShuttingDown) else "error"
-                for seq in seqs:
-                    scheduler.seqs.pop(seq.id, None)
-                send(("events", [(seq.id, None, finish, str(exc)) for seq in seqs], []))
-        elif kind == "cancel":
-            seq = scheduler.seqs.get(msg[1])
-            if seq is not None:
-                seq.cancel()
-        elif kind == "abort":
-            scheduler.abort()
-        elif kind == "stop":
-            return
+        submits: list[list[tuple]] = []
+        for msg in msgs:
+            if msg[0] == "submit":
+                submits.append(msg[1])
+                continue
+            _submit(scheduler, submits, send)   # in order: a cancel follows its submit
+            submits = []
+            if msg[0] == "cancel":
+                seq = scheduler.seqs.get(msg[1])
+                if seq is not None:
+                    seq.cancel()
+            elif msg[0] == "abort":
+                scheduler.abort()
+            elif msg[0] == "stop":
+                return
+        _submit(scheduler, submits, send)
+
+
+def _submit(scheduler: _CoreScheduler, requests: list[list[tuple]], send) -> None:
+    if not requests:
+        return
+    groups = []
+    for items in requests:
+        seqs = []
+        for sid, prompt_ids, params, arrival in items:
+            seq = Sequence(prompt_ids, params, _ignore)
+            seq.id, seq.arrival = sid, arrival
+            scheduler.seqs[sid] = seq
+            seqs.append(seq)
+        groups.append(seqs)
+    refused = []
+    for seqs, exc in zip(groups, scheduler.submit_many(groups)):
+        if exc is None:
+            continue
+        finish = "shutdown" if isinstance(exc, ShuttingDown) else "error"
+        for seq in seqs:
+            scheduler.seqs.pop(seq.id, None)
+            refused.append((seq.id, None, finish, str(exc)))
+    if refused:
+        send(("events", refused, []))
 
 
 class EngineCoreClient:

@@ -205,14 +205,31 @@ class Scheduler:
     # -- called from the event loop ----------------------------------------------------------
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue all of a request's sequences, or none (``QueueFull``/``ShuttingDown``)."""
+        error = self.submit_many([seqs])[0]
+        if error is not None:
+            raise error
+
+    def submit_many(self, requests: list[list[Sequence]]) -> list[Exception | None]:
+        """Queue several requests, each all or none, under one lock and with one wake-up, so
+        the worker admits them in one shortest-first prefill rather than starting on the first
+        while the rest queue behind it. Returns, per request, ``None`` or why it was refused
+        (``QueueFull``/``NeverFits``/``ShuttingDown``)."""
+        errors: list[Exception | None] = []
         with self._cond:
-            check_admission(self._stopping or not self.alive, len(self._pending), len(seqs),
-                            self.max_queue)
-            for seq in seqs:
-                seq._scheduler = self
-                self._pending.append(seq)
+            for seqs in requests:
+                try:
+                    check_admission(self._stopping or not self.alive, len(self._pending),
+                                    len(seqs), self.max_queue)
+                except (QueueFull, NeverFits, ShuttingDown) as exc:
+                    errors.append(exc)
+                    continue
+                for seq in seqs:
+                    seq._scheduler = self
+                    self._pending.append(seq)
+                errors.append(None)
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify()
+        return errors
 
     def wake(self) -> None:
         with self._cond:
