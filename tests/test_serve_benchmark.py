@@ -132,3 +132,15 @@ def test_batch_size_stats_count_the_load_alone():
     assert batch_size_stats(after + prefill, name="ecospa_prefill_batch_size") == \
         batch_size_stats(after)
     assert batch_size_stats(after, name="ecospa_prefill_batch_size")["steps"] == 0
+
+
+def test_server_ttft_mean_is_the_loads_histogram_mean():
+    from ecospa_deploy.serve.loadtest import server_ttft_mean_ms
+
+    def text(count, total):
+        return (f"ecospa_time_to_first_token_seconds_sum {total}\n"
+                f"ecospa_time_to_first_token_seconds_count {count}\n")
+
+    assert server_ttft_mean_ms(text(64, 12.8), text(0, 0)) == 200.0
+    assert server_ttft_mean_ms(text(80, 13.6), text(16, 0.8)) == 200.0   # warm-up left out
+    assert math.isnan(server_ttft_mean_ms(text(4, 1.0), text(4, 1.0)))

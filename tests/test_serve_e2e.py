@@ -313,6 +313,9 @@ def test_streamed_load_with_distinct_prompt_lengths(server):
     for i, r in enumerate(summary["results"]):
         assert r["ttft_s"] > 0 and 0 < r["completion_tokens"] <= (3, 6)[i % 2]
     assert summary["ttft_p50_ms"] > 0 and summary["output_tokens_per_s"] > 0
+    # the scheduler's TTFT starts after the request is read and tokenized and ends before
+    # the first token reaches the client: inside the client's
+    assert 0 < summary["server_ttft_mean_ms"] < summary["ttft_mean_ms"]
 
 
 def test_sigterm_finishes_in_flight_requests(model_dir):

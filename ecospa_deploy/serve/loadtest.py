@@ -139,6 +139,8 @@ async def run_stream_load(url: str, prompts: list[list[int]], max_tokens: list[i
         "wall_s": round(wall, 3), "output_tokens": tokens,
         "output_tokens_per_s": round(tokens / wall, 1),
         "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
+        "ttft_mean_ms": ms(sum(ttft) / len(ttft)),
+        "server_ttft_mean_ms": server_ttft_mean_ms(metrics, before),
         "tpot_p50_ms": ms(percentile(tpot, 50)), "tpot_p99_ms": ms(percentile(tpot, 99)),
         "batch_size": batch_size_stats(metrics, before),
         "prefill_batch_size": batch_size_stats(metrics, before, "ecospa_prefill_batch_size"),
@@ -146,23 +148,34 @@ async def run_stream_load(url: str, prompts: list[list[int]], max_tokens: list[i
     }
 
 
-def batch_size_stats(metrics_text: str, before: str | None = None,
-                     name: str = "ecospa_batch_size") -> dict[str, float]:
-    """Decode steps, mean sequences per step and steps with more than one sequence (with
-    ``name="ecospa_prefill_batch_size"``: prefill calls and whole prompts per call); with
-    ``before`` (the /metrics text when the load began) those of the load alone, since the
-    server's counters run over its whole life (warm-up and earlier loads included)."""
+def _histogram(metrics_text: str, before: str | None, name: str) -> tuple[float, float, float]:
+    """``name``'s count, sum and ``le="1.0"`` bucket in ``metrics_text``, less those in
+    ``before`` (the server's counters run over its whole life: warm-up and earlier loads)."""
     def value(pattern: str) -> float:
         def one(text):
             match = re.search(pattern, text or "", re.M)
             return float(match.group(1)) if match else 0.0
         return one(metrics_text) - one(before)
 
-    steps = value(rf"^{name}_count (\S+)")
-    total = value(rf"^{name}_sum (\S+)")
-    single = value(rf'^{name}_bucket\{{le="1\.0"\}} (\S+)')
+    return (value(rf"^{name}_count (\S+)"), value(rf"^{name}_sum (\S+)"),
+            value(rf'^{name}_bucket\{{le="1\.0"\}} (\S+)'))
+
+
+def batch_size_stats(metrics_text: str, before: str | None = None,
+                     name: str = "ecospa_batch_size") -> dict[str, float]:
+    """Decode steps, mean sequences per step and steps with more than one sequence (with
+    ``name="ecospa_prefill_batch_size"``: prefill calls and whole prompts per call); with
+    ``before`` (the /metrics text when the load began) those of the load alone."""
+    steps, total, single = _histogram(metrics_text, before, name)
     return {"steps": steps, "mean": round(total / steps, 2) if steps else 0.0,
             "steps_with_more_than_one": steps - single}
+
+
+def server_ttft_mean_ms(metrics_text: str, before: str | None = None) -> float:
+    """Mean TTFT as the scheduler counts it (a sequence's arrival, after tokenizing, to its
+    first token): the client's mean less this is the HTTP, tokenizing and streaming side."""
+    count, total, _ = _histogram(metrics_text, before, "ecospa_time_to_first_token_seconds")
+    return round(1e3 * total / count, 2) if count else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
