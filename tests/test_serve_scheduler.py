@@ -97,6 +97,25 @@ def test_late_requests_join_the_running_batch():
         sched.stop()
 
 
+def test_cancelling_an_ended_sequence_wakes_nothing():
+    class Recorder:
+        def __init__(self):
+            self.woken = []
+
+        def on_cancel(self, seq):
+            self.woken.append(seq.id)
+
+    rec = Recorder()
+    ended, running = (Sequence([1], SamplingParams(), lambda e: None) for _ in range(2))
+    for seq in (ended, running):
+        seq._scheduler = rec
+    ended.done = True
+    ended.cancel()
+    running.cancel()
+    running.cancel()
+    assert rec.woken == [running.id] and running.cancelled
+
+
 def test_a_burst_is_prefilled_shortest_prompt_first():
     """TTFTs of a burst are prefix sums of its prefills: shortest first minimises them."""
     backend = FakeBackend()

@@ -93,8 +93,11 @@ class Sequence:
         self._scheduler: Scheduler | None = None
 
     def cancel(self) -> None:
-        """Stop generating (client gone, stop string seen, timeout); the slot is freed soon."""
-        if not self.cancelled:
+        """Stop generating (client gone, stop string seen, timeout); the slot is freed soon.
+        A sequence that already ended has no slot: nothing to wake (every request's cleanup
+        cancels its sequences, and a wake-up per request costs the worker a GIL hand-off, the
+        engine core a pipe message)."""
+        if not self.cancelled and not self.done:
             self.cancelled = True
             if self._scheduler is not None:
                 self._scheduler.on_cancel(self)
