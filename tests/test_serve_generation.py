@@ -58,3 +58,30 @@ def test_deltas_before_an_error_still_come_out(end, status):
     got = asyncio.run(_batches([(0, TokenEvent(token=t)) for t in ids]
                                + [(0, TokenEvent(finish=end, error="gone"))]))
     assert len(got) == 2 and got[0] and got[1] == status
+
+
+@pytest.mark.parametrize("prompt, threaded", [
+    ([5, 6, 7], False), ([[5, 6], [7]], False), ("hello world", True), (["hi", "there"], True)])
+def test_only_text_prompts_go_to_the_tokenizer_thread(prompt, threaded):
+    """Token ids are checked on the loop (a thread hop per request costs more than the check);
+    text goes to the one tokenizer thread. Both give ``encode_completion``'s ids."""
+    service = GenerationService(_Queueing(), tokenizer(), "fake", 64, vocab_size=96,
+                                eos_token_ids=(2,), request_timeout=5)
+    hops = []
+    real = service.off_loop
+
+    async def counting(fn, *args):
+        hops.append(fn)
+        return await real(fn, *args)
+
+    service.off_loop = counting
+    req = CompletionRequest(prompt=prompt, max_tokens=4)
+    try:
+        ids = asyncio.run(service.completion_prompts(req))
+    finally:
+        service.close()
+    assert ids == service.encode_completion(req) and all(ids)
+    assert len(hops) == int(threaded)
+    bad = CompletionRequest(prompt=[5, 999], max_tokens=4)
+    with pytest.raises(APIError, match="outside the vocabulary"):
+        asyncio.run(service.completion_prompts(bad))

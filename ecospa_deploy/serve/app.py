@@ -184,7 +184,7 @@ def create_app(service: GenerationService, metrics: Metrics, *, api_key: str | N
     async def completions(request: Request) -> Response:
         req = parse(CompletionRequest, await read_json(request, max_body_bytes))
         service.precheck_completion(req)
-        prompts = await service.off_loop(service.encode_completion, req)
+        prompts = await service.completion_prompts(req)
         gen = service.start(prompts, req, req.max_tokens)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 

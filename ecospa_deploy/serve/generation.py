@@ -116,6 +116,16 @@ class GenerationService:
         self.check_text_size(total, "messages", "messages")
 
     # -- prompts -----------------------------------------------------------------------------
+    async def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        """The request's prompts as token ids: text is tokenized on the tokenizer thread; a
+        prompt of ids only is checked on the loop, since handing it to a thread would cost
+        more than the check (a thread wake-up and a GIL hand-off per request, the largest
+        items of the event loop's own time in a burst)."""
+        p = req.prompt
+        if isinstance(p, str) or any(isinstance(x, str) for x in p):
+            return await self.off_loop(self.encode_completion, req)
+        return self.encode_completion(req)
+
     def encode_completion(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
         if isinstance(p, str):
