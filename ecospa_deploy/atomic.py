@@ -9,7 +9,8 @@
   path lives in. The new output is complete before the old one is touched: the old one is
   renamed aside, the new one renamed in, and only then is the old one deleted.
 - SIGTERM while an output is being written ends the process like Ctrl-C does: the temp dir is
-  removed on the way out, so no hidden ``.NAME.*.tmp`` is left behind.
+  removed on the way out, so no hidden ``.NAME.*.tmp`` is left behind — by the handler itself,
+  before it raises, since the raise may land in native code that aborts instead of unwinding.
 """
 
 from __future__ import annotations
@@ -142,6 +143,28 @@ class _Terminated(SystemExit):
     """SIGTERM, raised like KeyboardInterrupt so ``finally`` and ``except`` clean up."""
 
 
+# Temp paths being written now. The SIGTERM handler removes them before it raises: an
+# exception raised inside a native call (an ONNX export calls back into Python from C++) can
+# end the process in std::terminate, where no ``except`` runs, and nothing must be left then.
+_IN_FLIGHT: set[Path] = set()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _in_flight(path: Path) -> Iterator[None]:
+    _IN_FLIGHT.add(path)
+    try:
+        yield
+    finally:
+        _IN_FLIGHT.discard(path)
+
+
 @contextlib.contextmanager
 def terminate_cleans_up() -> Iterator[None]:
     """While active, SIGTERM raises SystemExit(143) instead of killing the process outright.
@@ -155,6 +178,8 @@ def terminate_cleans_up() -> Iterator[None]:
         return
 
     def _raise(signum, frame):
+        for path in list(_IN_FLIGHT):
+            _remove(path)
         raise _Terminated(128 + signum)
 
     signal.signal(signal.SIGTERM, _raise)
@@ -178,7 +203,8 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
     with terminate_cleans_up():
         tmp = _fresh_dir(target.parent, target.name)
         try:
-            yield tmp
+            with _in_flight(tmp):
+                yield tmp
             from ecospa_deploy.version import VERSION as __version__
 
             (tmp / MARKER).write_text(json.dumps({"written_by": "ecospa-deploy",
@@ -208,7 +234,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     file, and SIGTERM in between leaves no temp file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with terminate_cleans_up():
+    with terminate_cleans_up(), _in_flight(tmp):
         try:
             tmp.write_text(text)
             tmp.replace(path)
