@@ -105,13 +105,24 @@ def test_chat_endpoint_with_text_prompts(server, tmp_path):
     assert rc == 0 and run["completed"] == 4 and run["total_output_tokens"] == 3 + 6 + 3 + 6
 
 
+def test_a_refused_request_is_a_failure_with_the_servers_status_and_message(server, tmp_path):
+    srv, _ = server
+    out = tmp_path / "m.json"
+    rc = cli(["bench", "serve", "--base-url", srv.url, "--model", "no-such-model",
+              "--num-prompts", "2", "--random-input-len", "4", "--random-output-len", "2",
+              "--vocab", "60", "--warmup-prompts", "0", "--result-file", str(out)])
+    run = json.loads(out.read_text())["runs"][0]
+    assert rc == 1 and run["completed"] == 0 and run["failed"] == 2
+    assert run["errors"][0].startswith("HTTP 404: ") and "no-such-model" in run["errors"][0]
+
+
 def test_a_dead_server_is_a_failed_run_not_a_crash(tmp_path):
     out = tmp_path / "d.json"
     rc = cli(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "2",
               "--random-input-len", "4", "--random-output-len", "2", "--warmup-prompts", "0",
               "--timeout", "5", "--result-file", str(out)])
     run = json.loads(out.read_text())["runs"][0]
-    assert rc == 1 and run["failed"] == 2 and "ConnectError" in run["errors"][0]
+    assert rc == 1 and run["failed"] == 2 and "ConnectorError" in run["errors"][0]
 
 
 def test_batch_size_stats_count_the_load_alone():

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+from ecospa_deploy.serve import client as http
 
 
 @dataclass(frozen=True)
@@ -130,24 +130,24 @@ def _chunk_has_content(chunk: dict) -> bool:
     return False
 
 
-async def _send(client: httpx.AsyncClient, endpoint: str, req: Request, model: str | None
-                ) -> Outcome:
+async def _send(client, endpoint: str, req: Request, model: str | None) -> Outcome:
     out = Outcome(prompt_len=req.prompt_len, start=time.perf_counter())
     stamps: list[float] = []
     usage = None
     try:
-        async with client.stream("POST", endpoint, json=_body(req, endpoint, model)) as resp:
-            if resp.status_code != 200:
-                out.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+        async with http.stream(client, endpoint, _body(req, endpoint, model)) as (status,
+                                                                                    lines):
+            if status != 200:
+                out.error = f"HTTP {status}: {' '.join([x async for x in lines])[:200]!r}"
                 return out
-            async for line in resp.aiter_lines():
+            async for line in lines:
                 if not line.startswith("data:") or line.strip() == "data: [DONE]":
                     continue
                 chunk = json.loads(line[5:])
                 if _chunk_has_content(chunk):
                     stamps.append(time.perf_counter())
                 usage = chunk.get("usage") or usage
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except http.ERRORS as exc:
         out.error = f"{type(exc).__name__}: {exc}"
         return out
     if not stamps:
@@ -166,12 +166,10 @@ async def run(base_url: str, requests: list[Request], *, endpoint: str = "/v1/co
               model: str | None = None, api_key: str | None = None, seed: int = 0,
               timeout: float = 600.0) -> dict[str, Any]:
     """Send ``requests`` at ``rate`` (at most ``max_concurrency`` in flight); the metrics."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     cap = max_concurrency or len(requests)
-    limits = httpx.Limits(max_connections=cap + 4, max_keepalive_connections=cap + 4)
     gate = asyncio.Semaphore(cap)
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits,
-                                 timeout=httpx.Timeout(timeout, connect=30)) as client:
+    async with http.session(base_url, connections=cap, timeout=timeout,
+                            api_key=api_key) as client:
 
         async def one(req: Request) -> Outcome:
             async with gate:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from ecospa_deploy.serve import client as http
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -29,12 +29,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-async def _one(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+async def _one(client, body: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
-    resp = await client.post("/v1/completions", json=body)
-    out = {"status": resp.status_code, "latency_s": time.perf_counter() - t0}
-    data = resp.json()
-    if resp.status_code == 200:
+    status, data = await http.post_json(client, "/v1/completions", body)
+    out = {"status": status, "latency_s": time.perf_counter() - t0}
+    if status == 200:
         out["text"] = data["choices"][0]["text"]
         out["completion_tokens"] = data["usage"]["completion_tokens"]
     else:
@@ -46,19 +45,17 @@ async def run_load(url: str, prompts: list[str], *, requests: int = 64, max_toke
                    api_key: str | None = None, model: str | None = None,
                    time_cap: float = 120.0) -> dict[str, Any]:
     """Fire ``requests`` completions at once (prompts cycled); all must finish within ``time_cap``."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=requests + 4)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=time_cap,
-                                 limits=limits) as client:
+    async with http.session(url, connections=requests, timeout=time_cap,
+                            api_key=api_key) as client:
         bodies = [{"prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
                    "temperature": 0, "ignore_eos": True, **({"model": model} if model else {})}
                   for i in range(requests)]
-        before = (await client.get("/metrics")).text
+        before = await http.get_text(client, "/metrics")
         t0 = time.perf_counter()
         results = await asyncio.wait_for(asyncio.gather(*(_one(client, b) for b in bodies)),
                                          time_cap)
         wall = time.perf_counter() - t0
-        metrics = (await client.get("/metrics")).text
+        metrics = await http.get_text(client, "/metrics")
     ok = [r for r in results if r["status"] == 200]
     lat = [r["latency_s"] for r in ok] or [float("nan")]
     tokens = sum(r.get("completion_tokens", 0) for r in ok)
@@ -74,14 +71,13 @@ async def run_load(url: str, prompts: list[str], *, requests: int = 64, max_toke
     }
 
 
-async def _one_stream(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+async def _one_stream(client, body: dict[str, Any]) -> dict[str, Any]:
     """One streamed completion: arrival-to-first-token and the time between later tokens."""
     t0 = time.perf_counter()
     stamps: list[float] = []
-    status = 0
-    async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
-        status = resp.status_code
-        async for line in resp.aiter_lines():
+    async with http.stream(client, "/v1/completions", {**body, "stream": True}) as (status,
+                                                                                  lines):
+        async for line in lines:
             if line.startswith("data: {"):
                 choices = json.loads(line[6:]).get("choices") or [{}]
                 if choices[0].get("text"):       # the closing delta may carry no text
@@ -114,19 +110,17 @@ async def run_stream_load(url: str, prompts: list[list[int]], max_tokens: list[i
 
     A token counts when its stream event carries text, so a tokenizer that decodes some ids to
     nothing under-counts them (bench/serve_gpu.py uses one where every id is a word)."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=len(prompts) + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=time_cap, limits=limits,
-                                 headers=headers) as client:
+    async with http.session(url, connections=len(prompts), timeout=time_cap,
+                            api_key=api_key) as client:
         bodies = [{"prompt": p, "max_tokens": max_tokens[i % len(max_tokens)],
                    "temperature": 0, "ignore_eos": True, **({"model": model} if model else {})}
                   for i, p in enumerate(prompts)]
-        before = (await client.get("/metrics")).text
+        before = await http.get_text(client, "/metrics")
         t0 = time.perf_counter()
         results = await asyncio.wait_for(
             asyncio.gather(*(_one_stream(client, b) for b in bodies)), time_cap)
         wall = time.perf_counter() - t0
-        metrics = (await client.get("/metrics")).text
+        metrics = await http.get_text(client, "/metrics")
     ok = [r for r in results if r["status"] == 200]
     ttft = [r["ttft_s"] for r in ok if "ttft_s" in r] or [float("nan")]
     tpot = [r["tpot_s"] for r in ok if "tpot_s" in r] or [float("nan")]

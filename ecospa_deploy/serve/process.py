@@ -13,10 +13,12 @@ import subprocess
 import sys
 import threading
 import time
-
-import httpx
+import urllib.error
+import urllib.request
 
 _URL = re.compile(r"at (http://\S+?)/v1\b")
+# the server is on loopback: never through a proxy the environment names
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class ServerProcess:
@@ -61,9 +63,10 @@ class ServerProcess:
             raise RuntimeError(f"server did not start ({' '.join(self.cmd)}):\n{self.log}")
         while time.monotonic() < deadline:
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
+                with _DIRECT.open(self.url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
                 pass
             if self.proc.poll() is not None:
                 break
