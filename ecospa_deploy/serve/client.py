@@ -2,10 +2,10 @@
 
 A load generator's own per-request cost lands in every TTFT it measures: with 64 streams sent
 at once from one event loop, each request's connect, send and first read wait behind the
-others'. Over a server that costs nothing (``bench/serve_host``, 2 cores, 2-token streams) the
-mean TTFT was ~130 ms with httpx's client, ~86 ms with aiohttp's and ~70 ms with bare asyncio
-sockets; aiohttp is the trusted library closest to the floor and the one vLLM's benchmark uses,
-so our numbers and ``vllm bench serve``'s carry the same client.
+others'. Over a server that costs nothing (``bench/client_overhead.py``: 64 streams of 2 tokens,
+2 cores, median of 7) the burst's mean TTFT was 150 ms with httpx's client, 75 ms with aiohttp's
+and 75 ms with bare asyncio sockets written by hand: aiohttp is at the floor, and it is the
+client of vLLM's benchmark, so our numbers and ``vllm bench serve``'s carry the same client.
 """
 
 from __future__ import annotations
