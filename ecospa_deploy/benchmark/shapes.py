@@ -92,8 +92,23 @@ def build_model(shape: dict[str, Any], pruned: bool, dtype: torch.dtype, device:
         config.set_spec(pruned_spec(config.ecospa_spec, shape["pruned"]["layers"], seed))
     config._attn_implementation = "sdpa"
     cls = family_of(config.model_type).load("model_class")
+    return _randomized(construct(cls, config, dtype, device), device, seed)
+
+
+@torch.no_grad()
+def build_stock_model(shape: dict[str, Any], dtype: torch.dtype, device: torch.device,
+                      seed: int = 0) -> torch.nn.Module:
+    """The shape's dense model as its stock transformers class (what servers that load stock
+    classes only, such as ``transformers serve``, can serve), random weights as ``build_model``."""
+    from ecospa_deploy.families import get
+
+    config = hf_config(shape)
+    cls = get(shape.get("family")).stock_class(config.model_type)
+    return _randomized(construct(cls, config, dtype, device), device, seed)
+
+
+def _randomized(model: torch.nn.Module, device, seed: int) -> torch.nn.Module:
     gen = torch.Generator(device=device).manual_seed(seed)
-    model = construct(cls, config, dtype, device)
     for name, p in model.named_parameters():
         if p.dim() == 1 and ("norm" in name or ".ln_" in name or "ln_f" in name):
             p.fill_(1.0) if name.endswith("weight") else p.zero_()
@@ -102,4 +117,5 @@ def build_model(shape: dict[str, Any], pruned: bool, dtype: torch.dtype, device:
     return model.eval()
 
 
-__all__ = ["shape_names", "load_shape", "build_model", "pruned_spec", "LayerSpec"]
+__all__ = ["shape_names", "load_shape", "build_model", "build_stock_model", "pruned_spec",
+           "LayerSpec"]

@@ -13,7 +13,8 @@ numbers compare. Conventions follow vLLM's benchmark (``benchmarks/serve``):
   cycled over ``--burst-output-lens``). Prompts are sent as token ids (``/v1/completions``
   accepts them); with ``--tokenizer`` they are decoded to text first, which the chat endpoint
   and servers without id prompts need. Outputs ignore EOS (``ignore_eos``, a vLLM extension the
-  server may not know: then requests stop early and the output token counts say so).
+  server may not know: then requests stop early and the output token counts say so;
+  ``--no-ignore-eos`` for a server that refuses the field, as ``transformers serve`` does).
 - **arrivals**: ``--request-rate inf`` sends everything at once; a finite rate draws gaps from a
   gamma distribution of shape ``--burstiness`` (1: Poisson), seeded; ``--max-concurrency``
   caps requests in flight (a semaphore, as vLLM does). Several rates in one call make a sweep.
@@ -111,9 +112,12 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def _body(req: Request, endpoint: str, model: str | None) -> dict[str, Any]:
+def _body(req: Request, endpoint: str, model: str | None, ignore_eos: bool = True
+          ) -> dict[str, Any]:
     body: dict[str, Any] = {"max_tokens": req.output_len, "temperature": 0, "stream": True,
-                            "stream_options": {"include_usage": True}, "ignore_eos": True}
+                            "stream_options": {"include_usage": True}}
+    if ignore_eos:
+        body["ignore_eos"] = True
     if model:
         body["model"] = model
     if endpoint.endswith("chat/completions"):
@@ -130,13 +134,14 @@ def _chunk_has_content(chunk: dict) -> bool:
     return False
 
 
-async def _send(client, endpoint: str, req: Request, model: str | None) -> Outcome:
+async def _send(client, endpoint: str, req: Request, model: str | None,
+                ignore_eos: bool = True) -> Outcome:
     out = Outcome(prompt_len=req.prompt_len, start=time.perf_counter())
     stamps: list[float] = []
     usage = None
     try:
-        async with http.stream(client, endpoint, _body(req, endpoint, model)) as (status,
-                                                                                    lines):
+        body = _body(req, endpoint, model, ignore_eos)
+        async with http.stream(client, endpoint, body) as (status, lines):
             if status != 200:
                 out.error = f"HTTP {status}: {' '.join([x async for x in lines])[:200]!r}"
                 return out
@@ -164,7 +169,7 @@ async def _send(client, endpoint: str, req: Request, model: str | None) -> Outco
 async def run(base_url: str, requests: list[Request], *, endpoint: str = "/v1/completions",
               rate: float = math.inf, burstiness: float = 1.0, max_concurrency: int | None = None,
               model: str | None = None, api_key: str | None = None, seed: int = 0,
-              timeout: float = 600.0) -> dict[str, Any]:
+              timeout: float = 600.0, ignore_eos: bool = True) -> dict[str, Any]:
     """Send ``requests`` at ``rate`` (at most ``max_concurrency`` in flight); the metrics."""
     cap = max_concurrency or len(requests)
     gate = asyncio.Semaphore(cap)
@@ -173,7 +178,7 @@ async def run(base_url: str, requests: list[Request], *, endpoint: str = "/v1/co
 
         async def one(req: Request) -> Outcome:
             async with gate:
-                return await _send(client, endpoint, req, model)
+                return await _send(client, endpoint, req, model, ignore_eos)
 
         tasks = []
         t0 = time.perf_counter()
@@ -252,6 +257,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--burst-output-lens", default="32,64,128", metavar="A,B,...")
     p.add_argument("--vocab", type=int, default=1000,
                    help="prompt ids are drawn below this (keep it under the model's vocabulary)")
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="send ignore_eos, so every request runs to its output length; "
+                   "--no-ignore-eos for servers that refuse the field (transformers serve)")
     p.add_argument("--tokenizer", default=None,
                    help="a tokenizer directory: send prompts as the text of their ids")
     p.add_argument("--request-rate", type=_rates, default=[math.inf],
@@ -294,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     reqs = build_requests(args)
     kw = dict(endpoint=args.endpoint, model=args.model, api_key=args.api_key,
               max_concurrency=args.max_concurrency, timeout=args.timeout,
-              burstiness=args.burstiness, seed=args.seed)
+              burstiness=args.burstiness, seed=args.seed, ignore_eos=args.ignore_eos)
     runs = []
     for rate in args.request_rate:
         if args.warmup_prompts:

@@ -1,7 +1,9 @@
-"""Run ``ecospa serve`` in a child process on a free loopback port (tests, load tests, scripts).
+"""Servers in child processes on loopback (tests, load tests, benchmarks): ``ecospa serve``
+and the peers it is measured against.
 
-The child binds ``--port 0`` and prints its URL; this reads it from the child's stdout, so
-there is no race for a port chosen in advance.
+``ecospa serve`` binds ``--port 0`` and prints its URL, which ``ServerProcess`` reads from its
+stdout, so there is no race for a port chosen in advance; a peer that cannot do that gets a
+port from ``free_port`` (``ChildServer``).
 """
 
 from __future__ import annotations
@@ -21,17 +23,16 @@ _URL = re.compile(r"at (http://\S+?)/v1\b")
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class ServerProcess:
-    """``with ServerProcess(path, "--backend", "hf") as srv: srv.url`` — SIGTERM on exit."""
+class ChildServer:
+    """An HTTP server in a child process at a URL known in advance (``transformers serve`` on a
+    port given to it): ``start`` waits until ``GET /health`` answers 200; SIGTERM on exit."""
 
-    def __init__(self, model_path: str | os.PathLike, *args: str, startup_timeout: float = 120.0,
+    def __init__(self, cmd: list[str], url: str | None = None, *, startup_timeout: float = 120.0,
                  env: dict[str, str] | None = None) -> None:
-        self.cmd = [sys.executable, "-m", "ecospa_deploy.cli", "serve", str(model_path),
-                    "--host", "127.0.0.1", "--port", "0", *args]
+        self.cmd, self.url = cmd, url
         self.startup_timeout = startup_timeout
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
-        self.url: str | None = None
         self.output: list[str] = []
         self._reader: threading.Thread | None = None
 
@@ -39,28 +40,25 @@ class ServerProcess:
     def log(self) -> str:
         return "".join(self.output)
 
-    def start(self) -> "ServerProcess":
+    def _on_line(self, line: str) -> None:
+        """Each line the child prints, as it comes (a subclass reads its URL here)."""
+
+    def start(self) -> "ChildServer":
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=self.env, start_new_session=True)
-        found = threading.Event()
+        self._found = threading.Event()
         stdout = self.proc.stdout
 
         def read() -> None:
             for line in stdout:
                 self.output.append(line)
-                match = _URL.search(line)
-                if match and self.url is None:
-                    self.url = match.group(1)
-                    found.set()
-            found.set()
+                self._on_line(line)
+            self._found.set()
 
         self._reader = threading.Thread(target=read, daemon=True)
         self._reader.start()
         deadline = time.monotonic() + self.startup_timeout
-        found.wait(self.startup_timeout)
-        if self.url is None:
-            self.stop()
-            raise RuntimeError(f"server did not start ({' '.join(self.cmd)}):\n{self.log}")
+        self._wait_for_url()
         while time.monotonic() < deadline:
             try:
                 with _DIRECT.open(self.url + "/health", timeout=2) as resp:
@@ -72,7 +70,11 @@ class ServerProcess:
                 break
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"server at {self.url} never became healthy:\n{self.log}")
+        raise RuntimeError(f"server at {self.url} never became healthy "
+                           f"({' '.join(self.cmd)}):\n{self.log}")
+
+    def _wait_for_url(self) -> None:
+        """The URL is known in advance here."""
 
     def terminate(self) -> None:
         """Send SIGTERM (graceful shutdown) without waiting."""
@@ -97,9 +99,43 @@ class ServerProcess:
             self.proc.kill()
             return self.wait(timeout)
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> "ChildServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now on ``host`` (another process may take it before the child binds it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess(ChildServer):
+    """``with ServerProcess(path, "--backend", "hf") as srv: srv.url`` — ``ecospa serve`` on a
+    port it picks itself, read from its banner."""
+
+    def __init__(self, model_path: str | os.PathLike, *args: str, startup_timeout: float = 120.0,
+                 env: dict[str, str] | None = None) -> None:
+        super().__init__([sys.executable, "-m", "ecospa_deploy.cli", "serve", str(model_path),
+                          "--host", "127.0.0.1", "--port", "0", *args],
+                         startup_timeout=startup_timeout, env=env)
+
+    def _on_line(self, line: str) -> None:
+        match = _URL.search(line)
+        if match and self.url is None:
+            self.url = match.group(1)
+            self._found.set()
+
+    def _wait_for_url(self) -> None:
+        self._found.wait(self.startup_timeout)
+        if self.url is None:
+            self.stop()
+            raise RuntimeError(f"server did not start ({' '.join(self.cmd)}):\n{self.log}")
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
