@@ -97,7 +97,7 @@ def main(argv=None) -> int:
                    *shlex.split(args.server_args)]
     ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"serve_{args.shape}{args.tag}.json"
+    path = args.out / f"serve_{shape.get('name') or Path(args.shape).stem}{args.tag}.json"
     result = dict(shape=args.shape, server_args=server_args, requests=args.requests,
                   prompt_lens=args.prompt_lens, max_tokens_mix=mix, ceilings=ceil.to_dict(),
                   runs={})

@@ -144,7 +144,7 @@ def main(argv=None) -> int:
             runs["pruned"]["warm"]["output_tokens_per_s"]
             / runs["dense"]["warm"]["output_tokens_per_s"], 3)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"serve_replay_{args.shape}{args.tag}.json"
+    path = args.out / f"serve_replay_{shape.get('name') or Path(args.shape).stem}{args.tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(path)
     return 0
