@@ -144,9 +144,10 @@ def main(argv=None) -> int:
 
 
 def _steps(url: str) -> int:
-    import httpx
+    import urllib.request
 
-    text = httpx.get(url + "/metrics", timeout=30).text
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
     match = re.search(r"^ecospa_batch_size_count (\S+)", text, re.M)
     return int(float(match.group(1))) if match else 0
 
