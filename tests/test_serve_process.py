@@ -204,3 +204,15 @@ def test_a_pipelined_partial_request_is_cut_at_the_read_timeout(model_dir):
         sock.close()
     assert data.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in data, data[:300]
     assert 1.5 < took < 6, took
+
+
+def test_a_child_server_that_dies_before_it_is_healthy_raises_with_its_output():
+    from ecospa_deploy.serve.process import ChildServer, free_port
+
+    cmd = [sys.executable, "-c", "print('no model here'); raise SystemExit(3)"]
+    srv = ChildServer(cmd, f"http://127.0.0.1:{free_port()}", startup_timeout=30)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="never became healthy") as info:
+        srv.start()
+    assert "no model here" in str(info.value) and srv.proc.returncode == 3
+    assert time.monotonic() - t0 < 20          # it noticed the exit, not the timeout
