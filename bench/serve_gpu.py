@@ -71,6 +71,37 @@ def burst_load(args) -> tuple[dict, int, list[list[int]], list[int]]:
     return shape, vocab, token_prompts(args.requests, lo, hi, vocab), mix
 
 
+def server_arguments(ap: argparse.ArgumentParser, server: str, example: str,
+                     rates: str) -> None:
+    """The arguments of a run against one server (``server``, with a flag as ``example``):
+    the loads beside the burst, the server's own flags, the output (shared with
+    ``serve_peer``)."""
+    ap.add_argument("--loads", action="store_true",
+                    help="also the random 1024-in/128-out set at once and at --rates")
+    ap.add_argument("--rates", default=rates, help="Poisson request rates for --loads")
+    ap.add_argument("--server-args", default="", help=f"more {server} flags, one string "
+                    f"after '=' (--server-args=\"{example}\"; a lone flag after a "
+                    "space is read as this command's own option)")
+    ap.add_argument("--tag", default="", help="suffix of the output file name")
+    ap.add_argument("--out", type=Path, required=True)
+
+
+def output_name(shape: dict, arg: str) -> str:
+    """The shape's name in output file names (``arg``'s stem when the file has none)."""
+    return shape.get("name") or Path(arg).stem
+
+
+def load_plan(args, vocab: int) -> list[tuple[list, float]]:
+    """``[(requests, rate)]`` of ``--loads``: the random 1024/128 set at once, then at each of
+    ``--rates`` (Poisson), the same requests each time."""
+    import math
+
+    from ecospa_deploy.serve.benchmark import random_requests
+
+    reqs = random_requests(args.requests * 2, 1024, 128, 0.0, vocab, seed=1)
+    return [(reqs, rate) for rate in [math.inf] + [float(r) for r in args.rates.split(",")]]
+
+
 def main(argv=None) -> int:
     from ecospa_deploy.serve.loadtest import run_stream_load
     from ecospa_deploy.serve.process import ServerProcess
@@ -80,15 +111,8 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     burst_arguments(ap)
-    ap.add_argument("--loads", action="store_true",
-                    help="also the random 1024-in/128-out set at once and at --rates")
-    ap.add_argument("--rates", default="8,16,32", help="Poisson request rates for --loads")
-    ap.add_argument("--server-args", default="", help="more ecospa serve flags, one string "
-                    "after '=' (--server-args=\"--engine-process\"; a lone flag after a "
-                    "space is read as this command's own option)")
-    ap.add_argument("--tag", default="", help="suffix of the output file name")
+    server_arguments(ap, "ecospa serve", "--engine-process", rates="8,16,32")
     ap.add_argument("--which", default="dense,pruned", help="the twins to serve, in order")
-    ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     shape, vocab, prompts, mix = burst_load(args)
     server_args = ["--backend", "engine", "--dtype", "bfloat16", "--device", "cuda",
@@ -97,7 +121,7 @@ def main(argv=None) -> int:
                    *shlex.split(args.server_args)]
     ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"serve_{shape.get('name') or Path(args.shape).stem}{args.tag}.json"
+    path = args.out / f"serve_{output_name(shape, args.shape)}{args.tag}.json"
     result = dict(shape=args.shape, server_args=server_args, requests=args.requests,
                   prompt_lens=args.prompt_lens, max_tokens_mix=mix, ceilings=ceil.to_dict(),
                   runs={})
@@ -136,13 +160,10 @@ def main(argv=None) -> int:
 
 def _loads(url: str, args, vocab: int) -> list[dict]:
     """The random 1024/128 set at once and at each Poisson rate (``ecospa bench serve``)."""
-    import math
+    from ecospa_deploy.serve.benchmark import run
 
-    from ecospa_deploy.serve.benchmark import random_requests, run
-
-    reqs = random_requests(args.requests * 2, 1024, 128, 0.0, vocab, seed=1)
     out = []
-    for rate in [math.inf] + [float(r) for r in args.rates.split(",")]:
+    for reqs, rate in load_plan(args, vocab):
         res = asyncio.run(run(url, reqs, rate=rate, max_concurrency=args.requests, seed=1))
         res.pop("errors", None) if not res.get("errors") else None
         out.append(res)

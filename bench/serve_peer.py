@@ -22,11 +22,11 @@ import shlex
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from ecospa_deploy.bench.serve_gpu import burst_arguments, burst_load, word_tokenizer
+from ecospa_deploy.bench.serve_gpu import (burst_arguments, burst_load, load_plan, output_name,
+                                           server_arguments, word_tokenizer)
 
 
 def peer_command(model_dir: str, port: int, device: str, dtype: str, extra: list[str]
@@ -42,18 +42,12 @@ def main(argv=None) -> int:
     from transformers.utils.import_utils import is_serve_available
 
     from ecospa_deploy.benchmark.shapes import build_stock_model
-    from ecospa_deploy.serve.benchmark import Request, format_row, random_requests, run
+    from ecospa_deploy.serve.benchmark import Request, format_row, run
     from ecospa_deploy.serve.process import ChildServer, free_port
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     burst_arguments(ap)
-    ap.add_argument("--loads", action="store_true",
-                    help="also the random 1024-in/128-out set at once and at --rates")
-    ap.add_argument("--rates", default="16,32", help="Poisson request rates for --loads")
-    ap.add_argument("--server-args", default="", help="more transformers serve flags, one "
-                    "string after '=' (--server-args=\"--cb-use-cuda-graph\")")
-    ap.add_argument("--tag", default="", help="suffix of the output file name")
-    ap.add_argument("--out", type=Path, required=True)
+    server_arguments(ap, "transformers serve", "--cb-use-cuda-graph", rates="16,32")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--startup-timeout", type=float, default=900.0)
     args = ap.parse_args(argv)
@@ -69,12 +63,11 @@ def main(argv=None) -> int:
     extra = shlex.split(args.server_args)
     loads = [("burst", burst, math.inf)]
     if args.loads:
-        rand = [Request(tok.decode(r.prompt), r.prompt_len, r.output_len)
-                for r in random_requests(args.requests * 2, 1024, 128, 0.0, vocab, seed=1)]
-        loads += [("random", rand, rate) for rate in
-                  [math.inf] + [float(r) for r in args.rates.split(",")]]
+        plan = load_plan(args, vocab)          # one request set, at each rate
+        text = [Request(tok.decode(r.prompt), r.prompt_len, r.output_len) for r in plan[0][0]]
+        loads += [("random", text, rate) for _, rate in plan]
     args.out.mkdir(parents=True, exist_ok=True)
-    name = shape.get("name") or Path(args.shape).stem
+    name = output_name(shape, args.shape)
     path = args.out / f"serve_peer_{name}{args.tag}.json"
     result: dict = dict(shape=name, peer="transformers serve --continuous-batching",
                         peer_args=extra, requests=args.requests, prompt_lens=args.prompt_lens,
@@ -94,13 +87,14 @@ def main(argv=None) -> int:
             result["server_start_s"] = round(time.perf_counter() - t0, 1)
             kw = dict(max_concurrency=args.requests, ignore_eos=False, seed=1)
             asyncio.run(run(srv.url, burst[:4], **kw))                    # warm-up
-            for name, reqs, rate in [loads[0]] + loads:    # the burst twice: first, then warm
-                res = asyncio.run(run(srv.url, reqs, rate=rate, **kw)) | {"load": name}
-                result["runs"].append(res)
+            for i, (load, reqs, rate) in enumerate([loads[0]] + loads):  # the burst twice
+                res = asyncio.run(run(srv.url, reqs, rate=rate, **kw)) | {"load": load}
+                if i == 0:
+                    result["first_burst"] = res
+                else:
+                    result["runs"].append(res)
                 print(format_row(res), flush=True)
-                path.write_text(json.dumps(result, indent=1) + "\n")
-    result["first_burst"], result["runs"] = result["runs"][0], result["runs"][1:]
-    path.write_text(json.dumps(result, indent=1) + "\n")
+                path.write_text(json.dumps(result, indent=1) + "\n")  # kept if a limit cuts
     return 0 if all(r["failed"] == 0 for r in result["runs"]) else 1
 
 

@@ -89,7 +89,7 @@ def burst(scheduler, prompts, mix) -> dict:
 def main(argv=None) -> int:
     from ecospa_deploy.benchmark.floor import measure_ceilings
     from ecospa_deploy.benchmark.shapes import build_model
-    from ecospa_deploy.bench.serve_gpu import burst_arguments, burst_load
+    from ecospa_deploy.bench.serve_gpu import burst_arguments, burst_load, output_name
     from ecospa_deploy.serve.scheduler import Scheduler
     from ecospa_deploy.serve.server import build_backend
 
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
             runs["pruned"]["warm"]["output_tokens_per_s"]
             / runs["dense"]["warm"]["output_tokens_per_s"], 3)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"serve_replay_{shape.get('name') or Path(args.shape).stem}{args.tag}.json"
+    path = args.out / f"serve_replay_{output_name(shape, args.shape)}{args.tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(path)
     return 0

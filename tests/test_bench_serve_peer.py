@@ -45,3 +45,16 @@ def test_without_the_peers_extra_it_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(iu, "is_serve_available", lambda: False)
     assert serve_peer.main(_args(tmp_path)) == 2
     assert "pip install 'transformers[serving]'" in capsys.readouterr().err
+
+
+def test_the_load_plan_is_one_request_set_at_once_then_at_each_rate():
+    import argparse
+    import math
+
+    from ecospa_deploy.bench.serve_gpu import load_plan
+
+    plan = load_plan(argparse.Namespace(requests=3, rates="16,32"), vocab=50)
+    assert [rate for _, rate in plan] == [math.inf, 16.0, 32.0]
+    reqs = plan[0][0]
+    assert len(reqs) == 6 and all(r.prompt_len == 1024 and r.output_len == 128 for r in reqs)
+    assert all(p is reqs for p, _ in plan)
