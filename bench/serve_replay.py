@@ -95,8 +95,10 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     burst_arguments(ap)
-    ap.add_argument("--prefill-chunk", type=int, default=2048)
+    ap.add_argument("--prefill-chunk", type=int, default=8192)
     ap.add_argument("--decode-steps", type=int, default=1)
+    ap.add_argument("--no-packed-prefill", dest="packed_prefill", action="store_false",
+                    help="as `ecospa serve --no-packed-prefill`: prompts prefill as padded rows")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="as `ecospa serve --no-compile`: the decode step not compiled")
     ap.add_argument("--no-async-decode", dest="async_decode", action="store_false",
@@ -110,13 +112,15 @@ def main(argv=None) -> int:
     result = dict(shape=args.shape, requests=args.requests, prompt_lens=args.prompt_lens,
                   max_tokens_mix=mix, prefill_chunk=args.prefill_chunk,
                   decode_steps=args.decode_steps, compile=args.compile,
+                  packed_prefill=args.packed_prefill,
                   async_decode=args.async_decode,
                   ceilings=measure_ceilings(dev, dtype).to_dict(), runs={})
     for label in args.which.split(","):
         model = build_model(shape, label == "pruned", dtype, dev)
         t0 = time.perf_counter()
         engine = build_backend("engine", model, args.requests, args.max_model_len, dev, dtype,
-                               step_tokens=args.prefill_chunk or None, compile=args.compile)
+                               step_tokens=args.prefill_chunk or None, compile=args.compile,
+                               packed_prefill=args.packed_prefill)
         start_s = time.perf_counter() - t0
         del model
         timed = _Timed(engine, timed=False)

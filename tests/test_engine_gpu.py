@@ -121,3 +121,50 @@ def test_server_backend_compiles_few_graphs_for_every_decode_bucket():
                    SamplingParams(max_new_tokens=20, temperature=0.8, seed=2)):
         assert eng.generate(prompts, params) == plain.generate(prompts, params)
     assert set(eng._graphs) == buckets
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_flash_varlen_is_the_reference_packed_attention(window):
+    """The flash varlen kernel over packed prompts (grouped KV heads, trailing zero-length
+    prompts, a length bound above the longest, as a captured bucket passes) against one SDPA
+    per prompt."""
+    from ecospa_deploy.engine import varlen
+
+    if not varlen.available(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("this torch has no flash varlen_attn with scale and window")
+    torch.manual_seed(0)
+    lengths = [7, 1, 40, 13]
+    t = sum(lengths)
+    q = torch.randn(t, 8, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(t, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cu = torch.tensor([0, 7, 8, 48, 61, 61, 61], device="cuda", dtype=torch.int32)
+    got = varlen.varlen_causal(q, k, v, cu, 128, 0.2, window)
+    want = varlen.reference_varlen(q.float(), k.float(), v.float(), lengths, 0.2, window)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_packed_prefill_graphs_warmed_give_eager_tokens_and_capture_nothing():
+    """bf16 on CUDA prefills packed by default: ``warmup`` captures one graph per packed-token
+    bucket, and prompts admitted together then replay them (padding to the bucket, offsets to
+    every slot) with the tokens of the eager packed prefill, greedy and sampled."""
+    from ecospa_deploy.engine import varlen
+
+    if not varlen.available(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("this torch has no flash varlen_attn with scale and window")
+    model = tiny_pruned("llama", seed=9).cuda().to(torch.bfloat16)
+    eng = Engine(model, max_batch_size=8, max_seq_len=400, max_prefill_tokens=512)
+    assert eng.packed_prefill
+    eng.warmup(max_prompt_len=300, decode=True)
+    assert set(eng._packed_graphs) == {128, 256, 384, 512} and not eng._prefill_graphs
+    before = set(eng._packed_graphs)
+    eager = Engine(model, max_batch_size=8, max_seq_len=400, max_prefill_tokens=512,
+                   prefill_graphs=False)
+    prompts = [[3 + (7 * i + j) % 50 for j in range(n)] for i, n in
+               enumerate((5, 6, 120, 13, 300, 2, 33))]
+    params = [SamplingParams(max_new_tokens=6, temperature=0.7 * (i % 2), seed=i)
+              for i in range(len(prompts))]
+    slots = [6, 0, 1, 5, 2, 3, 4]
+    assert eng.add_many(slots, prompts, params) == eager.add_many(slots, prompts, params)
+    for _ in range(5):
+        assert eng.step() == eager.step()
+    assert set(eng._packed_graphs) == before

@@ -35,7 +35,7 @@ def test_padded_prefill_gives_the_unpadded_tokens(family, monkeypatch):
     """What the CUDA graphs replay, run eagerly: prompts right-padded to their bucket."""
     model = tiny_pruned(family, seed=6)
     ref = Engine(model, max_batch_size=2, max_seq_len=96)
-    pad = Engine(model, max_batch_size=2, max_seq_len=96)
+    pad = Engine(model, max_batch_size=2, max_seq_len=96, packed_prefill=False)
     assert not pad.prefill_graphs and pad.warmup() == 0      # CPU: no graphs
     widths = []
 
@@ -157,7 +157,8 @@ def test_add_many_gives_the_tokens_of_one_add_each(graph_rows, monkeypatch):
     prompts added one at a time, sampled rows included."""
     model = tiny_pruned("llama", seed=8)
     ref = Engine(model, max_batch_size=5, max_seq_len=96)
-    eng = Engine(model, max_batch_size=5, max_seq_len=96, max_prefill_rows=2)
+    eng = Engine(model, max_batch_size=5, max_seq_len=96, max_prefill_rows=2,
+                 packed_prefill=False)
     calls = []
     if graph_rows:
         eng.prefill_graphs = True

@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=D.prefill_chunk,
                         help="prompt tokens prefilled between two decode steps, so a long "
                         "prompt never pauses running streams for its whole prefill (engine "
-                        "backend; default: 512 on CPU, 2048 on CUDA; 0 = whole prompts)")
+                        "backend; default: 512 on CPU, 8192 on CUDA; 0 = whole prompts)")
     parser.add_argument("--decode-steps", type=int, default=D.decode_steps,
                         help="decode steps run per host sync while no request waits: the "
                         "host work of a step (sync, bookkeeping, streaming) is paid once per "
@@ -74,6 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="engine backend on CUDA: do not torch.compile the decode step "
                         "(starts faster; each step of a batch above 1 then runs ~120 small "
                         "unfused kernels)")
+    parser.add_argument("--no-packed-prefill", dest="packed_prefill", action="store_false",
+                        help="engine backend: prefill prompts admitted together as rows padded "
+                        "to the longest (by default they run packed end to end, no padding, "
+                        "where the attention for it runs: CUDA in fp16/bf16, or the CPU)")
     parser.add_argument("--gil-switch-ms", type=float, default=D.gil_switch_ms,
                         help="Python's thread switch interval while serving: how long the "
                         "decode loop may wait for the GIL behind the HTTP side (default: "

@@ -2,8 +2,10 @@
 
 Static per-layer KV cache, exact zero padding, fused projections, batched prefill and a decode
 step that replays as one CUDA graph per (batch bucket, KV-length bucket, greedy/sampled); on
-CUDA prefill replays one graph per (rows, prompt-length bucket) too (``warmup()`` captures them
-all up front, so a first-seen prompt length costs what a repeated one does). On
+CUDA prefill replays graphs too (``warmup()`` captures them all up front, so a first-seen prompt
+length costs what a repeated one does): prompts prefilled together run packed end to end, one
+graph per packed-token bucket (``packing.py``, flash varlen attention: fp16/bf16), else as rows
+padded to a (rows, prompt-length bucket) graph. On
 CUDA the decode step of batch 1 is built from the Triton kernels of ``engine/fused.py`` (five
 launches per layer); larger batches run the PyTorch step (cuBLAS linears, whose model part
 ``compile=`` may pass through ``torch.compile(fullgraph=True)``) with the Triton decode attention;
@@ -32,9 +34,12 @@ from torch import nn
 from ecospa_deploy.errors import UnsupportedError
 from ecospa_deploy.padding import round_up
 
+from . import varlen
 from .cache import KVCache
 from .forward import Forward
 from .fused import FusedDecode, unsupported_reason
+from .packing import (packed_bucket, packed_groups, packed_inputs, packed_max_len,
+                      warmup_lengths)
 from .kernels import runtime as kernel_runtime
 from .sampling import SamplingParams, sample_tokens
 from .weights import ModelWeights, build_weights
@@ -169,7 +174,8 @@ class Engine:
                  pad_multiple: int = 64, cuda_graphs: bool = True, compile: bool | str = False,
                  head_multiple: int = 8, max_prefill_tokens: int = 16384, sync_every: int = 16,
                  compile_prefill: bool = False, kernels: bool | None = None,
-                 prefill_graphs: bool | None = None, max_prefill_rows: int = 8):
+                 prefill_graphs: bool | None = None, max_prefill_rows: int = 8,
+                 packed_prefill: bool | None = None):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r}; expected an int >= 1")
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
@@ -212,6 +218,17 @@ class Engine:
         self.prefill_graphs = self.cuda_graphs if prefill_graphs is None else \
             bool(prefill_graphs) and self.cuda_graphs
         self._prefill_graphs: dict[tuple[int, int], tuple] = {}
+        # Prompts prefilled together run packed end to end, no padding rows (varlen.py): on
+        # CUDA in half precision through flash varlen, one graph per packed-token bucket; eager
+        # (CPU) one SDPA per prompt. Else rows padded to a (rows, length) bucket, as captured.
+        can_pack = varlen.available(self.device, self.dtype) or not self.prefill_graphs
+        if packed_prefill and not can_pack:
+            raise UnsupportedError(
+                f"packed_prefill=True needs flash varlen attention (CUDA, fp16/bf16, torch >= "
+                f"2.11) to capture it; here device={self.device}, dtype={self.dtype}: pass "
+                "prefill_graphs=False to pack eagerly, or packed_prefill=None")
+        self.packed_prefill = can_pack if packed_prefill is None else bool(packed_prefill)
+        self._packed_graphs: dict[int, tuple] = {}
         self._pool = None
         self.timing: list | None = None   # set to [] to record a mark per token (bench)
         self._decode = self.forward.decode
@@ -307,6 +324,10 @@ class Engine:
         """Prefill ``prompts`` into ``slots`` (params already set); returns first tokens [n]."""
         firsts = []
         lens = [len(p) for p in prompts]
+        if self.packed_prefill:
+            for start, end in packed_groups(lens, self.max_prefill_tokens):
+                firsts.append(self._run_packed(slots[start:end], prompts[start:end]))
+            return torch.cat(firsts)
         for start, end, width in prefill_layout(lens, self.max_prefill_rows,
                                                 self.max_prefill_tokens, self.max_seq_len,
                                                 self.prefill_graphs):
@@ -353,6 +374,49 @@ class Engine:
         graph.replay()
         return out.clone()      # the next replay of this graph overwrites ``out``
 
+    def _run_packed(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """One packed prefill (``Forward.prefill_packed``) and its first tokens. With graphs
+        the tokens pad to ``packed_bucket`` and the offsets to ``max_batch_size`` + 1
+        sequences (``packing.packed_inputs``), so one graph per bucket serves any number of
+        prompts; the first tokens are sampled after it, for the real prompts only."""
+        dev, n = self.device, len(prompts)
+        lens = [len(p) for p in prompts]
+        width = packed_bucket(sum(lens)) if self.prefill_graphs else sum(lens)
+        rows = self.max_batch_size + 1 if self.prefill_graphs else n     # + the padding's
+        args = packed_inputs(slots, prompts, width, rows, self.max_seq_len)
+        with _sdpa_context(dev, _PREFILL_SDPA):
+            if not self.prefill_graphs:
+                ref = None if varlen.available(dev, self.dtype) else lens
+                logits = self.forward.prefill_packed(*(a.to(dev) for a in args), max(lens), ref)
+            else:
+                if width not in self._packed_graphs:
+                    self._packed_graphs[width] = self._capture_packed(args)
+                graph, static, logits = self._packed_graphs[width]
+                for buf, a in zip(static, args):
+                    buf.copy_(a)
+                graph.replay()
+        return self._first_tokens(logits[:n], torch.tensor(lens, device=dev),
+                                  torch.tensor(slots, device=dev))
+
+    def _capture_packed(self, args: tuple[torch.Tensor, ...]):
+        """Capture ``Forward.prefill_packed`` for ``args``' token bucket (warmed up twice on
+        a side stream first, as ``_capture_prefill``); the graph reads its inputs from and
+        writes its logits to static buffers."""
+        static = [a.to(self.device) for a in args]
+        max_len = packed_max_len(static[0].shape[0], self.max_seq_len)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.forward.prefill_packed(*static, max_len)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self.forward.prefill_packed(*static, max_len)
+        return graph, static, logits
+
     def _capture_prefill(self, batch: torch.Tensor, lengths: torch.Tensor, idx: torch.Tensor):
         """Warm up and capture ``_prefill_step`` on these very rows and tokens: the warm-up
         writes only what the replay that follows writes again."""
@@ -374,8 +438,9 @@ class Engine:
     def warmup(self, batch_sizes: Sequence[int] = (1,), max_prompt_len: int | None = None,
                decode: bool = False) -> int:
         """Capture the prefill graphs of every length bucket up to ``max_prompt_len`` (default:
-        ``max_seq_len - 1``) for each row count in ``batch_sizes``, so that no request pays a
-        capture at a first-seen length; with ``decode``, also the decode graph of every (batch
+        ``max_seq_len - 1``) for each row count in ``batch_sizes`` (packed: of every packed-token
+        bucket a prefill of such prompts can reach, ``batch_sizes`` unused), so that no request
+        pays a capture at a first-seen length; with ``decode``, also the decode graph of every (batch
         bucket, KV bucket, greedy/sampled), which autotunes the Triton kernels of each batch
         bucket too (a server's first burst otherwise pays both mid-stream). Needs every slot
         free; returns the graphs captured."""
@@ -386,13 +451,20 @@ class Engine:
                                    "in use")
         max_len = min(max_prompt_len or self.max_seq_len - 1, self.max_seq_len - 1)
         saved = [b.clone() for b in self._buffers()]
-        before = len(self._prefill_graphs) + len(self._graphs)
+        before = len(self._prefill_graphs) + len(self._packed_graphs) + len(self._graphs)
         if decode:
             self._positions.zero_()   # every row writes position 0 of a free slot
             for nb, kv_len, sample in self._decode_keys():
                 self._run_decode(nb, kv_len, sample)
-        if not self.prefill_graphs:
+        if not self.prefill_graphs or self.packed_prefill:
             batch_sizes = ()
+        if self.prefill_graphs and self.packed_prefill:
+            # the most tokens one packed prefill holds: a step's budget of prompts of at most
+            # max_len tokens in distinct slots, or one prompt alone
+            most = max(min(self.max_prefill_tokens, self.max_batch_size * max_len), max_len)
+            for width, lens in warmup_lengths(most, max_len).items():
+                if width not in self._packed_graphs:
+                    self._run_packed(list(range(len(lens))), [[0] * k for k in lens])
         for n in batch_sizes:
             if not 1 <= n <= self.max_batch_size:
                 raise ValueError(f"warmup batch size {n!r}; expected ints in "
@@ -407,7 +479,7 @@ class Engine:
         for buf, old in zip(self._buffers(), saved):
             buf.copy_(old)
         torch.cuda.synchronize(self.device)
-        return len(self._prefill_graphs) + len(self._graphs) - before
+        return len(self._prefill_graphs) + len(self._packed_graphs) + len(self._graphs) - before
 
     def _decode_keys(self) -> list[tuple[int, int, bool]]:
         """Every (batch bucket, KV bucket, greedy/sampled) decode graph, in warm-up order. Dynamo

@@ -9,11 +9,14 @@ reads only the cache it needs.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from ecospa_deploy.modeling.attention import pad_last
 
+from . import varlen
 from .cache import KVCache
 from .kernels.attention import decode_attention_op
 from .sampling import sample_tokens
@@ -190,6 +193,43 @@ class Forward:
             x = self._layer(i, lw, x, table, attend)
         last = x[torch.arange(b, device=x.device), lengths - 1]      # [B, hidden]
         return self._logits(last)
+
+    def prefill_packed(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+                       cu: torch.Tensor, last: torch.Tensor, max_len: int,
+                       lengths: Sequence[int] | None = None) -> torch.Tensor:
+        """Prompts packed end to end (``varlen``): ``tokens``/``positions``/``rows [T]`` (each
+        token's id, position in its prompt and cache row), ``cu [n+1]`` int32 offsets, ``last
+        [n]`` the index of each prompt's last token; returns its logits ``[n, V]``.
+
+        Every linear layer runs on the ``T`` real tokens (no row padding). Tokens past a
+        prompt's end (a captured bucket's padding) must extend the last prompt at positions
+        after it: causal attention keeps them out of every real token, and decode overwrites
+        their K/V before it reads those positions. ``lengths`` (host ints) selects the
+        per-sequence SDPA of ``varlen.reference_varlen`` instead of the flash kernel."""
+        x = self._embed(tokens[None], positions[None])
+        table = None if self.cos is None else self.table[positions][None]
+        kc, vc = self.cache.k, self.cache.v
+
+        def attend(i, lw, q, k, v):
+            q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))           # [T, heads, d]
+            kc[i][rows, :, positions] = k
+            vc[i][rows, :, positions] = v
+            if lengths is not None:
+                out = varlen.reference_varlen(q, k, v, lengths, lw.softmax_scale,
+                                              lw.sliding_window)
+            else:
+                d = max(lw.qk_head_dim, lw.v_head_dim)    # flash wants one head dim: pad
+                if lw.qk_head_dim < d:
+                    q, k = pad_last(q, d), pad_last(k, d)
+                elif lw.v_head_dim < d:
+                    v = pad_last(v, d)
+                out = varlen.varlen_causal(q, k, v, cu, max_len, lw.softmax_scale,
+                                           lw.sliding_window)[..., :lw.v_head_dim]
+            return out.transpose(0, 1)[None]                              # [1, H, T, v]
+
+        for i, lw in enumerate(self.w.layers):
+            x = self._layer(i, lw, x, table, attend)
+        return self._logits(x[0, last])
 
     # -- decode ---------------------------------------------------------------------------
     def decode(self, nb: int, kv_len: int, sample: bool, tokens: torch.Tensor,

@@ -58,6 +58,7 @@ class CoreConfig:
     decode_steps: int = 1
     async_decode: bool = True
     compile: bool = True
+    packed_prefill: bool = True
     gil_switch_ms: float = 0.5
     log_level: str = "info"
 
