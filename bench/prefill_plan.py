@@ -4,7 +4,8 @@
 ``Scheduler`` (shortest prompt first, whole prompts per step budget) with ``serve_gpu``'s burst
 over a backend that only records its prefill calls, and lays each ``add_many`` out as the CUDA
 engine does (``prefill_layout``: power-of-two row batches within the step's tokens, each
-padded to its captured ``prefill_bucket``). It writes ``prefill_plan.json``: per step budget,
+padded to its captured ``prefill_bucket``; and packed, ``packed``: one launch per step padded
+to its ``packed_bucket``). It writes ``prefill_plan.json``: per step budget,
 the scheduler steps that prefill, the prefill launches, and real vs padded prompt tokens. That
 is the work the GPU is handed before the burst's last first token, whatever its speed: the
 part of the TTFT gap to the floor (prompts at the matmul ceiling, shortest first, unpadded) that
@@ -73,7 +74,24 @@ def layout(calls: list[tuple[str, object]], step_tokens: int, max_seq: int,
             real += sum(what[start:end])
             padded += n * width
     return dict(prefill_calls=len(calls), launches=launches, rows=dict(sorted(rows.items())),
-                real_tokens=real, padded_tokens=padded, padded_over_real=round(padded / real, 3))
+                real_tokens=real, padded_tokens=padded, padded_over_real=round(padded / real, 3),
+                packed=packed_layout(calls, step_tokens))
+
+
+def packed_layout(calls: list[tuple[str, object]], step_tokens: int) -> dict:
+    """The same calls prefilled packed (``Engine._run_packed`` with graphs: one launch per
+    ``packed_groups`` group, padded to its ``packed_bucket``; a chunk as in ``layout``)."""
+    from ecospa_deploy.engine.packing import packed_bucket, packed_groups
+
+    real = padded = launches = 0
+    for kind, what in calls:
+        if kind == "chunk":
+            launches, real, padded = launches + 1, real + what, padded + what
+            continue
+        for start, end in packed_groups(what, step_tokens):
+            total = sum(what[start:end])
+            launches, real, padded = launches + 1, real + total, padded + packed_bucket(total)
+    return dict(launches=launches, padded_tokens=padded, padded_over_real=round(padded / real, 3))
 
 
 def plan(prompts: list[list[int]], mix: list[int], step_tokens: int, max_seq: int,

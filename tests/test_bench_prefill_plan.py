@@ -15,12 +15,15 @@ def test_whole_prompts_share_a_step_and_pad_to_their_buckets():
     p = plan(_prompts(1000, 40, 20), [2], step_tokens=1024, max_seq=1280)
     assert (p["prefill_calls"], p["launches"], p["rows"]) == (2, 2, {1: 1, 2: 1})
     assert (p["real_tokens"], p["padded_tokens"]) == (1060, 2 * 64 + 1024)
+    # packed: one launch per step, 60 tokens in the 128 bucket, 1 000 in the 1 024 one
+    assert p["packed"] == dict(launches=2, padded_tokens=128 + 1024,
+                               padded_over_real=round(1152 / 1060, 3))
 
 
 def test_a_prompt_longer_than_a_step_is_cut_into_unpadded_chunks():
     p = plan(_prompts(2500), [1], step_tokens=1024, max_seq=4096)
     assert (p["prefill_calls"], p["launches"], p["rows"]) == (3, 3, {1: 3})
-    assert p["real_tokens"] == p["padded_tokens"] == 2500
+    assert p["real_tokens"] == p["padded_tokens"] == p["packed"]["padded_tokens"] == 2500
 
 
 def test_a_larger_step_means_fewer_launches_for_the_burst():
