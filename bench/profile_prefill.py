@@ -10,7 +10,10 @@ server's ``add_many`` does) into a warmed engine, for dense and pruned, and repo
 - ``floor_ms``: its matmul FLOPs (``benchmark.floor.prefill_flops``, each prompt causal to
   itself) at the measured matmul ceiling, and ``pct_floor`` = floor / replay;
 - ``kernels``: device time by kind (``gemm``, ``attention``, ``other``: norms, RoPE, SiLU,
-  cache writes, sampling) over one eager prefill of the same prompts under the profiler.
+  cache writes) over one uncaptured run of what the graph holds, under the profiler.
+
+``--compile-prefill`` runs the same with the packed prefill compiled (the A/B for
+``Engine(compile_prefill=True)``).
 
 The burst's prefill ran at ~2.3x its floor time (bench/results/serve_h200/RUNS.md, run 9);
 these rows say whether the host (call vs replay), the matmuls, or the small kernels hold it.
@@ -108,12 +111,17 @@ def kernel_ms(engine, prompts: list[list[int]]) -> dict[str, float]:
     args = [a.to(dev) for a in packed_inputs(list(range(len(prompts))), prompts, sum(lens),
                                              len(prompts), engine.max_seq_len)]
     cuda = dev.type == "cuda"
-    ref = None if cuda else lens
-    engine.forward.prefill_packed(*args, max(lens), ref)
+
+    def run():      # what the graph holds (compiled with --compile-prefill); CPU: reference
+        if cuda:
+            return engine._prefill_packed(*args, max(lens))
+        return engine.forward.prefill_packed(*args, max(lens), lens)
+
+    run()
     _sync(dev)
     acts = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     with profile(activities=acts) as prof:
-        engine.forward.prefill_packed(*args, max(lens), ref)
+        run()
         _sync(dev)
     out = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
     for ev in prof.key_averages():
@@ -163,6 +171,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seq-len", type=int, default=1280)
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--compile-prefill", action="store_true",
+                    help="torch.compile the packed prefill (Engine(compile_prefill=True)) "
+                    "before its graphs are captured")
     ap.add_argument("--which", default="dense,pruned")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
@@ -174,13 +185,15 @@ def main(argv=None) -> int:
     for label, engine, facts in shape_engines(
             load_shape(args.shape), args.which.split(","), dtype, dev,
             max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-            max_prefill_tokens=max(args.tokens)):
+            max_prefill_tokens=max(args.tokens), compile=args.compile_prefill,
+            compile_prefill=args.compile_prefill):
         engine.warmup(max_prompt_len=min(args.prompt_len, args.max_seq_len - 1))
         rows += profile_rows(label, engine, facts, args.tokens, args.prompt_len, ceilings,
                              args.iters)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(shape=args.shape, prompt_len=args.prompt_len,
+                           compile_prefill=args.compile_prefill,
                            ceilings=ceilings.to_dict(), rows=rows), f, indent=1)
     return 0
 

@@ -168,3 +168,27 @@ def test_packed_prefill_graphs_warmed_give_eager_tokens_and_capture_nothing():
     for _ in range(5):
         assert eng.step() == eager.step()
     assert set(eng._packed_graphs) == before
+
+
+def test_compiled_packed_prefill_compiles_twice_for_every_bucket():
+    """``compile_prefill=True``: warm-up compiles the packed prefill twice (the token count
+    turns symbolic at the second bucket) and captures every bucket from it; its logits are
+    the uncompiled ones within bf16 rounding."""
+    from torch._dynamo.utils import counters
+
+    from ecospa_deploy.engine import varlen
+    from ecospa_deploy.engine.packing import packed_inputs
+
+    if not varlen.available(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("this torch has no flash varlen_attn with scale and window")
+    model = tiny_pruned("llama", seed=10).cuda().to(torch.bfloat16)
+    before = counters["stats"]["unique_graphs"]
+    eng = Engine(model, max_batch_size=8, max_seq_len=400, max_prefill_tokens=512,
+                 compile=True, compile_prefill=True)
+    eng.warmup(max_prompt_len=300)
+    assert set(eng._packed_graphs) == {128, 256, 384, 512}
+    assert counters["stats"]["unique_graphs"] - before == 2
+    prompts = [[3 + (7 * i + j) % 50 for j in range(n)] for i, n in enumerate((5, 120, 33))]
+    args = [a.cuda() for a in packed_inputs([0, 1, 2], prompts, 256, 9, 400)]
+    torch.testing.assert_close(eng._prefill_packed(*args, 400)[:3],
+                               eng.forward.prefill_packed(*args, 400)[:3], rtol=0.05, atol=0.05)

@@ -153,3 +153,40 @@ def test_packed_prefill_gives_the_tokens_of_padded_rows(family):
     assert packed.add_many(slots, prompts, params) == rows.add_many(slots, prompts, params)
     for _ in range(8):
         assert packed.step() == rows.step()
+
+
+def _masked_varlen(q, k, v, cu, max_len, scale, window=None):
+    """The flash kernel's contract from the offsets alone, in plain torch (traceable on the
+    CPU): each token attends to its own sequence's tokens up to itself."""
+    idx = torch.arange(q.shape[0])
+    seq = torch.searchsorted(cu[1:].long(), idx, right=True)
+    mask = (seq[:, None] == seq[None, :]) & (idx[:, None] >= idx[None, :])
+    if window is not None:
+        mask &= idx[:, None] - idx[None, :] < window
+    return F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
+        enable_gqa=True).transpose(0, 1)
+
+
+@pytest.mark.slow
+def test_compiled_packed_prefill_traces_whole_and_recompiles_once(monkeypatch):
+    """``Engine(compile_prefill=True)`` compiles the packed prefill: with the attention in
+    plain torch (the flash op is CUDA-only) it traces with no graph break, the second token
+    count makes the count symbolic (two compiles for three buckets), and the logits are the
+    eager ones, padding sequence and zero-length sequences included."""
+    from torch._dynamo.utils import counters
+
+    from ecospa_deploy.engine import varlen
+
+    monkeypatch.setattr(varlen, "varlen_causal", _masked_varlen)
+    torch._dynamo.reset()
+    eng = Engine(tiny_pruned("llama", seed=3), max_batch_size=4, max_seq_len=64, compile=True,
+                 compile_prefill=True)
+    before = dict(counters["stats"]), sum(counters["graph_break"].values())
+    for lens, width in (([5, 9, 3], 21), ([20, 11], 35), ([7], 8)):
+        prompts = [[3 + (i * 7 + j) % 50 for j in range(n)] for i, n in enumerate(lens)]
+        args = packed_inputs(list(range(len(lens))), prompts, width, 5, 64)
+        torch.testing.assert_close(eng._prefill_packed(*args, 64),
+                                   eng.forward.prefill_packed(*args, 64), rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] - before[0].get("unique_graphs", 0) == 2
+    assert sum(counters["graph_break"].values()) == before[1]

@@ -233,6 +233,7 @@ class Engine:
         self.timing: list | None = None   # set to [] to record a mark per token (bench)
         self._decode = self.forward.decode
         self._prefill = self.forward.prefill
+        self._prefill_packed = self.forward.prefill_packed
         self.kernels = self._use_kernels(kernels)
         self._force_kernels = bool(kernels)
         self._fused = FusedDecode(self.forward).decode if self.kernels else None
@@ -253,6 +254,10 @@ class Engine:
                 self.forward.decode_logits, fullgraph=True, mode=mode))
             if compile_prefill:
                 self._prefill = torch.compile(self.forward.prefill, fullgraph=True)
+                # packed: Dynamo makes the token count symbolic at the second bucket, so two
+                # compiles serve every bucket (each then captured); Inductor fuses the norms,
+                # RoPE and SiLU-mul the eager graph runs as separate kernels over the tokens
+                self._prefill_packed = torch.compile(self.forward.prefill_packed)
 
     def _step_fn(self, nb: int):
         """The decode step for a batch bucket: the fused kernels at batch 1 (or always when
@@ -386,8 +391,11 @@ class Engine:
         args = packed_inputs(slots, prompts, width, rows, self.max_seq_len)
         with _sdpa_context(dev, _PREFILL_SDPA):
             if not self.prefill_graphs:
-                ref = None if varlen.available(dev, self.dtype) else lens
-                logits = self.forward.prefill_packed(*(a.to(dev) for a in args), max(lens), ref)
+                inputs = [a.to(dev) for a in args]
+                if varlen.available(dev, self.dtype):
+                    logits = self._prefill_packed(*inputs, max(lens))
+                else:       # one SDPA per prompt, host lengths: never compiled
+                    logits = self.forward.prefill_packed(*inputs, max(lens), lens)
             else:
                 if width not in self._packed_graphs:
                     self._packed_graphs[width] = self._capture_packed(args)
@@ -408,13 +416,13 @@ class Engine:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.forward.prefill_packed(*static, max_len)
+                self._prefill_packed(*static, max_len)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self.forward.prefill_packed(*static, max_len)
+            logits = self._prefill_packed(*static, max_len)
         return graph, static, logits
 
     def _capture_prefill(self, batch: torch.Tensor, lengths: torch.Tensor, idx: torch.Tensor):
