@@ -192,3 +192,16 @@ def test_compiled_packed_prefill_compiles_twice_for_every_bucket():
     args = [a.cuda() for a in packed_inputs([0, 1, 2], prompts, 256, 9, 400)]
     torch.testing.assert_close(eng._prefill_packed(*args, 400)[:3],
                                eng.forward.prefill_packed(*args, 400)[:3], rtol=0.05, atol=0.05)
+
+
+def test_packed_prefill_refused_where_flash_cannot_capture_it():
+    """fp32 on CUDA (flash varlen is half precision only): padded rows by default, and
+    packed_prefill=True refused with what to pass instead."""
+    from ecospa_deploy.errors import UnsupportedError
+
+    model = tiny_pruned("llama", seed=2).cuda()
+    assert not Engine(model, max_batch_size=2, max_seq_len=32).packed_prefill
+    with pytest.raises(UnsupportedError, match="prefill_graphs=False"):
+        Engine(model, max_batch_size=2, max_seq_len=32, packed_prefill=True)
+    assert Engine(model, max_batch_size=2, max_seq_len=32, prefill_graphs=False,
+                  packed_prefill=True).packed_prefill

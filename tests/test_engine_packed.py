@@ -190,3 +190,11 @@ def test_compiled_packed_prefill_traces_whole_and_recompiles_once(monkeypatch):
                                    eng.forward.prefill_packed(*args, 64), rtol=1e-4, atol=1e-4)
     assert counters["stats"]["unique_graphs"] - before[0].get("unique_graphs", 0) == 2
     assert sum(counters["graph_break"].values()) == before[1]
+
+
+
+def test_flash_takes_head_dims_in_multiples_of_8_up_to_256():
+    from ecospa_deploy.engine import varlen
+
+    assert varlen.head_dims_fit([64, 128, 256, 24]) and not varlen.head_dims_fit([64, 20])
+    assert not varlen.head_dims_fit([320])

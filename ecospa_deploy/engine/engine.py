@@ -221,13 +221,17 @@ class Engine:
         # Prompts prefilled together run packed end to end, no padding rows (varlen.py): on
         # CUDA in half precision through flash varlen, one graph per packed-token bucket; eager
         # (CPU) one SDPA per prompt. Else rows padded to a (rows, length) bucket, as captured.
-        can_pack = varlen.available(self.device, self.dtype) or not self.prefill_graphs
+        flash = varlen.available(self.device, self.dtype) and varlen.head_dims_fit(
+            [max(lw.qk_head_dim, lw.v_head_dim) for lw in self.weights.layers])
+        can_pack = flash or not self.prefill_graphs
         if packed_prefill and not can_pack:
             raise UnsupportedError(
                 f"packed_prefill=True needs flash varlen attention (CUDA, fp16/bf16, torch >= "
-                f"2.11) to capture it; here device={self.device}, dtype={self.dtype}: pass "
-                "prefill_graphs=False to pack eagerly, or packed_prefill=None")
+                f"2.11, head dims multiples of 8 up to 256) to capture it; here device="
+                f"{self.device}, dtype={self.dtype}: pass prefill_graphs=False to pack eagerly, "
+                "or packed_prefill=None")
         self.packed_prefill = can_pack if packed_prefill is None else bool(packed_prefill)
+        self._flash = flash
         self._packed_graphs: dict[int, tuple] = {}
         self._pool = None
         self.timing: list | None = None   # set to [] to record a mark per token (bench)
@@ -392,7 +396,7 @@ class Engine:
         with _sdpa_context(dev, _PREFILL_SDPA):
             if not self.prefill_graphs:
                 inputs = [a.to(dev) for a in args]
-                if varlen.available(dev, self.dtype):
+                if self._flash:
                     logits = self._prefill_packed(*inputs, max(lens))
                 else:       # one SDPA per prompt, host lengths: never compiled
                     logits = self.forward.prefill_packed(*inputs, max(lens), lens)

@@ -43,6 +43,12 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
             and {"scale", "window_size"} <= kernel[1])
 
 
+def head_dims_fit(dims: Sequence[int]) -> bool:
+    """Whether flash takes every layer's (padded, q/k = v) head dim: a multiple of 8 up to
+    256 (the engine pads to multiples of ``head_multiple``, 8 by default)."""
+    return all(d % 8 == 0 and 0 < d <= 256 for d in dims)
+
+
 def kernel_kwargs(params: frozenset, window: int | None, scale: float, gqa: bool) -> dict:
     """Keywords for the installed ``varlen_attn`` (``params``: its parameter names): causal,
     a sliding ``window`` (keys ``window`` or more positions back are masked), the softmax
