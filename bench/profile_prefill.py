@@ -15,7 +15,7 @@ server's ``add_many`` does) into a warmed engine, for dense and pruned, and repo
 ``--compile-prefill`` runs the same with the packed prefill compiled (the A/B for
 ``Engine(compile_prefill=True)``).
 
-The burst's prefill ran at ~2.3x its floor time (bench/results/serve_h200/RUNS.md, run 9);
+The burst's prefill took 2.7-3.0x its floor time (bench/results/serve_h200/RUNS.md, run 9);
 these rows say whether the host (call vs replay), the matmuls, or the small kernels hold it.
 """
 
