@@ -612,6 +612,22 @@ def test_the_server_engine_prefills_within_the_step_budget():
     default = build_backend("engine", model, 4, 64, torch.device("cpu"), torch.float32)
     assert default.max_prefill_tokens == Engine(model, max_batch_size=4,
                                                 max_seq_len=64).max_prefill_tokens
+    # prompts pack by default; --no-packed-prefill pads rows; compiling stays off on the CPU
+    assert default.packed_prefill and default._prefill_packed == default.forward.prefill_packed
+    rows = build_backend("engine", model, 4, 64, torch.device("cpu"), torch.float32,
+                         packed_prefill=False, compile_prefill=True)
+    assert not rows.packed_prefill and rows._prefill_packed == rows.forward.prefill_packed
+
+
+def test_server_steps_default_to_8192_prompt_tokens_on_cuda_and_512_on_cpu():
+    from ecospa_deploy.serve.server import ServeOptions, _core_config, step_tokens
+
+    assert step_tokens(None, torch.device("cuda")) == 8192
+    assert step_tokens(None, torch.device("cpu")) == 512
+    assert step_tokens(0, torch.device("cuda")) == 0 and step_tokens(96, torch.device("cpu")) == 96
+    config = _core_config(ServeOptions(path="m", packed_prefill=False, compile_prefill=True),
+                          "engine")
+    assert (config.packed_prefill, config.compile_prefill) == (False, True)
 
 
 def _engine_run(async_decode: bool, record: list | None = None):

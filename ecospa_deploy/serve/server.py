@@ -54,6 +54,7 @@ class ServeOptions:
     async_decode: bool = True            # launch the next decode step before streaming this one
     compile: bool = True                 # torch.compile the engine's decode step (CUDA only)
     packed_prefill: bool = True          # prompts prefilled together run packed (engine)
+    compile_prefill: bool = False        # torch.compile the packed prefill too (CUDA only)
     gil_switch_ms: float = 0.5           # sys.setswitchinterval while serving (Python's: 5 ms)
     engine_process: bool = False         # the engine core in its own process (serve/core.py)
     shutdown_timeout: float = 30.0
@@ -177,7 +178,7 @@ def _max_model_len(model, requested: int | None) -> int:
 
 def build_backend(name: str, model, max_batch_size: int, max_seq_len: int, device, dtype,
                   step_tokens: int | None = None, compile: bool = True,
-                  packed_prefill: bool = True):
+                  packed_prefill: bool = True, compile_prefill: bool = False):
     """``step_tokens``: the scheduler's prompt tokens per step; the engine's prefill batches stay
     within it, so warm-up captures several-row graphs only for widths a step can reach.
     ``compile``: on CUDA, the decode step of batches above 1 goes through ``torch.compile``
@@ -186,7 +187,8 @@ def build_backend(name: str, model, max_batch_size: int, max_seq_len: int, devic
     graphs, not one per bucket, and then captures every bucket from them. Never on CPU, where
     compiling costs more than a CPU server's whole run. ``packed_prefill``: prompts prefilled
     together run end to end with no padding rows where the engine can (``engine/varlen.py``);
-    False keeps padded rows (the A/B)."""
+    False keeps padded rows (the A/B). ``compile_prefill`` (with ``compile``): the packed
+    prefill through ``torch.compile`` as well, before its graphs are captured."""
     if name == "engine":
         import torch
 
@@ -196,6 +198,7 @@ def build_backend(name: str, model, max_batch_size: int, max_seq_len: int, devic
         engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                         device=device, dtype=dtype,
                         compile=bool(compile) and torch.device(device).type == "cuda",
+                        compile_prefill=bool(compile_prefill),
                         packed_prefill=None if packed_prefill else False, **extra)
         # Capture every prefill batch (rows x prompt-length bucket) and every decode shape
         # now, so no request pays a capture or an autotune (CUDA only).
@@ -337,7 +340,8 @@ def start_scheduler(config, make_scheduler):
     chunk = step_tokens(config.prefill_chunk, device)
     backend = build_backend(config.backend, model, config.max_batch_size, max_len, device, dtype,
                             step_tokens=chunk or None, compile=config.compile,
-                            packed_prefill=config.packed_prefill)
+                            packed_prefill=config.packed_prefill,
+                            compile_prefill=config.compile_prefill)
     scheduler = make_scheduler(backend, config.max_batch_size, config.max_queue,
                                prefill_chunk=chunk or None,
                                max_pause=None if device.type == "cuda" else 0.25,
@@ -356,7 +360,7 @@ def _core_config(opts: ServeOptions, backend_name: str):
         max_batch_size=opts.max_batch_size, max_model_len=opts.max_model_len,
         max_queue=opts.max_queue, prefill_chunk=opts.prefill_chunk,
         decode_steps=opts.decode_steps, async_decode=opts.async_decode, compile=opts.compile,
-        packed_prefill=opts.packed_prefill,
+        packed_prefill=opts.packed_prefill, compile_prefill=opts.compile_prefill,
         gil_switch_ms=opts.gil_switch_ms, log_level=opts.log_level)
 
 
