@@ -71,24 +71,35 @@ def call_ms(engine, prompts: list[list[int]], iters: int) -> float:
     return 1e3 * times[len(times) // 2]
 
 
-def replay_ms(engine, prompts: list[list[int]], iters: int) -> float:
-    """Median device ms of the prefill alone: the captured graph of its bucket (CUDA), or the
-    eager ``Forward.prefill_packed`` (CPU)."""
-    from ecospa_deploy.engine.packing import packed_bucket
+def _uncaptured(engine, prompts: list[list[int]]):
+    """A call running what the captured graph holds for ``prompts`` without the graph: the
+    packed prefill on the device (compiled with ``--compile-prefill``), or on the CPU its
+    per-prompt reference."""
+    from ecospa_deploy.engine.packing import packed_inputs
 
     lens = [len(p) for p in prompts]
-    if engine.device.type != "cuda" or not engine.prefill_graphs:
-        from ecospa_deploy.engine.packing import packed_inputs
+    args = [a.to(engine.device) for a in packed_inputs(
+        list(range(len(prompts))), prompts, sum(lens), len(prompts), engine.max_seq_len)]
+    if engine._flash:
+        return lambda: engine._prefill_packed(*args, max(lens))
+    return lambda: engine.forward.prefill_packed(*args, max(lens), lens)
 
-        args = packed_inputs(list(range(len(prompts))), prompts, sum(lens), len(prompts),
-                             engine.max_seq_len)
+
+def replay_ms(engine, prompts: list[list[int]], iters: int) -> float:
+    """Median device ms of the prefill alone: the captured graph of its bucket (CUDA), or the
+    uncaptured prefill (CPU)."""
+    from ecospa_deploy.engine.packing import packed_bucket
+
+    if engine.device.type != "cuda" or not engine.prefill_graphs:
+        run = _uncaptured(engine, prompts)
         times = []
         for _ in range(iters):
             t0 = time.perf_counter()
-            engine.forward.prefill_packed(*args, max(lens), lens)
+            run()
+            _sync(engine.device)
             times.append(time.perf_counter() - t0)
         return 1e3 * sorted(times)[len(times) // 2]
-    graph = engine._packed_graphs[packed_bucket(sum(lens))][0]
+    graph = engine._packed_graphs[packed_bucket(sum(map(len, prompts)))][0]
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -101,22 +112,12 @@ def replay_ms(engine, prompts: list[list[int]], iters: int) -> float:
 
 
 def kernel_ms(engine, prompts: list[list[int]]) -> dict[str, float]:
-    """Device (CPU: self CPU) ms by ``kind`` over one eager packed prefill of ``prompts``."""
+    """Device (CPU: self CPU) ms by ``kind`` over one uncaptured prefill of ``prompts``."""
     from torch.profiler import ProfilerActivity, profile
 
-    from ecospa_deploy.engine.packing import packed_inputs
-
-    lens = [len(p) for p in prompts]
     dev = engine.device
-    args = [a.to(dev) for a in packed_inputs(list(range(len(prompts))), prompts, sum(lens),
-                                             len(prompts), engine.max_seq_len)]
     cuda = dev.type == "cuda"
-
-    def run():      # what the graph holds (compiled with --compile-prefill); CPU: reference
-        if cuda:
-            return engine._prefill_packed(*args, max(lens))
-        return engine.forward.prefill_packed(*args, max(lens), lens)
-
+    run = _uncaptured(engine, prompts)
     run()
     _sync(dev)
     acts = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]

@@ -31,6 +31,17 @@ def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) 
     return torch.addcmul(x * cos, swapped, signed_sin)
 
 
+def _one_head_dim(lw: LayerWeights, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """``q``, ``k``, ``v`` with q/k (or v) zero-padded to one head dim, as flash attention
+    wants: zero dims add nothing to q.k, and the caller slices the padded v columns off."""
+    d = max(lw.qk_head_dim, lw.v_head_dim)
+    if lw.qk_head_dim < d:
+        return pad_last(q, d), pad_last(k, d), v
+    if lw.v_head_dim < d:
+        return q, k, pad_last(v, d)
+    return q, k, v
+
+
 class Forward:
     """Prefill and decode for one model; holds weights, RoPE tables and the KV cache."""
 
@@ -177,17 +188,13 @@ class Forward:
             if start:
                 k, v = kc[i][slots, :, :end], vc[i][slots, :, :end]
             mask = mask_for(lw.sliding_window)
-            d = max(lw.qk_head_dim, lw.v_head_dim)
-            if not self.prefill_pad or mask is not None or lw.qk_head_dim == lw.v_head_dim:
-                d = None
-            elif lw.qk_head_dim < d:
-                q, k = pad_last(q, d), pad_last(k, d)
-            else:
-                v = pad_last(v, d)
+            pad = self.prefill_pad and mask is None
+            if pad:
+                q, k, v = _one_head_dim(lw, q, k, v)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=lw.softmax_scale,
                 enable_gqa=lw.gqa)
-            return out if d is None else out[..., :lw.v_head_dim]
+            return out[..., :lw.v_head_dim] if pad else out
 
         for i, lw in enumerate(self.w.layers):
             x = self._layer(i, lw, x, table, attend)
@@ -201,11 +208,10 @@ class Forward:
         token's id, position in its prompt and cache row), ``cu [n+1]`` int32 offsets, ``last
         [n]`` the index of each prompt's last token; returns its logits ``[n, V]``.
 
-        Every linear layer runs on the ``T`` real tokens (no row padding). Tokens past a
-        prompt's end (a captured bucket's padding) must extend the last prompt at positions
-        after it: causal attention keeps them out of every real token, and decode overwrites
-        their K/V before it reads those positions. ``lengths`` (host ints) selects the
-        per-sequence SDPA of ``varlen.reference_varlen`` instead of the flash kernel."""
+        Every linear layer runs on the ``T`` real tokens (no row padding); a captured
+        bucket's padding is a sequence of its own (``packing.packed_inputs``). ``lengths``
+        (host ints, one per sequence of ``cu``) selects the per-sequence SDPA of
+        ``varlen.reference_varlen`` instead of the flash kernel."""
         x = self._embed(tokens[None], positions[None])
         table = None if self.cos is None else self.table[positions][None]
         kc, vc = self.cache.k, self.cache.v
@@ -218,13 +224,9 @@ class Forward:
                 out = varlen.reference_varlen(q, k, v, lengths, lw.softmax_scale,
                                               lw.sliding_window)
             else:
-                d = max(lw.qk_head_dim, lw.v_head_dim)    # flash wants one head dim: pad
-                if lw.qk_head_dim < d:
-                    q, k = pad_last(q, d), pad_last(k, d)
-                elif lw.v_head_dim < d:
-                    v = pad_last(v, d)
-                out = varlen.varlen_causal(q, k, v, cu, max_len, lw.softmax_scale,
-                                           lw.sliding_window)[..., :lw.v_head_dim]
+                out = varlen.varlen_causal(*_one_head_dim(lw, q, k, v), cu, max_len,
+                                           lw.softmax_scale, lw.sliding_window)
+                out = out[..., :lw.v_head_dim]
             return out.transpose(0, 1)[None]                              # [1, H, T, v]
 
         for i, lw in enumerate(self.w.layers):

@@ -63,7 +63,7 @@ def varlen_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
                   max_len: int, scale: float, window: int | None = None) -> torch.Tensor:
     """``q [T, H, d]``, ``k``/``v [T, Hkv, d]`` packed by ``cu [n+1]`` (int32, on the device;
     zero-length sequences allowed) -> ``[T, H, d]``. ``max_len`` bounds every sequence's
-    length (a graph captures it once, so callers pass the packed bucket). No host sync."""
+    length (a graph captures it once: ``packing.packed_max_len``). No host sync."""
     fn, params = _kernel()
     gqa = k.shape[1] != q.shape[1]
     kw = kernel_kwargs(params, window, scale, gqa)
