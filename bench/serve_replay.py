@@ -101,6 +101,8 @@ def main(argv=None) -> int:
                     help="as `ecospa serve --no-packed-prefill`: prompts prefill as padded rows")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="as `ecospa serve --no-compile`: the decode step not compiled")
+    ap.add_argument("--no-compile-prefill", dest="compile_prefill", action="store_false",
+                    help="as `ecospa serve --no-compile-prefill`: the packed prefill eager")
     ap.add_argument("--no-async-decode", dest="async_decode", action="store_false",
                     help="as `ecospa serve --no-async-decode`")
     ap.add_argument("--which", default="dense,pruned")
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
     result = dict(shape=args.shape, requests=args.requests, prompt_lens=args.prompt_lens,
                   max_tokens_mix=mix, prefill_chunk=args.prefill_chunk,
                   decode_steps=args.decode_steps, compile=args.compile,
-                  packed_prefill=args.packed_prefill,
+                  packed_prefill=args.packed_prefill, compile_prefill=args.compile_prefill,
                   async_decode=args.async_decode,
                   ceilings=measure_ceilings(dev, dtype).to_dict(), runs={})
     for label in args.which.split(","):
@@ -120,7 +122,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         engine = build_backend("engine", model, args.requests, args.max_model_len, dev, dtype,
                                step_tokens=args.prefill_chunk or None, compile=args.compile,
-                               packed_prefill=args.packed_prefill)
+                               packed_prefill=args.packed_prefill,
+                               compile_prefill=args.compile_prefill)
         start_s = time.perf_counter() - t0
         del model
         timed = _Timed(engine, timed=False)

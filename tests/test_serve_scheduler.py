@@ -625,9 +625,12 @@ def test_server_steps_default_to_8192_prompt_tokens_on_cuda_and_512_on_cpu():
     assert step_tokens(None, torch.device("cuda")) == 8192
     assert step_tokens(None, torch.device("cpu")) == 512
     assert step_tokens(0, torch.device("cuda")) == 0 and step_tokens(96, torch.device("cpu")) == 96
-    config = _core_config(ServeOptions(path="m", packed_prefill=False, compile_prefill=True),
+    config = _core_config(ServeOptions(path="m", packed_prefill=False, compile_prefill=False),
                           "engine")
-    assert (config.packed_prefill, config.compile_prefill) == (False, True)
+    assert (config.packed_prefill, config.compile_prefill) == (False, False)
+    # run 10: the compiled packed prefill is the default on CUDA, the engine process's too
+    default = _core_config(ServeOptions(path="m"), "engine")
+    assert (default.packed_prefill, default.compile_prefill) == (True, True)
 
 
 def _engine_run(async_decode: bool, record: list | None = None):
@@ -670,3 +673,23 @@ def test_async_decode_gives_the_tokens_of_the_synchronous_loop():
     assert async_tokens[0][-1] == 32 and [len(async_tokens[i]) for i in (2, 5)] == [4, 2]
     # overlap: the next step is launched before the previous one's tokens are collected
     assert record[:3] == ["launch", "launch", "collect"]
+
+
+def test_serve_s_prefill_flags_reach_its_options():
+    """`ecospa serve` compiles its packed prefill unless told not to (run 10 measured it)."""
+    import argparse
+
+    from ecospa_deploy.commands.serve import add_arguments
+    from ecospa_deploy.serve.server import ServeOptions
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def options(*flags):
+        return ServeOptions(**vars(parser.parse_args(["m", *flags])))
+
+    assert (options().compile_prefill, options().packed_prefill) == (True, True)
+    assert options("--no-compile-prefill").compile_prefill is False
+    assert options("--compile-prefill").compile_prefill is True
+    assert options("--no-packed-prefill").packed_prefill is False
+    assert options("--no-compile").compile is False

@@ -14,7 +14,6 @@ On CUDA in half precision this is PyTorch's flash-attention varlen kernel
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Sequence
 
@@ -24,14 +23,22 @@ import torch.nn.functional as F
 HALF = (torch.float16, torch.bfloat16)
 
 
-@functools.cache
+_FOUND: list = []     # filled once, by ``available`` before anything is compiled
+
+
 def _kernel():
-    """``(varlen_attn, its keyword names)``, or None where this torch has no varlen API."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+    """``(varlen_attn, its keyword names)``, or None where this torch has no varlen API.
+
+    Cached in a plain list, not ``functools.cache``: ``varlen_causal`` runs under
+    ``torch.compile``, and Dynamo traces through a cache wrapper (with a warning)."""
+    if not _FOUND:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            _FOUND.append(None)
+        else:
+            _FOUND.append((varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)))
+    return _FOUND[0]
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:

@@ -59,7 +59,7 @@ class CoreConfig:
     async_decode: bool = True
     compile: bool = True
     packed_prefill: bool = True
-    compile_prefill: bool = False
+    compile_prefill: bool = True
     gil_switch_ms: float = 0.5
     log_level: str = "info"
 

@@ -54,7 +54,7 @@ class ServeOptions:
     async_decode: bool = True            # launch the next decode step before streaming this one
     compile: bool = True                 # torch.compile the engine's decode step (CUDA only)
     packed_prefill: bool = True          # prompts prefilled together run packed (engine)
-    compile_prefill: bool = False        # torch.compile the packed prefill too (CUDA only)
+    compile_prefill: bool = True         # torch.compile the packed prefill too (CUDA only)
     gil_switch_ms: float = 0.5           # sys.setswitchinterval while serving (Python's: 5 ms)
     engine_process: bool = False         # the engine core in its own process (serve/core.py)
     shutdown_timeout: float = 30.0
@@ -178,7 +178,7 @@ def _max_model_len(model, requested: int | None) -> int:
 
 def build_backend(name: str, model, max_batch_size: int, max_seq_len: int, device, dtype,
                   step_tokens: int | None = None, compile: bool = True,
-                  packed_prefill: bool = True, compile_prefill: bool = False):
+                  packed_prefill: bool = True, compile_prefill: bool = True):
     """``step_tokens``: the scheduler's prompt tokens per step; the engine's prefill batches stay
     within it, so warm-up captures several-row graphs only for widths a step can reach.
     ``compile``: on CUDA, the decode step of batches above 1 goes through ``torch.compile``
@@ -188,7 +188,8 @@ def build_backend(name: str, model, max_batch_size: int, max_seq_len: int, devic
     compiling costs more than a CPU server's whole run. ``packed_prefill``: prompts prefilled
     together run end to end with no padding rows where the engine can (``engine/varlen.py``);
     False keeps padded rows (the A/B). ``compile_prefill`` (with ``compile``): the packed
-    prefill through ``torch.compile`` as well, before its graphs are captured."""
+    prefill through ``torch.compile`` as well, before its graphs are captured (run 10: the
+    8192-token prefill 1.5-1.6x faster, the burst +11-12 % tokens/s)."""
     if name == "engine":
         import torch
 
