@@ -103,6 +103,8 @@ def main(argv=None) -> int:
                     help="as `ecospa serve --no-compile`: the decode step not compiled")
     ap.add_argument("--no-compile-prefill", dest="compile_prefill", action="store_false",
                     help="as `ecospa serve --no-compile-prefill`: the packed prefill eager")
+    ap.add_argument("--prefill-order", default="shortest", choices=PREFILL_ORDERS,
+                    help="as `ecospa serve --prefill-order`")
     ap.add_argument("--no-async-decode", dest="async_decode", action="store_false",
                     help="as `ecospa serve --no-async-decode`")
     ap.add_argument("--which", default="dense,pruned")
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
                   max_tokens_mix=mix, prefill_chunk=args.prefill_chunk,
                   decode_steps=args.decode_steps, compile=args.compile,
                   packed_prefill=args.packed_prefill, compile_prefill=args.compile_prefill,
-                  async_decode=args.async_decode,
+                  async_decode=args.async_decode, prefill_order=args.prefill_order,
                   ceilings=measure_ceilings(dev, dtype).to_dict(), runs={})
     for label in args.which.split(","):
         model = build_model(shape, label == "pruned", dtype, dev)
@@ -130,7 +132,8 @@ def main(argv=None) -> int:
         sched = Scheduler(timed, args.requests, 4 * args.requests,
                           prefill_chunk=args.prefill_chunk, max_pause=None,
                           decode_steps=args.decode_steps,
-                          async_decode=args.async_decode).start()
+                          async_decode=args.async_decode,
+                          prefill_order=args.prefill_order).start()
         first = burst(sched, prompts, mix)
         clean = burst(sched, prompts, mix)
         timed.timed = True

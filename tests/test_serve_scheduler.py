@@ -15,7 +15,8 @@ from ecospa_deploy.serve.app import create_app
 from ecospa_deploy.serve.detokenize import TextStream
 from ecospa_deploy.serve.generation import GenerationService
 from ecospa_deploy.serve.metrics import Metrics
-from ecospa_deploy.serve.scheduler import QueueFull, Scheduler, Sequence, TokenEvent
+from ecospa_deploy.serve.scheduler import (MAX_PASSED_OVER, QueueFull, Scheduler, Sequence,
+                                          TokenEvent)
 from ecospa_deploy.testing import tiny_tokenizer
 
 
@@ -130,6 +131,96 @@ def test_a_burst_is_prefilled_shortest_prompt_first():
         assert [len(e) for e in events] == [3] * 5       # every one still ran to its length
     finally:
         sched.stop()
+
+
+class _StepByStep(FakeBackend):
+    """Chunked-prefill capable; each decode step waits for the test to ``allow`` it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allowed = threading.Semaphore(0)
+
+    def add_chunk(self, slot, prompt_ids, params, end):
+        raise AssertionError("these prompts all fit a step's budget")
+
+    def step(self):
+        assert self.allowed.acquire(timeout=10), "the test never allowed this step"
+        return super().step()
+
+
+def _stepped(order: str):
+    backend = _StepByStep()
+    sched = Scheduler(backend, 16, 16, prefill_chunk=100, max_pause=None,
+                      prefill_order=order).start()
+
+    def submit(*lengths):
+        sched.submit([Sequence([3] * n, SamplingParams(max_new_tokens=1000), lambda e: None)
+                      for n in lengths])
+
+    def step_then_added(count):
+        backend.allowed.release()
+        wait_for(lambda: len(backend.added) >= count)
+        return backend.added[:]
+
+    return backend, sched, submit, step_then_added
+
+
+def _stop(backend, sched):
+    for _ in range(100):
+        backend.allowed.release()
+    sched.stop()
+
+
+def test_shortest_first_spans_prompts_that_arrived_apart():
+    """A burst reaches the scheduler in pieces: a short prompt that arrives while a longer
+    one waits for the next step's budget goes ahead of it."""
+    backend, sched, submit, step_then_added = _stepped("shortest")
+    try:
+        submit(80, 60)
+        wait_for(lambda: backend.added == [60])        # 80 does not fit the 40 left
+        submit(20, 10)
+        assert step_then_added(3) == [60, 10, 20]       # 80 does not fit the 70 left
+        assert step_then_added(4) == [60, 10, 20, 80]
+    finally:
+        _stop(backend, sched)
+
+
+def test_a_long_prompt_passed_over_four_times_goes_first():
+    backend, sched, submit, step_then_added = _stepped("shortest")
+    try:
+        submit(80, 60)
+        wait_for(lambda: backend.added == [60])
+        for n in range(2, 2 + MAX_PASSED_OVER - 1):     # 50s keep coming, each shorter
+            submit(50)
+            assert step_then_added(n) == [60] + [50] * (n - 1)
+        submit(50)
+        assert step_then_added(5)[-1] == 80              # passed over four times: its turn
+        assert step_then_added(6) == [60, 50, 50, 50, 80, 50]
+    finally:
+        _stop(backend, sched)
+
+
+def test_arrival_order_prefills_first_come_first_served():
+    backend, sched, submit, step_then_added = _stepped("arrival")
+    try:
+        submit(80, 60)
+        wait_for(lambda: backend.added == [80])        # 60 does not fit the 20 left
+        submit(20, 10)
+        assert step_then_added(4) == [80, 60, 20, 10]
+    finally:
+        _stop(backend, sched)
+    backend = FakeBackend()                              # whole prompts (no chunked prefill)
+    sched = Scheduler(backend, 8, 8, prefill_order="arrival").start()
+    try:
+        events = [[] for _ in range(3)]
+        sched.submit([Sequence([3] * n, SamplingParams(max_new_tokens=2), events[i].append)
+                      for i, n in enumerate([50, 1, 30])])
+        wait_for(lambda: all(e and e[-1].finish for e in events))
+        assert backend.added == [50, 1, 30]
+    finally:
+        sched.stop()
+    with pytest.raises(ValueError, match="prefill_order='longest'"):
+        Scheduler(FakeBackend(), 8, 8, prefill_order="longest")
 
 
 def test_stop_token_ends_sequence():

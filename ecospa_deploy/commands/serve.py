@@ -23,6 +23,7 @@ from ecospa_deploy import dtypes
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ecospa_deploy.commands.args import port
     from ecospa_deploy.serve.backend import BACKENDS
+    from ecospa_deploy.serve.scheduler import MAX_PASSED_OVER, PREFILL_ORDERS
     from ecospa_deploy.serve.server import ServeOptions as D
 
     parser.add_argument("path", help="model directory (our format or a foreign HF directory) "
@@ -84,6 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "as the decode step (Inductor fuses its norms, RoPE and SiLU-mul: the "
                         "8192-token prefill ran 1.5-1.6x faster; two more compiles at start; "
                         "default: on; --no-compile or --no-compile-prefill turn it off)")
+    parser.add_argument("--prefill-order", choices=PREFILL_ORDERS, default=D.prefill_order,
+                        help="which waiting prompt is prefilled first: the shortest (a burst's "
+                        "TTFTs are prefix sums of its prefills; a prompt passed over "
+                        f"{MAX_PASSED_OVER} times goes first) or the first to arrive "
+                        "(default: %(default)s)")
     parser.add_argument("--gil-switch-ms", type=float, default=D.gil_switch_ms,
                         help="Python's thread switch interval while serving: how long the "
                         "decode loop may wait for the GIL behind the HTTP side (default: "

@@ -60,6 +60,7 @@ class CoreConfig:
     compile: bool = True
     packed_prefill: bool = True
     compile_prefill: bool = True
+    prefill_order: str = "shortest"
     gil_switch_ms: float = 0.5
     log_level: str = "info"
 

@@ -1,7 +1,9 @@
 """Dynamic batching: one worker thread owns the backend and runs admit → step forever.
 
 Each iteration first frees the slots of cancelled sequences, then prefills waiting sequences
-into free slots (shortest prompt first among those admitted together; together in one
+into free slots (``prefill_order`` "shortest", the default: shortest prompt first among all
+not yet started, a prompt passed over ``MAX_PASSED_OVER`` times first; "arrival": first come
+first served; together in one
 ``backend.add_many`` where the backend has it, else one ``backend.add`` each), then decodes one
 token for every occupied slot (``backend.step``; with a backend that has ``launch`` and
 ``collect``, the engine, step N+1 is launched before step N's tokens are handled, so the device
@@ -20,7 +22,7 @@ prefills of at least ``MEASURE_MIN`` tokens (a GPU spends ~5 ms on any small one
 read off those shrank the chunk to a few hundred tokens on the H200: 1024-token prompts were
 then prefilled eagerly in pieces, TTFT p50 405 ms against 227 ms). The server uses the
 adaptive chunk on CPU only. Admitted sequences hold
-their slot while they wait for their turn, first come first served. Tokens go
+their slot while they wait for their turn. Tokens go
 back to the asyncio side through ``loop.call_soon_threadsafe``; the model never runs on the
 event loop, so the HTTP side stays responsive while it computes.
 
@@ -50,6 +52,10 @@ log = logging.getLogger("ecospa_deploy.serve")
 
 MIN_CHUNK = 16
 MEASURE_MIN = 128      # prefill calls shorter than this do not inform the rate
+# With prefill_order "shortest", a prompt passed over by this many prefill steps goes first
+# (in arrival order), so a stream of short prompts cannot starve a long one.
+MAX_PASSED_OVER = 4
+PREFILL_ORDERS = ("shortest", "arrival")
 
 
 class QueueFull(Exception):
@@ -171,7 +177,7 @@ class Scheduler:
     def __init__(self, backend: SlotBackend, max_batch_size: int, max_queue: int,
                  metrics: Metrics | None = None, prefill_chunk: int | None = None,
                  max_pause: float | None = 0.25, decode_steps: int = 1,
-                 async_decode: bool = True) -> None:
+                 async_decode: bool = True, prefill_order: str = "shortest") -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size={max_batch_size}, max_queue={max_queue}; "
                              "expected both >= 1")
@@ -181,7 +187,12 @@ class Scheduler:
         self.backend = backend
         # chunked prefill only where the backend can continue a prompt
         self.prefill_chunk = prefill_chunk if hasattr(backend, "add_chunk") else None
-        self._prefilling: deque[list] = deque()     # [seq, slot, tokens cached], in turn
+        # [seq, slot, tokens cached, prefill steps passed over], in turn
+        self._prefilling: deque[list] = deque()
+        if prefill_order not in PREFILL_ORDERS:
+            raise ValueError(f"prefill_order={prefill_order!r}; expected one of "
+                             f"{', '.join(PREFILL_ORDERS)}")
+        self.prefill_order = prefill_order
         self.max_pause = max_pause
         if not isinstance(decode_steps, int) or decode_steps < 1:
             raise ValueError(f"decode_steps={decode_steps!r}; expected an int >= 1")
@@ -292,15 +303,14 @@ class Scheduler:
                             admit.append(seq)
                     self.metrics.queue_depth.set(len(self._pending))
                 self._reap_cancelled()
-                # Shortest prompt first within what is admitted together: a burst's TTFTs are
-                # prefix sums of its prefills, and this order minimises each percentile of them.
-                # Admitted now, every one is prefilled before the next step (with chunked
-                # prefill: in turn, a budget of tokens per step): none starves.
-                admit.sort(key=lambda q: len(q.prompt_ids))
+                if self.prefill_order == "shortest":
+                    admit.sort(key=lambda q: len(q.prompt_ids))
                 if self.prefill_chunk is None:
                     self._admit_many([(seq, self._free.pop()) for seq in admit])
                 else:
-                    self._prefilling.extend([seq, self._free.pop(), 0] for seq in admit)
+                    self._prefilling.extend([seq, self._free.pop(), 0, 0] for seq in admit)
+                    if self.prefill_order == "shortest":
+                        self._shortest_first()
                     self._prefill_some(self._budget())
                 self._flush()
                 if self._active:
@@ -336,6 +346,22 @@ class Scheduler:
             self._unreserve(item[1])
             self._finish(item[0], "cancelled")
 
+    def _shortest_first(self) -> None:
+        """Order the prompts waiting for their prefill: a burst's TTFTs are prefix sums of its
+        prefills, and shortest first minimises every percentile of them (the floor
+        ``benchmark.floor.burst_ttft_floor_s`` assumes). Over every prompt not yet started,
+        not only those admitted together: a burst reaches the scheduler over HTTP in pieces.
+        A prompt already partly cached keeps its turn; one passed over ``MAX_PASSED_OVER``
+        times goes ahead of the shorter ones, oldest first."""
+        def key(item):
+            seq, _, done, passed = item
+            if done:
+                return (0, 0)
+            if passed >= MAX_PASSED_OVER:
+                return (1, 0)                    # stable: arrival order among these
+            return (2, len(seq.prompt_ids))
+        self._prefilling = deque(sorted(self._prefilling, key=key))
+
     def _budget(self) -> int:
         """Prompt tokens to prefill before the next decode step."""
         budget = self.prefill_chunk
@@ -353,7 +379,7 @@ class Scheduler:
         full, whole = budget, []
         while self._prefilling and budget > 0:
             item = self._prefilling[0]
-            seq, slot, done = item
+            seq, slot, done, _ = item
             left = len(seq.prompt_ids) - done
             if done == 0 and left <= budget:
                 whole.append(self._prefilling.popleft())
@@ -377,10 +403,13 @@ class Scheduler:
             if token is not None:
                 self._prefilling.popleft()
                 self._activate(slot, seq, token)
+        for item in self._prefilling:                  # still waiting: passed over once more
+            if item[2] == 0:
+                item[3] += 1
         if whole:
             start = time.perf_counter()
-            self._admit_many([(seq, slot) for seq, slot, _ in whole])
-            self._measure(sum(len(seq.prompt_ids) for seq, _, _ in whole),
+            self._admit_many([(seq, slot) for seq, slot, _, _ in whole])
+            self._measure(sum(len(seq.prompt_ids) for seq, _, _, _ in whole),
                           time.perf_counter() - start)
 
     def _measure(self, tokens: int, seconds: float) -> None:

@@ -55,6 +55,7 @@ class ServeOptions:
     compile: bool = True                 # torch.compile the engine's decode step (CUDA only)
     packed_prefill: bool = True          # prompts prefilled together run packed (engine)
     compile_prefill: bool = True         # torch.compile the packed prefill too (CUDA only)
+    prefill_order: str = "shortest"      # waiting prompts: shortest first, or by arrival
     gil_switch_ms: float = 0.5           # sys.setswitchinterval while serving (Python's: 5 ms)
     engine_process: bool = False         # the engine core in its own process (serve/core.py)
     shutdown_timeout: float = 30.0
@@ -347,7 +348,8 @@ def start_scheduler(config, make_scheduler):
                                prefill_chunk=chunk or None,
                                max_pause=None if device.type == "cuda" else 0.25,
                                decode_steps=config.decode_steps,
-                               async_decode=config.async_decode).start()
+                               async_decode=config.async_decode,
+                               prefill_order=config.prefill_order).start()
     return scheduler, {"max_model_len": max_len, "vocab_size": model.config.vocab_size,
                        "eos_token_ids": _model_eos_ids(model), "device": str(device),
                        "dtype": dtypes.name_of(dtype)}
@@ -362,6 +364,7 @@ def _core_config(opts: ServeOptions, backend_name: str):
         max_queue=opts.max_queue, prefill_chunk=opts.prefill_chunk,
         decode_steps=opts.decode_steps, async_decode=opts.async_decode, compile=opts.compile,
         packed_prefill=opts.packed_prefill, compile_prefill=opts.compile_prefill,
+        prefill_order=opts.prefill_order,
         gil_switch_ms=opts.gil_switch_ms, log_level=opts.log_level)
 
 
