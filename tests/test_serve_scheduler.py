@@ -784,3 +784,11 @@ def test_serve_s_prefill_flags_reach_its_options():
     assert options("--compile-prefill").compile_prefill is True
     assert options("--no-packed-prefill").packed_prefill is False
     assert options("--no-compile").compile is False
+    assert options().prefill_order == "shortest"
+    assert options("--prefill-order", "arrival").prefill_order == "arrival"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["m", "--prefill-order", "longest"])
+    # the engine core (--engine-process) gets it too
+    from ecospa_deploy.serve.server import _core_config
+
+    assert _core_config(options("--prefill-order", "arrival"), "engine").prefill_order == "arrival"
