@@ -41,11 +41,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Sequence as Seq
+from typing import TYPE_CHECKING, Callable, Sequence as Seq
 
-from ecospa_deploy.engine.sampling import SamplingParams
 from ecospa_deploy.serve.backend import SlotBackend
 from ecospa_deploy.serve.metrics import Metrics
+
+if TYPE_CHECKING:      # torch-free at import: `ecospa serve --help` reads PREFILL_ORDERS
+    from ecospa_deploy.engine.sampling import SamplingParams
 
 log = logging.getLogger("ecospa_deploy.serve")
 
