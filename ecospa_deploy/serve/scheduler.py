@@ -311,7 +311,7 @@ class Scheduler:
                     self._admit_many([(seq, self._free.pop()) for seq in admit])
                 else:
                     self._prefilling.extend([seq, self._free.pop(), 0, 0] for seq in admit)
-                    if self.prefill_order == "shortest":
+                    if admit and self.prefill_order == "shortest":
                         self._shortest_first()
                     self._prefill_some(self._budget())
                 self._flush()
