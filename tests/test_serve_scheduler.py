@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -148,7 +149,10 @@ class _StepByStep(FakeBackend):
         return super().step()
 
 
+@contextlib.contextmanager
 def _stepped(order: str):
+    """``(backend, submit(*prompt lengths), step_then_added(count))`` over a running
+    scheduler with 100 prompt tokens a step; every step is allowed and it stops on exit."""
     backend = _StepByStep()
     sched = Scheduler(backend, 16, 16, prefill_chunk=100, max_pause=None,
                       prefill_order=order).start()
@@ -162,32 +166,27 @@ def _stepped(order: str):
         wait_for(lambda: len(backend.added) >= count)
         return backend.added[:]
 
-    return backend, sched, submit, step_then_added
-
-
-def _stop(backend, sched):
-    for _ in range(100):
-        backend.allowed.release()
-    sched.stop()
+    try:
+        yield backend, submit, step_then_added
+    finally:
+        for _ in range(100):
+            backend.allowed.release()
+        sched.stop()
 
 
 def test_shortest_first_spans_prompts_that_arrived_apart():
     """A burst reaches the scheduler in pieces: a short prompt that arrives while a longer
     one waits for the next step's budget goes ahead of it."""
-    backend, sched, submit, step_then_added = _stepped("shortest")
-    try:
+    with _stepped("shortest") as (backend, submit, step_then_added):
         submit(80, 60)
         wait_for(lambda: backend.added == [60])        # 80 does not fit the 40 left
         submit(20, 10)
         assert step_then_added(3) == [60, 10, 20]       # 80 does not fit the 70 left
         assert step_then_added(4) == [60, 10, 20, 80]
-    finally:
-        _stop(backend, sched)
 
 
 def test_a_long_prompt_passed_over_four_times_goes_first():
-    backend, sched, submit, step_then_added = _stepped("shortest")
-    try:
+    with _stepped("shortest") as (backend, submit, step_then_added):
         submit(80, 60)
         wait_for(lambda: backend.added == [60])
         for n in range(2, 2 + MAX_PASSED_OVER - 1):     # 50s keep coming, each shorter
@@ -196,19 +195,14 @@ def test_a_long_prompt_passed_over_four_times_goes_first():
         submit(50)
         assert step_then_added(5)[-1] == 80              # passed over four times: its turn
         assert step_then_added(6) == [60, 50, 50, 50, 80, 50]
-    finally:
-        _stop(backend, sched)
 
 
 def test_arrival_order_prefills_first_come_first_served():
-    backend, sched, submit, step_then_added = _stepped("arrival")
-    try:
+    with _stepped("arrival") as (backend, submit, step_then_added):
         submit(80, 60)
         wait_for(lambda: backend.added == [80])        # 60 does not fit the 20 left
         submit(20, 10)
         assert step_then_added(4) == [80, 60, 20, 10]
-    finally:
-        _stop(backend, sched)
     backend = FakeBackend()                              # whole prompts (no chunked prefill)
     sched = Scheduler(backend, 8, 8, prefill_order="arrival").start()
     try:

@@ -412,39 +412,36 @@ class Engine:
 
     def _capture_packed(self, args: tuple[torch.Tensor, ...]):
         """Capture ``Forward.prefill_packed`` for ``args``' token bucket (warmed up twice on
-        a side stream first, as ``_capture_prefill``); the graph reads its inputs from and
+        a side stream first, ``_graph_of``); the graph reads its inputs from and
         writes its logits to static buffers."""
         static = [a.to(self.device) for a in args]
         max_len = packed_max_len(static[0].shape[0], self.max_seq_len)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._prefill_packed(*static, max_len)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._prefill_packed(*static, max_len)
+        graph, logits = self._graph_of(lambda: self._prefill_packed(*static, max_len))
         return graph, static, logits
 
     def _capture_prefill(self, batch: torch.Tensor, lengths: torch.Tensor, idx: torch.Tensor):
         """Warm up and capture ``_prefill_step`` on these very rows and tokens: the warm-up
         writes only what the replay that follows writes again."""
         tokens, lens, rows = (t.to(self.device) for t in (batch, lengths, idx))
+        graph, out = self._graph_of(lambda: self._prefill_step(tokens, lens, rows))
+        return graph, tokens, lens, rows, out
+
+    def _graph_of(self, fn):
+        """``(graph, fn's output)``: ``fn`` run twice on a side stream (lazy init, compiles,
+        autotuning, the allocator's first blocks), then captured into the engine's one
+        memory pool; replaying the graph rewrites that output."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._prefill_step(tokens, lens, rows)
+                fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self._prefill_step(tokens, lens, rows)
-        return graph, tokens, lens, rows, out
+            out = fn()
+        return graph, out
 
     @torch.no_grad()
     def warmup(self, batch_sizes: Sequence[int] = (1,), max_prompt_len: int | None = None,
@@ -517,17 +514,8 @@ class Engine:
     def _capture(self, nb: int, kv_len: int, sample: bool):
         """Warm up (compile) and capture the decode step; buffers are restored afterwards."""
         saved = [b.clone() for b in self._buffers()]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step_fn(nb)(nb, kv_len, sample, *self._buffers())
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self._step_fn(nb)(nb, kv_len, sample, *self._buffers())
+        step = self._step_fn(nb)
+        graph, out = self._graph_of(lambda: step(nb, kv_len, sample, *self._buffers()))
         for buf, old in zip(self._buffers(), saved):
             buf.copy_(old)
         return graph, out

@@ -305,9 +305,9 @@ class Scheduler:
                             admit.append(seq)
                     self.metrics.queue_depth.set(len(self._pending))
                 self._reap_cancelled()
-                if self.prefill_order == "shortest":
-                    admit.sort(key=lambda q: len(q.prompt_ids))
                 if self.prefill_chunk is None:
+                    if self.prefill_order == "shortest":   # each admitted batch is prefilled whole
+                        admit.sort(key=lambda q: len(q.prompt_ids))
                     self._admit_many([(seq, self._free.pop()) for seq in admit])
                 else:
                     self._prefilling.extend([seq, self._free.pop(), 0, 0] for seq in admit)
