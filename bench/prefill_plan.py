@@ -22,32 +22,50 @@ from pathlib import Path
 
 
 class PlanBackend:
-    """Slot protocol; records each prefill call's prompt lengths, computes nothing."""
+    """Slot protocol; records each prefill call's prompt lengths and advances a clock at the
+    given costs (zero: no clock), computes nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, step_tokens: int = 8192, prefill_ms_8k: float = 0.0,
+                 step_ms: float = 0.0) -> None:
         # one entry per call: ("many", prompt lengths) for add/add_many, ("chunk", tokens)
         self.calls: list[tuple[str, object]] = []
         self.slots: set[int] = set()
         self.cached: dict[int, int] = {}      # prompt tokens a chunked slot holds so far
+        self.step_tokens, self.step_ms = step_tokens, step_ms
+        self.ms_per_token = prefill_ms_8k / 8192
+        self.clock_ms = 0.0
+        self.ttft_ms: list[float] = []        # one per prompt whose prefill finished
+
+    def _prefilled(self, padded_tokens: int, finished: int) -> None:
+        self.clock_ms += padded_tokens * self.ms_per_token
+        self.ttft_ms += [self.clock_ms] * finished
 
     def add(self, slot, prompt_ids, params):
         return self.add_many([slot], [prompt_ids], [params])[0]
 
     def add_many(self, slots, prompts, params):
-        self.calls.append(("many", [len(p) for p in prompts]))
+        lengths = [len(p) for p in prompts]
+        self.calls.append(("many", lengths))
+        self._prefilled(packed_layout([("many", lengths)], self.step_tokens)["padded_tokens"],
+                        len(prompts))
         self.slots.update(slots)
         return [1] * len(prompts)
 
     def add_chunk(self, slot, prompt_ids, params, upto):
-        self.calls.append(("chunk", upto - self.cached.get(slot, 0)))
+        tokens = upto - self.cached.get(slot, 0)
+        self.calls.append(("chunk", tokens))
         if upto < len(prompt_ids):
             self.cached[slot] = upto
+            self._prefilled(tokens, 0)
             return None
         self.cached.pop(slot, None)
         self.slots.add(slot)
+        self._prefilled(tokens, 1)
         return 1
 
     def step(self):
+        if self.slots:
+            self.clock_ms += self.step_ms
         return {slot: 1 for slot in self.slots}
 
     def free(self, slot):
@@ -95,12 +113,14 @@ def packed_layout(calls: list[tuple[str, object]], step_tokens: int) -> dict:
 
 
 def plan(prompts: list[list[int]], mix: list[int], step_tokens: int, max_seq: int,
-         max_rows: int = 8) -> dict:
-    """Run the burst through a ``Scheduler`` over ``PlanBackend``; the plan of its prefills."""
+         max_rows: int = 8, prefill_ms_8k: float = 0.0, step_ms: float = 0.0) -> dict:
+    """Run the burst through a ``Scheduler`` over ``PlanBackend``; the plan of its prefills
+    (and, given the costs, its TTFT p50/p99 on the clock)."""
     from ecospa_deploy.engine.sampling import SamplingParams
+    from ecospa_deploy.serve.loadtest import percentile
     from ecospa_deploy.serve.scheduler import Scheduler, Sequence
 
-    backend = PlanBackend()
+    backend = PlanBackend(step_tokens, prefill_ms_8k, step_ms)
     done, left, lock = threading.Event(), [len(prompts)], threading.Lock()
 
     def sink(event):
@@ -118,7 +138,11 @@ def plan(prompts: list[list[int]], mix: list[int], step_tokens: int, max_seq: in
     if not done.wait(60):
         raise RuntimeError("the burst did not finish")
     sched.stop()
-    return dict(step_tokens=step_tokens, decode_steps=sched.steps,
+    clock = {}
+    if prefill_ms_8k:
+        clock = {f"ttft_{q}_ms": round(percentile(backend.ttft_ms, n), 2)
+                 for q, n in (("p50", 50), ("p99", 99))}
+    return dict(step_tokens=step_tokens, decode_steps=sched.steps, **clock,
                 **layout(backend.calls, step_tokens, max_seq, max_rows))
 
 
@@ -128,12 +152,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     burst_arguments(ap)
     ap.add_argument("--chunks", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--prefill-ms-8k", type=float, default=0.0,
+                    help="measured time of an 8 192-token packed prefill (ms): runs the clock")
+    ap.add_argument("--step-ms", type=float, default=0.0, help="a decode step's time (ms)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     _, _, prompts, mix = burst_load(args)
     result = dict(shape=args.shape, requests=args.requests, prompt_lens=args.prompt_lens,
                   prompt_tokens=sum(map(len, prompts)), max_model_len=args.max_model_len,
-                  plans=[plan(prompts, mix, c, args.max_model_len) for c in args.chunks])
+                  prefill_ms_8k=args.prefill_ms_8k, step_ms=args.step_ms,
+                  plans=[plan(prompts, mix, c, args.max_model_len, 8,
+                              args.prefill_ms_8k, args.step_ms) for c in args.chunks])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prefill_plan.json").write_text(json.dumps(result, indent=1) + "\n")
     for p in result["plans"]:

@@ -32,3 +32,16 @@ def test_a_larger_step_means_fewer_launches_for_the_burst():
     assert small["real_tokens"] == large["real_tokens"] == sum(lengths)
     assert large["launches"] < small["launches"]
     assert large["prefill_calls"] < small["prefill_calls"]
+
+
+
+def test_the_clock_charges_packed_prefills_and_decode_steps():
+    """8 192 tokens cost 16 ms, a decode step 1 ms. Step budget 1 024: 20 and 40 prefill in one
+    packed launch (bucket 128: 0.25 ms), the 1 000 (bucket 1 024: 2 ms) in the next step, after
+    the decode step of the two running streams."""
+    burst = _prompts(1000, 40, 20)
+    p = plan(burst, [3], step_tokens=1024, max_seq=1280, prefill_ms_8k=16.0, step_ms=1.0)
+    assert (p["ttft_p50_ms"], p["ttft_p99_ms"]) == (0.25, 3.25)
+    p = plan(burst, [3], step_tokens=1024, max_seq=1280, prefill_ms_8k=16.0)
+    assert (p["ttft_p50_ms"], p["ttft_p99_ms"]) == (0.25, 2.25)
+    assert "ttft_p50_ms" not in plan(burst, [3], 1024, 1280)      # no costs: no clock
