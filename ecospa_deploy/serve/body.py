@@ -20,6 +20,7 @@ from ecospa_deploy.serve.errors import APIError
 
 MAX_DEPTH = 32
 _DIGITS = re.compile(r"[0-9]{1,30}")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _no_constant(name: str) -> Any:
@@ -36,23 +37,42 @@ def _bad_string(s: str) -> bool:
 
 def check_json(value: Any, max_depth: int = MAX_DEPTH) -> None:
     """400 for nesting deeper than ``max_depth`` or a string (value or key) that is not
-    encodable as UTF-8. Iterative, so no depth can overflow the stack here."""
+    encodable as UTF-8. Iterative, so no depth can overflow the stack here; only containers
+    go on the stack (a prompt of token ids is one pass over a list, not one pop per id)."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, str):
-            if _bad_string(item):
-                raise APIError(400, "request body has a string with a lone UTF-16 surrogate "
-                               f"(such as \\ud800) at nesting level {depth}; expected valid "
-                               "Unicode text")
-        elif isinstance(item, (dict, list)):
-            if depth > max_depth:
-                raise APIError(400, f"request body nests deeper than {max_depth} levels")
-            if isinstance(item, dict):
-                stack.extend((k, depth) for k in item)
-                stack.extend((v, depth + 1) for v in item.values())
-            else:
-                stack.extend((v, depth + 1) for v in item)
+            _check_string(item, depth)
+            continue
+        if not isinstance(item, (dict, list)):
+            continue
+        if depth > max_depth:
+            raise APIError(400, f"request body nests deeper than {max_depth} levels")
+        if isinstance(item, dict):
+            for key in item:
+                _check_string(key, depth)
+            item = item.values()
+        for child in item:
+            if isinstance(child, str):
+                _check_string(child, depth + 1)
+            elif isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+
+
+def _check_string(s: str, depth: int) -> None:
+    if _bad_string(s):
+        raise APIError(400, "request body has a string with a lone UTF-16 surrogate "
+                       f"(such as \\ud800) at nesting level {depth}; expected valid "
+                       "Unicode text")
+
+
+def _may_fail_check(text: str, max_depth: int = MAX_DEPTH) -> bool:
+    """False when ``check_json`` cannot fail on this text's value, told from the text alone.
+    Valid UTF-8 holds no surrogate, so a lone one can only come from a ``\\uD800``-style
+    escape; and a value cannot nest deeper than the text has opening brackets."""
+    return bool(_SURROGATE_ESCAPE.search(text)) or \
+        text.count("[") + text.count("{") > max_depth
 
 
 def parse_json(raw: bytes) -> Any:
@@ -73,7 +93,8 @@ def parse_json(raw: bytes) -> Any:
         raise APIError(400, f"request body nests deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:  # NaN/Infinity, or an integer over 4300 digits
         raise APIError(400, f"request body is not acceptable JSON: {exc}") from None
-    check_json(value)
+    if _may_fail_check(text):
+        check_json(value)
     return value
 
 
