@@ -245,3 +245,26 @@ def test_refused_connections_log_one_warning_per_interval(caplog):
     with caplog.at_level("WARNING", logger="ecospa_deploy.serve"):
         refusals.note(100, 100)
     assert "499 more refused" in caplog.records[-1].getMessage()
+
+
+def test_fastapi_telemetry_off_unless_opentelemetry_is_configured(monkeypatch):
+    """Off, FastAPI skips its per-request provider lookups; an OTEL_ variable keeps its
+    default (on where a provider is set up)."""
+    import inspect
+    import os
+
+    from fastapi import FastAPI
+
+    from ecospa_deploy.serve.app import _telemetry_config
+
+    if "telemetry" not in inspect.signature(FastAPI).parameters:
+        assert _telemetry_config() == {}          # an older FastAPI: nothing to turn off
+        return
+    for name in [n for n in os.environ if n.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+    off = FastAPI(**_telemetry_config())
+    assert not off._native_telemetry.enabled()
+    assert (off._telemetry["tracing"], off._telemetry["metrics"]) == (False, False)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "ecospa")
+    assert _telemetry_config() == {}
+    assert FastAPI(**_telemetry_config())._telemetry["tracing"] is True

@@ -8,8 +8,10 @@ body, which the ``openai`` client turns into a typed exception carrying our mess
 from __future__ import annotations
 
 import hmac
+import inspect
 import json
 import logging
+import os
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -138,9 +140,21 @@ async def _collect(request: Request, gen: Generation) -> dict[int, list]:
     return out
 
 
+def _telemetry_config() -> dict[str, Any]:
+    """FastAPI's own OpenTelemetry (recent FastAPI) asks the global providers whether it is on
+    at every request, an environment lookup each: ~5 % of a request's event-loop time
+    (bench/results/serve_host/RUNS.md). Off unless the server starts with an ``OTEL_``
+    variable set (``opentelemetry-instrument`` sets them), where it stays FastAPI's default."""
+    if "telemetry" not in inspect.signature(FastAPI).parameters or \
+            any(name.startswith("OTEL_") for name in os.environ):
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+
+
 def create_app(service: GenerationService, metrics: Metrics, *, api_key: str | None = None,
                max_body_bytes: int = 1 << 20, backend_name: str = "") -> FastAPI:
-    app = FastAPI(title="ecospa-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="ecospa-serve", docs_url=None, redoc_url=None, openapi_url=None,
+                  **_telemetry_config())
     created = int(time.time())
 
     @app.exception_handler(APIError)
