@@ -169,7 +169,8 @@ def test_verification_fails_loudly_on_a_graph_that_computes_something_else(expor
         other.model.norm.weight.mul_(1.5)
     result = verify(other, OrtGenerator(path), "fp32")
     assert not result.passed and result.worst > 1e-2
-    with pytest.raises(VerificationError, match="differ from PyTorch .* expected <= 0.0\d+ for fp32"):
+    with pytest.raises(VerificationError,
+                       match=r"differ from PyTorch .* expected <= 0\.0\d+ for fp32"):
         raise_if_failed(result)
 
 
