@@ -96,7 +96,8 @@ class CompletionRequest(_Sampling):
     @classmethod
     def _token_ids_fast(cls, v: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         """A list of plain ints is ``list[StrictInt]`` as it stands. The union would first try
-        it as ``list[StrictStr]``, an error per id: 8x the time of a 1 024-id prompt."""
+        it as ``list[StrictStr]``, an error per id: on 1 024 ids, 8x the time of the ints
+        alone (bench/request_parse.py)."""
         if type(v) is list and all(type(x) is int for x in v):
             return v
         return handler(v)
