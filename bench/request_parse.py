@@ -33,14 +33,13 @@ def _per_call_us(fn, repeats: int) -> float:
 
 
 def _paths(raw: bytes):
-    from pydantic import StrictInt, StrictStr, TypeAdapter
+    from pydantic import TypeAdapter
 
     from ecospa_deploy.serve.app import parse
     from ecospa_deploy.serve.body import check_json, parse_json
-    from ecospa_deploy.serve.protocol import CompletionRequest
+    from ecospa_deploy.serve.protocol import CompletionRequest, Prompt
 
-    union = TypeAdapter(StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]],
-                        config={"strict": True})
+    union = TypeAdapter(Prompt, config={"strict": True})
 
     def fast():
         return parse(CompletionRequest, parse_json(raw))
@@ -55,6 +54,8 @@ def _paths(raw: bytes):
 
 
 def main(argv=None) -> int:
+    from ecospa_deploy.serve.loadtest import token_prompts
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[16, 256, 1024, 4096])
     ap.add_argument("--repeats", type=int, default=300)
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
         if hi[0] == lo[0]:
             return lo[i]
         return lo[i] + (hi[i] - lo[i]) * (n - lo[0]) / (hi[0] - lo[0])
-    lengths = [16 + round(i * (1024 - 16) / 63) for i in range(64)]
+    lengths = [len(p) for p in token_prompts(64, 16, 1024, vocab=32000)]
     burst = {k: round(sum(at(n, i) for n in lengths) / 1e3, 2)
              for k, i in (("fast", 1), ("full", 2))}
     result = dict(rows=rows, burst_ms=burst, cpu=_cpu_name())
