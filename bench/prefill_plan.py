@@ -161,8 +161,9 @@ def main(argv=None) -> int:
     result = dict(shape=args.shape, requests=args.requests, prompt_lens=args.prompt_lens,
                   prompt_tokens=sum(map(len, prompts)), max_model_len=args.max_model_len,
                   prefill_ms_8k=args.prefill_ms_8k, step_ms=args.step_ms,
-                  plans=[plan(prompts, mix, c, args.max_model_len, 8,
-                              args.prefill_ms_8k, args.step_ms) for c in args.chunks])
+                  plans=[plan(prompts, mix, c, args.max_model_len,
+                              prefill_ms_8k=args.prefill_ms_8k, step_ms=args.step_ms)
+                         for c in args.chunks])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prefill_plan.json").write_text(json.dumps(result, indent=1) + "\n")
     for p in result["plans"]:
