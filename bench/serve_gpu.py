@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -134,8 +135,11 @@ def main(argv=None) -> int:
             del model
             torch.cuda.empty_cache()
             t0 = time.perf_counter()
-            with ServerProcess(tmp, *server_args, startup_timeout=600.0) as srv:
+            log_path = args.out / f"server_{label}{args.tag}.log"   # kept if a limit cuts us
+            with ServerProcess(tmp, *server_args, startup_timeout=600.0,
+                               log_path=log_path) as srv:
                 start_s = time.perf_counter() - t0   # weights, warm-up: every graph captured
+                print(f"{label}: server up in {start_s:.1f} s", file=sys.stderr, flush=True)
                 asyncio.run(run_stream_load(srv.url, prompts[:4], [4]))       # warm-up
                 runs = [asyncio.run(run_stream_load(srv.url, prompts, mix)) for _ in range(2)]
                 loads = _loads(srv.url, args, vocab) if args.loads else None

@@ -65,10 +65,14 @@ def test_decode_graphs_warmed_for_every_bucket():
     graph, so later generation captures none, and the tokens equal eager decoding."""
     model = tiny_pruned("llama", seed=6).cuda()
     eng = Engine(model, max_batch_size=4, max_seq_len=300)
-    n = eng.warmup([1], max_prompt_len=40, decode=True)
+    calls = []
+    n = eng.warmup([1], max_prompt_len=40, decode=True,
+                   progress=lambda *a: calls.append(a))
     assert set(eng._graphs) == {(nb, kv, s) for nb in (1, 2, 4) for kv in (128, 256, 300)
                                 for s in (False, True)}
     assert n == len(eng._graphs) + len(eng._prefill_graphs)
+    assert [c[:2] for c in calls] == [(i, n) for i in range(1, n + 1)]   # one call per graph
+    assert sum(c[2].startswith("decode batch") for c in calls) == len(eng._graphs)
     captured = set(eng._graphs)
     eager = Engine(model, max_batch_size=4, max_seq_len=300, cuda_graphs=False)
     for params in (SamplingParams(max_new_tokens=6),

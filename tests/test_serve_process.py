@@ -216,3 +216,39 @@ def test_a_child_server_that_dies_before_it_is_healthy_raises_with_its_output():
         srv.start()
     assert "no model here" in str(info.value) and srv.proc.returncode == 3
     assert time.monotonic() - t0 < 20          # it noticed the exit, not the timeout
+
+
+def test_a_child_servers_output_reaches_its_log_file_as_it_comes(tmp_path):
+    """``log_path`` gets each line while the child still runs (a run cut by a time limit
+    keeps what the server said up to then), and all of it after."""
+    from ecospa_deploy.serve.process import ChildServer, free_port
+
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-c", "import time; print('warm-up: 1/9', flush=True); "
+           "time.sleep(60)"]
+    srv = ChildServer(cmd, f"http://127.0.0.1:{free_port()}", startup_timeout=60, log_path=log)
+    starting = threading.Thread(target=lambda: pytest.raises(RuntimeError, srv.start))
+    starting.start()
+    deadline = time.monotonic() + 30
+    while not (log.exists() and log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert log.read_text() == "warm-up: 1/9\n"
+    assert srv.proc.poll() is None              # the child is still running
+    srv.stop()
+    starting.join(30)
+    assert log.read_text() == "warm-up: 1/9\n" and srv.proc.returncode is not None
+
+def test_warm_up_progress_logs_the_first_graph_the_last_and_at_most_every_interval(caplog):
+    from ecospa_deploy.serve.server import warmup_progress
+
+    now = [100.0]
+    report = warmup_progress(every_s=10.0, clock=lambda: now[0])
+    with caplog.at_level("INFO", logger="ecospa_deploy.serve"):
+        for done, t in enumerate([101.0, 105.0, 111.5, 112.0, 122.0, 123.0], 1):
+            now[0] = t
+            report(done, 6, f"graph {done}")
+    assert [r.getMessage() for r in caplog.records] == [
+        "warm-up: 1/6 graphs, 1.0 s (graph 1)",
+        "warm-up: 3/6 graphs, 11.5 s (graph 3)",
+        "warm-up: 5/6 graphs, 22.0 s (graph 5)",
+        "warm-up: 6/6 graphs, 23.0 s (graph 6)"]

@@ -26,7 +26,7 @@ import functools
 import random
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -445,35 +445,55 @@ class Engine:
 
     @torch.no_grad()
     def warmup(self, batch_sizes: Sequence[int] = (1,), max_prompt_len: int | None = None,
-               decode: bool = False) -> int:
+               decode: bool = False,
+               progress: Callable[[int, int, str], None] | None = None) -> int:
         """Capture the prefill graphs of every length bucket up to ``max_prompt_len`` (default:
         ``max_seq_len - 1``) for each row count in ``batch_sizes`` (packed: of every packed-token
         bucket a prefill of such prompts can reach, ``batch_sizes`` unused), so that no request
         pays a capture at a first-seen length; with ``decode``, also the decode graph of every (batch
         bucket, KV bucket, greedy/sampled), which autotunes the Triton kernels of each batch
-        bucket too (a server's first burst otherwise pays both mid-stream). Needs every slot
-        free; returns the graphs captured."""
+        bucket too (a server's first burst otherwise pays both mid-stream). ``progress(done,
+        total, what)`` is called after each graph: a compiled warm-up takes minutes, and a
+        server reports where it is. Needs every slot free; returns the graphs captured."""
         if not self.cuda_graphs:
             return 0
         if self._busy():
             raise UnsupportedError(f"warmup() needs every slot free; slots {self._busy()} are "
                                    "in use")
-        max_len = min(max_prompt_len or self.max_seq_len - 1, self.max_seq_len - 1)
+        jobs = self._warmup_jobs(batch_sizes, max_prompt_len, decode)
         saved = [b.clone() for b in self._buffers()]
         before = len(self._prefill_graphs) + len(self._packed_graphs) + len(self._graphs)
         if decode:
             self._positions.zero_()   # every row writes position 0 of a free slot
-            for nb, kv_len, sample in self._decode_keys():
-                self._run_decode(nb, kv_len, sample)
+        for done, (what, run) in enumerate(jobs, 1):
+            run()
+            if progress is not None:
+                progress(done, len(jobs), what)
+        for buf, old in zip(self._buffers(), saved):
+            buf.copy_(old)
+        torch.cuda.synchronize(self.device)
+        return len(self._prefill_graphs) + len(self._packed_graphs) + len(self._graphs) - before
+
+    def _warmup_jobs(self, batch_sizes: Sequence[int], max_prompt_len: int | None,
+                     decode: bool) -> list[tuple[str, Callable[[], object]]]:
+        """``warmup``'s graphs in its order, each a label and the call that captures it."""
+        max_len = min(max_prompt_len or self.max_seq_len - 1, self.max_seq_len - 1)
+        jobs: list[tuple[str, Callable[[], object]]] = []
+        if decode:
+            jobs += [(f"decode batch {nb} kv {kv}{' sampled' if s else ''}",
+                      functools.partial(self._run_decode, nb, kv, s))
+                     for nb, kv, s in self._decode_keys()]
         if not self.prefill_graphs or self.packed_prefill:
             batch_sizes = ()
         if self.prefill_graphs and self.packed_prefill:
             # the most tokens one packed prefill holds: a step's budget of prompts of at most
             # max_len tokens in distinct slots, or one prompt alone
             most = max(min(self.max_prefill_tokens, self.max_batch_size * max_len), max_len)
-            for width, lens in warmup_lengths(most, max_len).items():
-                if width not in self._packed_graphs:
-                    self._run_packed(list(range(len(lens))), [[0] * k for k in lens])
+            jobs += [(f"packed prefill {width} tokens",
+                      functools.partial(self._run_packed, list(range(len(lens))),
+                                        [[0] * k for k in lens]))
+                     for width, lens in warmup_lengths(most, max_len).items()
+                     if width not in self._packed_graphs]
         for n in batch_sizes:
             if not 1 <= n <= self.max_batch_size:
                 raise ValueError(f"warmup batch size {n!r}; expected ints in "
@@ -482,13 +502,10 @@ class Engine:
                 if n > 1 and n * width > self.max_prefill_tokens:
                     break
                 if (n, width) not in self._prefill_graphs:
-                    batch = torch.zeros(n, width, dtype=torch.long)
-                    self._run_prefill(batch, torch.full((n,), min(width, self.max_seq_len - 1)),
-                                     torch.arange(n))
-        for buf, old in zip(self._buffers(), saved):
-            buf.copy_(old)
-        torch.cuda.synchronize(self.device)
-        return len(self._prefill_graphs) + len(self._packed_graphs) + len(self._graphs) - before
+                    jobs.append((f"prefill {n} x {width}", functools.partial(
+                        self._run_prefill, torch.zeros(n, width, dtype=torch.long),
+                        torch.full((n,), min(width, self.max_seq_len - 1)), torch.arange(n))))
+        return jobs
 
     def _decode_keys(self) -> list[tuple[int, int, bool]]:
         """Every (batch bucket, KV bucket, greedy/sampled) decode graph, in warm-up order. Dynamo

@@ -25,12 +25,16 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 class ChildServer:
     """An HTTP server in a child process at a URL known in advance (``transformers serve`` on a
-    port given to it): ``start`` waits until ``GET /health`` answers 200; SIGTERM on exit."""
+    port given to it): ``start`` waits until ``GET /health`` answers 200; SIGTERM on exit.
+    ``log_path``: the child's output also goes there line by line as it comes, so a run that a
+    time limit kills still leaves the server's side on disk."""
 
     def __init__(self, cmd: list[str], url: str | None = None, *, startup_timeout: float = 120.0,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 log_path: str | os.PathLike | None = None) -> None:
         self.cmd, self.url = cmd, url
         self.startup_timeout = startup_timeout
+        self.log_path = log_path
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.output: list[str] = []
@@ -49,11 +53,20 @@ class ChildServer:
         self._found = threading.Event()
         stdout = self.proc.stdout
 
+        sink = open(self.log_path, "w", encoding="utf-8") if self.log_path else None
+
         def read() -> None:
-            for line in stdout:
-                self.output.append(line)
-                self._on_line(line)
-            self._found.set()
+            try:
+                for line in stdout:
+                    self.output.append(line)
+                    if sink is not None:
+                        sink.write(line)
+                        sink.flush()
+                    self._on_line(line)
+            finally:
+                if sink is not None:
+                    sink.close()
+                self._found.set()
 
         self._reader = threading.Thread(target=read, daemon=True)
         self._reader.start()
@@ -120,10 +133,11 @@ class ServerProcess(ChildServer):
     port it picks itself, read from its banner."""
 
     def __init__(self, model_path: str | os.PathLike, *args: str, startup_timeout: float = 120.0,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 log_path: str | os.PathLike | None = None) -> None:
         super().__init__([sys.executable, "-m", "ecospa_deploy.cli", "serve", str(model_path),
                           "--host", "127.0.0.1", "--port", "0", *args],
-                         startup_timeout=startup_timeout, env=env)
+                         startup_timeout=startup_timeout, env=env, log_path=log_path)
 
     def _on_line(self, line: str) -> None:
         match = _URL.search(line)

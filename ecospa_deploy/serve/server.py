@@ -20,6 +20,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,11 +205,28 @@ def build_backend(name: str, model, max_batch_size: int, max_seq_len: int, devic
                         packed_prefill=None if packed_prefill else False, **extra)
         # Capture every prefill batch (rows x prompt-length bucket) and every decode shape
         # now, so no request pays a capture or an autotune (CUDA only).
-        engine.warmup(engine.prefill_row_counts, decode=True)
+        engine.warmup(engine.prefill_row_counts, decode=True, progress=warmup_progress())
         return engine
     from ecospa_deploy.serve.hf_backend import HFBackend
 
     return HFBackend(model.to(device=device, dtype=dtype), max_batch_size, max_seq_len)
+
+
+def warmup_progress(every_s: float = 10.0, clock=time.monotonic):
+    """``Engine.warmup``'s ``progress``: a log line at the first graph, at most every
+    ``every_s`` after it and at the last, with the time so far. A compiled warm-up of a pruned
+    model takes minutes (every layer's own shapes get their own kernels), and a start that
+    prints nothing that long looks hung."""
+    t0 = last = clock()
+
+    def report(done: int, total: int, what: str) -> None:
+        nonlocal last
+        now = clock()
+        if done in (1, total) or now - last >= every_s:
+            last = now
+            log.info("warm-up: %d/%d graphs, %.1f s (%s)", done, total, now - t0, what)
+
+    return report
 
 
 def _run_vllm(opts: ServeOptions, name: str) -> int | None:
