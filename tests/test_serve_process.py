@@ -252,3 +252,53 @@ def test_warm_up_progress_logs_the_first_graph_the_last_and_at_most_every_interv
         "warm-up: 3/6 graphs, 11.5 s (graph 3)",
         "warm-up: 5/6 graphs, 22.0 s (graph 5)",
         "warm-up: 6/6 graphs, 23.0 s (graph 6)"]
+
+
+_HEALTHY_CHILD = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+_PARENT = """
+import sys, time
+from ecospa_deploy.serve.process import ChildServer, free_port
+port = free_port()
+with ChildServer([sys.executable, "-c", sys.argv[1], str(port)],
+                 f"http://127.0.0.1:{port}", startup_timeout=60) as srv:
+    print(srv.proc.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_sigterm_to_a_parent_stops_its_child_server():
+    """``timeout`` cutting a benchmark sends SIGTERM to it: its ``with ChildServer`` must stop
+    the server (which runs in a session of its own) instead of leaving it running."""
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, _HEALTHY_CHILD],
+                              stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        assert _alive(child)
+        parent.terminate()
+        assert parent.wait(30) == 128 + 15
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child)
+    finally:
+        parent.kill()
+        if _alive(child):
+            os.kill(child, 9)

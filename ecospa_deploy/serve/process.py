@@ -48,6 +48,7 @@ class ChildServer:
         """Each line the child prints, as it comes (a subclass reads its URL here)."""
 
     def start(self) -> "ChildServer":
+        stop_on_sigterm()
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=self.env, start_new_session=True)
         self._found = threading.Event()
@@ -111,12 +112,34 @@ class ChildServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.wait(timeout)
+        finally:
+            self._kill_group()
+
+    def _kill_group(self) -> None:
+        """SIGKILL what is left of the child's process group (its own session): an engine
+        core or compile workers that outlived it would hold the GPU and CPUs after it."""
+        if hasattr(os, "killpg"):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def __enter__(self) -> "ChildServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (``timeout``, a job scheduler) end this process through ``SystemExit``, so
+    each ``with ChildServer(...)`` stops its server on the way out. A server runs in a session
+    of its own and outlives a parent that the signal kills outright: a benchmark cut by its time
+    limit left a server compiling for minutes, starving the runs after it. Only from the main
+    thread, and only over the default handler (one installed by someone else stays)."""
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -1,0 +1,18 @@
+# Sourced by run scripts on the lent GPU, after run3/setup.sh (from /tmp; $repo is the checkout):
+# Inductor's and Triton's caches in /tmp/cc, restored from the carried .cc24/ when a former
+# lease left one (`cat compile_cache.tgz.* | tar xz`), and `cache_save` packs them into $OUT
+# in parts of at most 15 MiB (what a call can bring back), to be carried next time:
+#   mkdir -p .cc24 && cp /work/.device/N/compile_cache.tgz.* .cc24/   (then carry .cc24)
+# A cold start compiles for minutes (run 13: the pruned twin past 313 s at 142 of 172
+# graphs, the dense one 194 s); a warm cache starts either twin in under a minute. Both cards
+# lent here are sm_90 with the same torch and Triton, so the kernels hold on either.
+mkdir -p /tmp/cc/inductor /tmp/cc/triton
+export TORCHINDUCTOR_CACHE_DIR=/tmp/cc/inductor TRITON_CACHE_DIR=/tmp/cc/triton
+if ls "$repo"/.cc24/compile_cache.tgz.* >/dev/null 2>&1; then
+  cat "$repo"/.cc24/compile_cache.tgz.* | tar xz -C /tmp/cc && echo "compile cache restored"
+fi
+
+cache_save() {
+  tar czf - -C /tmp/cc . | split -b 15m -d - "$OUT/compile_cache.tgz."
+  ls -la "$OUT"/compile_cache.tgz.* | awk '{print $5, $9}'
+}
