@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from ecospa_deploy.bench.prefill_plan import plan
 
 
@@ -45,3 +49,34 @@ def test_the_clock_charges_packed_prefills_and_decode_steps():
     p = plan(burst, [3], step_tokens=1024, max_seq=1280, prefill_ms_8k=16.0)
     assert (p["ttft_p50_ms"], p["ttft_p99_ms"]) == (0.25, 2.25)
     assert "ttft_p50_ms" not in plan(burst, [3], 1024, 1280)      # no costs: no clock
+
+
+def test_the_clock_charges_each_decode_step_at_its_batch_and_mean_context():
+    """20 and 40 prefill in one packed launch (0.25 ms); three tokens each: two decode steps of
+    both streams, at mean contexts 30 then 31, each costing 10 ms a stream + context / 10."""
+    p = plan(_prompts(40, 20), [3], step_tokens=1024, max_seq=1280, prefill_ms_8k=16.0,
+             step_cost=lambda batch, context: 10 * batch + context / 10)
+    assert p["wall_ms"] == round(0.25 + 23.0 + 23.1, 2)
+    assert p["output_tokens_per_s"] == round(6 / p["wall_ms"] * 1e3, 1)
+
+
+def test_the_step_table_interpolates_between_and_beyond_its_grid(tmp_path):
+    from ecospa_deploy.bench.prefill_plan import interpolated, step_table
+
+    rows = [dict(model=m, batch=b, context=c, ms=b / 8 + c / 100 + (m == "pruned"))
+            for m in ("dense", "pruned") for b in (16, 32) for c in (100, 300)]
+    log = tmp_path / "profile.log"
+    log.write_text("bandwidth 3.0 TB/s\n" + "\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "profile.json").write_text(json.dumps(dict(ceilings={}, rows=rows)))
+    table = step_table(log, "dense")
+    assert table == step_table(tmp_path / "profile.json", "dense")
+    assert table[32, 300] == 7.0 and step_table(log, "pruned")[32, 300] == 8.0
+    cost = interpolated(table)
+    assert cost(16, 100) == 3.0                                  # a grid point
+    assert cost(24, 200) == pytest.approx(3.0 + 1.0 + 1.0)       # between: bilinear
+    assert cost(64, 100) == pytest.approx(9.0)                   # beyond: linear
+    with pytest.raises(ValueError, match="no decode-step rows"):
+        step_table(log, "other")
+    del table[16, 300]
+    with pytest.raises(ValueError, match="not a full grid"):
+        interpolated(table)
