@@ -464,6 +464,7 @@ class Scheduler:
         self._active[slot] = seq
         self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
         self.metrics.running.set(len(self._active))
+        self.metrics.generation_tokens.inc()
         self._emit(slot, seq, token)
 
     def _step(self) -> None:
@@ -506,11 +507,17 @@ class Scheduler:
             log.exception("collecting the last decode step failed")
 
     def _deliver(self, tokens: dict[int, list[int]]) -> None:
+        emitted = 0
         for slot, toks in tokens.items():
             for token in toks:
                 seq = self._active.get(slot)
                 if seq is not None:
                     self._emit(slot, seq, token)
+                    emitted += 1
+        if emitted:
+            # one counter update a step, not one a token: each takes the metric's lock (and in
+            # the engine core, a recorded op that crosses the pipe)
+            self.metrics.generation_tokens.inc(emitted)
 
     def _send(self, seq: Sequence, event: TokenEvent) -> None:
         """Deliver ``event``: held until ``_flush`` for asyncio sinks."""
@@ -526,7 +533,6 @@ class Scheduler:
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.metrics.ttft.observe(now - seq.arrival)
-        self.metrics.generation_tokens.inc()
         self._send(seq, TokenEvent(token=token))
         if token in seq.params.stop_token_ids:
             finish = "stop"
