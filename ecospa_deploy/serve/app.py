@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ecospa_deploy.serve.body import read_json
+from ecospa_deploy.serve.chunks import Envelope, chat_choice, completion_choice
 from ecospa_deploy.serve.errors import APIError, error_body
 from ecospa_deploy.serve.generation import ClientGone, Delta, Generation, GenerationService
 from ecospa_deploy.serve.metrics import Metrics
@@ -210,10 +211,9 @@ def create_app(service: GenerationService, metrics: Metrics, *, api_key: str | N
             return body
 
         if req.stream:
-            def frame(d: Delta) -> dict:
-                return chunk([{"index": d.index, "text": d.text, "logprobs": None,
-                               "finish_reason": d.finish_reason}])
-            return _stream(gen, frame, lambda: chunk([], _usage(gen)), req)
+            env = Envelope(id=rid, object="text_completion", created=now,
+                           model=service.model_name)
+            return _stream(gen, completion_choice, req, env)
         try:
             result = await _collect(request, gen)
         except ClientGone:
@@ -229,25 +229,23 @@ def create_app(service: GenerationService, metrics: Metrics, *, api_key: str | N
         gen = service.start([prompt], req, req.token_limit)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(choices: list, usage: dict | None = None, obj: str = "chat.completion") -> dict:
-            body = {"id": rid, "object": obj, "created": now, "model": service.model_name,
-                    "choices": choices}
+        def chunk(choices: list, usage: dict | None = None) -> dict:
+            body = {"id": rid, "object": "chat.completion", "created": now,
+                    "model": service.model_name, "choices": choices}
             if usage is not None:
                 body["usage"] = usage
             return body
 
         if req.stream:
             started: set[int] = set()
+            env = Envelope(id=rid, object="chat.completion.chunk", created=now,
+                           model=service.model_name)
 
-            def frame(d: Delta) -> dict:
-                delta: dict[str, Any] = {"content": d.text}
-                if d.index not in started:
-                    started.add(d.index)
-                    delta["role"] = "assistant"
-                return chunk([{"index": d.index, "delta": delta, "logprobs": None,
-                               "finish_reason": d.finish_reason}], obj="chat.completion.chunk")
-            return _stream(gen, frame, lambda: chunk([], _usage(gen), "chat.completion.chunk"),
-                           req)
+            def choice(d: Delta) -> str:
+                first = d.index not in started
+                started.add(d.index)
+                return chat_choice(d, first)
+            return _stream(gen, choice, req, env)
         try:
             result = await _collect(request, gen)
         except ClientGone:
@@ -260,10 +258,11 @@ def create_app(service: GenerationService, metrics: Metrics, *, api_key: str | N
     return app
 
 
-def _stream(gen: Generation, frame, usage_chunk, req) -> StreamingResponse:
-    """Server-sent events: one chunk per delta, optional usage chunk, then ``[DONE]``. The
-    deltas of one wake-up go out in one write (one ASGI message, one socket write), so a stream
-    that fell behind catches up with fewer writes rather than falling further behind.
+def _stream(gen: Generation, choice, req, env: Envelope) -> StreamingResponse:
+    """Server-sent events: one chunk per delta (``env`` around ``choice(delta)``, both JSON
+    text: ``serve/chunks.py``), optional usage chunk, then ``[DONE]``. The deltas of one
+    wake-up go out in one write (one ASGI message, one socket write), so a stream that fell
+    behind catches up with fewer writes rather than falling further behind.
 
     Errors after the headers are sent (timeout, shutdown) go out as an ``error`` event, the
     way OpenAI's streams report them, followed by ``[DONE]``.
@@ -273,9 +272,9 @@ def _stream(gen: Generation, frame, usage_chunk, req) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
         try:
             async for batch in gen.delta_batches():
-                yield "".join(_sse(frame(delta)) for delta in batch)
+                yield "".join(f"data: {env.chunk(choice(delta))}\n\n" for delta in batch)
             if include_usage:
-                yield _sse(usage_chunk())
+                yield f"data: {env.chunk('[]', _usage(gen))}\n\n"
         except APIError as exc:
             yield _sse(exc.body())
         except ClientGone:
