@@ -10,6 +10,8 @@ import time
 import httpx
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ecospa_deploy.engine.sampling import SamplingParams
 from ecospa_deploy.serve.app import create_app
@@ -303,6 +305,29 @@ def test_text_stream_holds_partial_utf8(byte_tok):
     stream = TextStream(byte_tok, [])
     assert stream.push(ids[0]) == ""
     assert stream.push(ids[1]) + stream.flush() == "é"
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids=st.lists(st.integers(0, 10**4), max_size=40))
+def test_the_direct_decoder_equals_transformers_decode(tok, byte_tok, ids):
+    """``decoder`` skips transformers' ``decode`` for the Rust tokenizer's own; any ids (the
+    special ones included, skipped as ``skip_special_tokens`` does) give the same text."""
+    from ecospa_deploy.serve.detokenize import decoder
+
+    for t in (tok, byte_tok):
+        ids_t = [i % len(t) for i in ids]
+        assert decoder(t).func.__self__ is t._tokenizer
+        assert decoder(t)(ids_t) == t.decode(ids_t, skip_special_tokens=True)
+
+
+def test_the_direct_decoder_is_not_taken_where_decode_cleans_up_spaces():
+    from ecospa_deploy.serve.detokenize import decoder
+
+    tok = tiny_tokenizer()
+    tok.clean_up_tokenization_spaces = True
+    assert decoder(tok).func.__self__ is tok
+    assert decoder(tok)(tok("To be , or").input_ids) == tok.decode(tok("To be , or").input_ids,
+                                                                     skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("stop,want", [("b\ufffd", ("a", "stop")), ("zz", ("ab\ufffd", "length"))])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, TypeVar
 
 from ecospa_deploy.engine.sampling import SamplingParams
-from ecospa_deploy.serve.detokenize import TextStream
+from ecospa_deploy.serve.detokenize import TextStream, decoder
 from ecospa_deploy.serve.errors import APIError
 from ecospa_deploy.serve.protocol import ChatRequest, CompletionRequest, _Sampling
 from ecospa_deploy.serve.scheduler import (NeverFits, QueueFull, Scheduler, Sequence,
@@ -70,6 +70,7 @@ class GenerationService:
                  request_timeout: float) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
+        self.decode = decoder(tokenizer)      # every stream's detokenizer, chosen once
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
@@ -224,7 +225,7 @@ class Generation:
                     stop_token_ids=tuple(eos))
                 index = len(self.seqs)
                 self.seqs.append(Sequence(ids, params, asyncio_sink(loop, self._queue, index)))
-                self.texts.append(TextStream(service.tokenizer, stops))
+                self.texts.append(TextStream(service.tokenizer, stops, service.decode))
         try:
             service.scheduler.submit(self.seqs)
         except NeverFits as exc:
