@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run 14, call 3 (lent GPU; carry .whl24, .cc24 and .before), after calls 1-2 on the same
 # machine (warm caches): the per-token host work A/B on the GPU. `.before` is the tree of
-# commit 390a868 (`git archive 390a868 ecospa_deploy bench converters | tar x -C .before`),
+# commit 390a868 (`git archive 390a868 ecospa_deploy bench converters ':(exclude)bench/results' | tar x -C .before`),
 # before the token counter once a step, the chunks written as text and the direct
 # detokenizer; this checkout is after. The dense twin's burst, alternating before/after twice.
 set -u
