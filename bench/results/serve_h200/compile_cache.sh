@@ -12,7 +12,12 @@ if ls "$repo"/.cc24/compile_cache.tgz.* >/dev/null 2>&1; then
   cat "$repo"/.cc24/compile_cache.tgz.* | tar xz -C /tmp/cc && echo "compile cache restored"
 fi
 
+# A call brings back at most 8 files: the results go into one tarball first.
+results_bundle() {
+  (cd "$OUT" && tar czf results.tgz --remove-files $(ls | grep -vE '^(compile_cache|results)'))
+}
+
 cache_save() {
   tar czf - -C /tmp/cc . | split -b 15m -d - "$OUT/compile_cache.tgz."
-  ls -la "$OUT"/compile_cache.tgz.* | awk '{print $5, $9}'
+  du -ch "$OUT"/compile_cache.tgz.* | tail -n 1   # carried with .whl24 under 64 MiB a call
 }

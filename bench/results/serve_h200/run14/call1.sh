@@ -19,4 +19,5 @@ timeout ${T2:-90} python3 -m ecospa_deploy.bench.serve_gpu --shape llama-1b --wh
 echo "$which again rc $?"
 grep -h "server up" $OUT/serve_${which}_*.log
 grep -hE "^$which " $OUT/serve_${which}_*.log | cut -c1-420
+results_bundle
 cache_save

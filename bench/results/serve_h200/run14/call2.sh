@@ -16,3 +16,4 @@ timeout ${T3:-200} python3 -m ecospa_deploy.bench.profile_decode --shape llama-1
   --batch 8 16 32 --context 128 640 1152 --decode server --compile default \
   --json $OUT/profile_decode.json >$OUT/profile_decode.log 2>&1; echo "profile rc $?"
 tail -n 20 $OUT/profile_decode.log | cut -c1-200
+results_bundle

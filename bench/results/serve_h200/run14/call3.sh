@@ -21,3 +21,4 @@ for round in 1 2; do
   done
 done
 grep -hE "^$which " $OUT/serve_${which}_*_r*.log | cut -c1-300
+results_bundle
