@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run 14, call 1 (lent GPU; carry .whl24, and .cc24 when a former lease left it): one twin's
 # default server (packed, compiled prefill, 8 192 tokens a step, shortest first) over HTTP,
-# the burst twice and the loads, its server log beside the results; then the same server
+# the burst twice, its server log beside the results; then the same server
 # started again on the now warm compile cache, the burst only (run 13: is a lease's first,
 # cold-compiled server slower than a later one with the same flags?); then the caches packed
 # into $OUT for the next lease. `bash .../call1.sh pruned` first (its cold start is the long
@@ -11,8 +11,8 @@ which=${1:?dense or pruned}
 source bench/results/serve_h200/run3/setup.sh >/dev/null 2>&1
 source $repo/bench/results/serve_h200/compile_cache.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout ${T1:-480} python3 -m ecospa_deploy.bench.serve_gpu --shape llama-1b --which $which \
-  --loads --rates 16,32 --tag _${which}_first --out $OUT >$OUT/serve_${which}_first.log 2>&1
+timeout ${T1:-450} python3 -m ecospa_deploy.bench.serve_gpu --shape llama-1b --which $which \
+  --tag _${which}_first --out $OUT >$OUT/serve_${which}_first.log 2>&1
 echo "$which first rc $?"
 timeout ${T2:-90} python3 -m ecospa_deploy.bench.serve_gpu --shape llama-1b --which $which \
   --tag _${which}_again --out $OUT >$OUT/serve_${which}_again.log 2>&1
