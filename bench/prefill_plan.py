@@ -193,8 +193,9 @@ def plan(prompts: list[list[int]], mix: list[int], step_tokens: int, max_seq: in
 
     sched = Scheduler(backend, len(prompts), 4 * len(prompts), prefill_chunk=step_tokens,
                       max_pause=None, async_decode=False)
-    seqs = [Sequence(p, SamplingParams(max_new_tokens=mix[i % len(mix)]), sink)
-            for i, p in enumerate(prompts)]
+    budgets = [mix[i % len(mix)] for i in range(len(prompts))]    # output tokens per prompt
+    seqs = [Sequence(p, SamplingParams(max_new_tokens=n), sink)
+            for p, n in zip(prompts, budgets)]
     sched.start().submit(seqs)      # queued under one lock: the worker admits them together
     if not done.wait(60):
         raise RuntimeError("the burst did not finish")
@@ -203,9 +204,8 @@ def plan(prompts: list[list[int]], mix: list[int], step_tokens: int, max_seq: in
     if prefill_ms_8k:
         clock = {f"ttft_{q}_ms": round(percentile(backend.ttft_ms, n), 2)
                  for q, n in (("p50", 50), ("p99", 99))}
-        tokens = sum(mix[i % len(mix)] for i in range(len(prompts)))
         clock.update(wall_ms=round(backend.clock_ms, 2),
-                     output_tokens_per_s=round(tokens / backend.clock_ms * 1e3, 1))
+                     output_tokens_per_s=round(sum(budgets) / backend.clock_ms * 1e3, 1))
     return dict(step_tokens=step_tokens, decode_steps=sched.steps, **clock,
                 **layout(backend.calls, step_tokens, max_seq, max_rows))
 

@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ecospa_deploy.serve.body import read_json
-from ecospa_deploy.serve.chunks import Envelope, chat_choice, completion_choice
+from ecospa_deploy.serve.chunks import Envelope, chat_choice, completion_choice, encode
 from ecospa_deploy.serve.errors import APIError, error_body
 from ecospa_deploy.serve.generation import ClientGone, Delta, Generation, GenerationService
 from ecospa_deploy.serve.metrics import Metrics
@@ -113,7 +113,7 @@ def _usage(gen: Generation) -> dict[str, int]:
 
 
 def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {encode(obj)}\n\n"
 
 
 async def _watch_disconnect(request: Request, gen: Generation) -> None:

@@ -34,7 +34,6 @@ class TextStream:
 
     def __init__(self, tokenizer, stops: list[str],
                  decode: Callable[[list[int]], str] | None = None) -> None:
-        self.tokenizer = tokenizer
         self._decode = decode or decoder(tokenizer)    # a response's streams share one
         self.stops = stops
         self._hold = max((len(s) for s in stops), default=1) - 1
