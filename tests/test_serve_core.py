@@ -252,6 +252,9 @@ def test_ecospa_serve_engine_process_end_to_end(model_dir):
         assert "engine in its own process" in srv.log
         code = srv.stop()
     assert code == 0
+    # each process froze its start-up heap and logged its collections at exit
+    for who in ("ecospa_deploy.serve[core]:", "ecospa_deploy.serve:"):
+        assert f"{who} gc: " in srv.log and f"{who} gc while serving: gen0 " in srv.log
 
 
 def _children(pid: int) -> list[int]:

@@ -116,6 +116,8 @@ def test_shutdown_timeout_ends_running_work_with_503(model_dir):
     assert code == 1
     assert "Traceback" not in srv.log and "cutting off" in srv.log
     assert "GIL switch 2 ms" in srv.log
+    assert "start-up objects frozen out of collection" in srv.log
+    assert "gc while serving: gen0" in srv.log
 
 
 def _serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -31,6 +31,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from ecospa_deploy.serve import gc_heap
 from ecospa_deploy.serve.metrics import Metrics
 from ecospa_deploy.serve.scheduler import (Outbox, Scheduler, Sequence, ShuttingDown,
                                            TokenEvent, check_admission)
@@ -171,6 +172,7 @@ def run_core(conn, config: CoreConfig) -> None:
         _serve_pipe(conn, scheduler, send)
     finally:
         scheduler.stop()
+        gc_heap.report()
         send(("exit",))
         conn.close()
 

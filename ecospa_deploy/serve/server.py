@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ecospa_deploy import dtypes
+from ecospa_deploy.serve import gc_heap
 from ecospa_deploy.errors import UsageError
 
 log = logging.getLogger("ecospa_deploy.serve")
@@ -368,6 +369,7 @@ def start_scheduler(config, make_scheduler):
                                decode_steps=config.decode_steps,
                                async_decode=config.async_decode,
                                prefill_order=config.prefill_order).start()
+    gc_heap.settle()
     return scheduler, {"max_model_len": max_len, "vocab_size": model.config.vocab_size,
                        "eos_token_ids": _model_eos_ids(model), "device": str(device),
                        "dtype": dtypes.name_of(dtype)}
@@ -429,6 +431,7 @@ def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket
                                 request_timeout=opts.request_timeout)
     app = create_app(service, metrics, api_key=opts.api_key, max_body_bytes=opts.max_body_bytes,
                      backend_name=backend_name)
+    gc_heap.settle()    # the tokenizer and the app too (and in this process, the engine)
     max_connections = opts.max_connections or default_max_connections()
     host, port = sock.getsockname()[:2]
     log.info("model %s on %s (%s), max_model_len %d, max_batch_size %d, GIL switch %g ms, "
@@ -450,6 +453,7 @@ def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket
     finally:
         scheduler.stop()
         service.close()
+        gc_heap.report()
         if server.cut_off:
             log.error("shut down after cutting off %d sequences at --shutdown-timeout",
                       server.cut_off)

@@ -18,6 +18,7 @@ timeout ${T2:-90} python3 -m ecospa_deploy.bench.serve_gpu --shape llama-1b --wh
   --tag _${which}_again --out $OUT >$OUT/serve_${which}_again.log 2>&1
 echo "$which again rc $?"
 grep -h "server up" $OUT/serve_${which}_*.log
+grep -hE "objects frozen|gc while serving" $OUT/server_*.log | cut -c1-300
 grep -hE "^$which " $OUT/serve_${which}_*.log | cut -c1-420
 results_bundle
 cache_save
