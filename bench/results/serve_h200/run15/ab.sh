@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run 15, the tree A/B (lent GPU; carry .whl24, .cc24, .before and .run10): one twin's default
+# server and burst (`serve_gpu`, the second burst counts) under three trees on one lease, in
+# the order run10 before after, then after before run10:
+#   run10  = commit ffc5c92, run 10's tree (`git archive ffc5c92 ecospa_deploy bench converters
+#            ':(exclude)bench/results' | tar x -C .run10`), its prefill compiled by flag as since;
+#   before = commit 390a868 (.before), the scheduler and request-parse changes since run 10;
+#   after  = this checkout: the per-token host work and the start-up heap frozen.
+# Run 14 served both twins slower than run 10 (pruned 0.85x, dense 0.91x) with the same
+# kernels and the same plan: the lease, or the tree? SIGINT at the time limit: run 10's tree
+# predates stop_on_sigterm, and its `with` stops its server on KeyboardInterrupt.
+set -u
+which=${1:-pruned}
+source bench/results/serve_h200/run3/setup.sh >/dev/null 2>&1
+source $repo/bench/results/serve_h200/compile_cache.sh
+nvidia-smi --query-gpu=name --format=csv,noheader
+for tree in run10 before; do
+  mkdir -p /tmp/pkg_$tree && cp -r $repo/.$tree/ecospa_deploy /tmp/pkg_$tree/ \
+    && cp -r $repo/.$tree/bench /tmp/pkg_$tree/ecospa_deploy/bench \
+    && cp -r $repo/.$tree/converters /tmp/pkg_$tree/ecospa_deploy/converters
+done
+for tree in run10 before after after before run10; do
+  n=$(ls $OUT/serve_${which}_${tree}_r*.log 2>/dev/null | wc -l); tag=_${which}_${tree}_r$((n + 1))
+  pkg=/tmp/pkg_$tree; extra=(); [ $tree = after ] && pkg=/tmp/pkg
+  [ $tree = run10 ] && extra=(--server-args=--compile-prefill)
+  PYTHONPATH=$pkg:/tmp/site24 timeout -s INT -k 15 ${T1:-120} python3 -m ecospa_deploy.bench.serve_gpu \
+    --shape llama-1b --which $which --tag $tag --out $OUT "${extra[@]}" >$OUT/serve$tag.log 2>&1
+  echo "$tag rc $?"
+done
+grep -h "server up" $OUT/serve_${which}_*_r*.log
+grep -hE "^$which " $OUT/serve_${which}_*_r*.log | cut -c1-300
+results_bundle
