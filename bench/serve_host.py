@@ -5,7 +5,11 @@ our h11 protocol, the scheduler, detokenizing, SSE) in a child process over an i
 and the tiny tokenizer, streams ``--requests`` completions at once from this process, and writes
 ``serve_host[_TAG].json``: output tokens/s and the server's CPU milliseconds per 1 000 tokens.
 That is what the server can stream at most, whatever the model: on a GPU the event loop's share
-of it competes with the decode loop for the GIL at every step.
+of it competes with the decode loop for the GIL at every step. ``--step-ms`` makes each step
+take that long on an emulated device, launched ahead as the engine's are (``AsyncEchoBackend``;
+the host waits with the GIL released, as on a CUDA event): the JSON then also has the
+burst's ideal (every stream one token per step, nothing else) and the host's milliseconds per
+step beyond it, the part of a served step a shorter (pruned) step cannot shrink.
 """
 
 from __future__ import annotations
@@ -25,16 +29,19 @@ def _text_ids(tokenizer) -> list[int]:
     return [i for i in range(3, len(tokenizer)) if tokenizer.decode([i]).strip().isalpha()]
 
 
-def _serve(sock: socket.socket, batch: int, gil_switch_ms: float) -> None:
+def _serve(sock: socket.socket, batch: int, gil_switch_ms: float,
+           step_ms: float | None = None) -> None:
     import uvicorn
 
     from ecospa_deploy.serve.connections import guarded_h11
-    from ecospa_deploy.serve.echo import EchoBackend, echo_app
+    from ecospa_deploy.serve.echo import AsyncEchoBackend, EchoBackend, echo_app
     from ecospa_deploy.testing import tiny_tokenizer
 
     sys.setswitchinterval(gil_switch_ms / 1e3)     # as ecospa serve does
     tokenizer = tiny_tokenizer()
-    app, _, _ = echo_app(tokenizer, EchoBackend(None, _text_ids(tokenizer)), batch=batch,
+    ids = _text_ids(tokenizer)
+    backend = EchoBackend(None, ids) if step_ms is None else AsyncEchoBackend(step_ms / 1e3, ids)
+    app, _, _ = echo_app(tokenizer, backend, batch=batch,
                          max_queue=4 * batch, max_model_len=4096, timeout=600)
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
                             http=guarded_h11(30.0, 1000))
@@ -47,6 +54,15 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def step_share(tokens_per_s: float, streams: int, step_ms: float) -> dict:
+    """The burst's ideal tokens/s at ``step_ms`` a step (``streams`` tokens a step), the share
+    of it served, and the host's milliseconds per step beyond the step itself."""
+    served_step_ms = 1e3 * streams / tokens_per_s
+    return dict(ideal_output_tokens_per_s=round(1e3 * streams / step_ms, 1),
+                of_ideal=round(step_ms / served_step_ms, 3),
+                host_ms_per_step=round(served_step_ms - step_ms, 3))
+
+
 def main(argv=None) -> int:
     from ecospa_deploy.serve.loadtest import run_stream_load
 
@@ -55,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--gil-switch-ms", type=float, default=0.5)
+    ap.add_argument("--step-ms", type=float, default=None,
+                    help="each decode step sleeps this long (default: steps cost nothing)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -63,7 +81,7 @@ def main(argv=None) -> int:
     sock.listen(2048)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(target=_serve, args=(sock, args.requests, args.gil_switch_ms),
+    proc = ctx.Process(target=_serve, args=(sock, args.requests, args.gil_switch_ms, args.step_ms),
                        daemon=True)
     proc.start()
     prompts = [[5 + i % 7] * 8 for i in range(args.requests)]
@@ -94,6 +112,9 @@ def main(argv=None) -> int:
                   median_server_cpu_ms_per_1k_tokens=median("server_cpu_ms_per_1k_tokens"),
                   median_ttft_mean_ms=median("ttft_mean_ms"),
                   median_server_ttft_mean_ms=median("server_ttft_mean_ms"), runs=runs)
+    if args.step_ms is not None:
+        result.update(step_ms=args.step_ms, **step_share(result["median_output_tokens_per_s"],
+                                                         args.requests, args.step_ms))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"serve_host{args.tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")

@@ -36,6 +36,54 @@ class EchoBackend:
         self.slots.pop(slot, None)
 
 
+class AsyncEchoBackend(EchoBackend):
+    """``EchoBackend`` with the engine's ``launch`` / ``collect``, so the scheduler decodes
+    asynchronously over it as it does over the CUDA engine: launched steps run one after
+    another on an emulated device, ``delay`` seconds each, while the host goes on; ``collect``
+    sleeps (GIL released) until they are done, as the engine waits on its CUDA event. A slot
+    freed or refilled since a launch gets none of that launch's tokens."""
+
+    def __init__(self, delay: float, ids: Sequence[int] | None = None,
+                 clock=time.monotonic, sleep=time.sleep) -> None:
+        super().__init__(delay, ids)
+        self._clock, self._sleep = clock, sleep
+        self._device_free = 0.0
+        self._owner: dict[int, int] = {}      # slot -> the number of the sequence in it
+        self._added = 0
+
+    def add(self, slot, prompt_ids, params):
+        self._added += 1
+        self._owner[slot] = self._added
+        return super().add(slot, prompt_ids, params)
+
+    def launch(self, n: int = 1):
+        if not self.slots:
+            return None
+        start = max(self._clock(), self._device_free)
+        self._device_free = start + n * self.delay
+        tokens = {}
+        for slot in self.slots:
+            first = self.slots[slot] + 1
+            self.slots[slot] += n
+            tokens[slot] = (self._owner[slot],
+                            [self.ids[i % len(self.ids)] for i in range(first, first + n)])
+        return self._device_free, tokens
+
+    def collect(self, launched) -> dict[int, list[int]]:
+        if launched is None:
+            return {}
+        done, tokens = launched
+        wait = done - self._clock()
+        if wait > 0:
+            self._sleep(wait)
+        return {slot: toks for slot, (owner, toks) in tokens.items()
+                if self._owner.get(slot) == owner}
+
+    def free(self, slot):
+        super().free(slot)
+        self._owner.pop(slot, None)
+
+
 def echo_app(tokenizer, backend: EchoBackend, *, batch: int, max_queue: int,
              max_model_len: int, timeout: float, api_key: str | None = None):
     """``(app, scheduler, service)`` of the server over ``backend`` (the scheduler started)."""
