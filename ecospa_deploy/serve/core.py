@@ -182,6 +182,7 @@ def _load(config: CoreConfig, send) -> tuple[_CoreScheduler, dict]:
 
     scheduler, info = start_scheduler(config, functools.partial(_CoreScheduler, send))
     sys.setswitchinterval(config.gil_switch_ms / 1e3)
+    gc_heap.settle()
     return scheduler, info
 
 

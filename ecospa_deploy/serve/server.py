@@ -369,7 +369,6 @@ def start_scheduler(config, make_scheduler):
                                decode_steps=config.decode_steps,
                                async_decode=config.async_decode,
                                prefill_order=config.prefill_order).start()
-    gc_heap.settle()
     return scheduler, {"max_model_len": max_len, "vocab_size": model.config.vocab_size,
                        "eos_token_ids": _model_eos_ids(model), "device": str(device),
                        "dtype": dtypes.name_of(dtype)}
@@ -431,7 +430,7 @@ def _serve_socket(opts: ServeOptions, name: str, backend_name: str, sock: socket
                                 request_timeout=opts.request_timeout)
     app = create_app(service, metrics, api_key=opts.api_key, max_body_bytes=opts.max_body_bytes,
                      backend_name=backend_name)
-    gc_heap.settle()    # the tokenizer and the app too (and in this process, the engine)
+    gc_heap.settle()    # the model and its compiled graphs too, when the engine runs here
     max_connections = opts.max_connections or default_max_connections()
     host, port = sock.getsockname()[:2]
     log.info("model %s on %s (%s), max_model_len %d, max_batch_size %d, GIL switch %g ms, "
