@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--gil-switch-ms", type=float, default=0.5)
     ap.add_argument("--step-ms", type=float, default=None,
-                    help="each decode step sleeps this long (default: steps cost nothing)")
+                    help="each decode step takes this long on an emulated device, launched "
+                    "ahead as the engine's are (default: steps cost nothing)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -81,8 +82,8 @@ def main(argv=None) -> int:
     sock.listen(2048)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(target=_serve, args=(sock, args.requests, args.gil_switch_ms, args.step_ms),
-                       daemon=True)
+    proc = ctx.Process(target=_serve,
+                       args=(sock, args.requests, args.gil_switch_ms, args.step_ms), daemon=True)
     proc.start()
     prompts = [[5 + i % 7] * 8 for i in range(args.requests)]
     runs = []

@@ -15,6 +15,14 @@ from ecospa_deploy.testing import tiny_tokenizer
 KEY = "fake-key"
 
 
+def wait_for(cond, timeout=5.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise TimeoutError("condition not met")
+        time.sleep(0.005)
+
+
 _TOKENIZER = None
 
 

@@ -1,10 +1,9 @@
 """serve/echo.py: the backends that compute nothing, which the HTTP benchmarks serve over."""
 
-import time
-
 from ecospa_deploy.engine.sampling import SamplingParams
 from ecospa_deploy.serve.echo import AsyncEchoBackend, EchoBackend
 from ecospa_deploy.serve.scheduler import Scheduler, Sequence
+from serve_fakes import wait_for
 
 
 class _Clock:
@@ -55,9 +54,7 @@ def _run(backend) -> dict[int, list[int]]:
     seqs = [Sequence([3, 4], SamplingParams(max_new_tokens=m), got[i].append)
             for i, m in enumerate((3, 9, 1, 12, 5, 7))]
     sched.submit(seqs)
-    deadline = time.monotonic() + 30
-    while not all(s.done for s in seqs) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: all(s.done for s in seqs), timeout=30)
     sched.stop()
     return {i: [e.token for e in v if e.token is not None] for i, v in got.items()}
 

@@ -21,6 +21,7 @@ from ecospa_deploy.serve.metrics import Metrics
 from ecospa_deploy.serve.scheduler import (MAX_PASSED_OVER, QueueFull, Scheduler, Sequence,
                                           TokenEvent)
 from ecospa_deploy.testing import tiny_tokenizer
+from serve_fakes import wait_for
 
 
 class FakeBackend:
@@ -67,14 +68,6 @@ class FakeBackend:
 
 def collect(seq_events: list) -> callable:
     return seq_events.append
-
-
-def wait_for(cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise TimeoutError("condition not met")
-        time.sleep(0.005)
 
 
 def test_late_requests_join_the_running_batch():

@@ -3,11 +3,11 @@
 Loading and warming up a model leaves hundreds of thousands of long-lived objects (modules,
 tokenizer tables; after a compiled warm-up, FX graphs, guards, sympy expressions, kernel
 launchers). Every full collection walks all of them while the thread that triggered it, often
-the decode loop, waits: ~0.2 s per collection at 0.4-0.5 M objects on a CI core, more after a
-cold compile, which leaves more objects than one loaded from Inductor's cache. ``settle()``
-moves them into the permanent generation (``gc.freeze``, as vLLM does after start-up) so no
-collection visits them again, and times every collection from then on; ``report()`` logs what
-the collector cost the process while it served.
+the decode loop, waits: 0.18-0.29 s per collection at 0.36-0.52 M objects on one core of a
+2-core machine, and a cold compile leaves 1.6x the objects of a start from Inductor's cache
+(0.7-1.3 M, run 14). ``settle()`` moves them into the permanent generation (``gc.freeze``, as
+vLLM does after start-up) so no collection visits them again, and times every collection
+from then on; ``report()`` logs what the collector cost the process while it served.
 """
 
 from __future__ import annotations
