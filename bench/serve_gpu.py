@@ -108,6 +108,7 @@ def main(argv=None) -> int:
     from ecospa_deploy.serve.process import ServerProcess
 
     from ecospa_deploy.benchmark.floor import measure_ceilings
+    from ecospa_deploy.benchmark.host import host_facts
     from ecospa_deploy.benchmark.shapes import build_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     path = args.out / f"serve_{output_name(shape, args.shape)}{args.tag}.json"
     result = dict(shape=args.shape, server_args=server_args, requests=args.requests,
                   prompt_lens=args.prompt_lens, max_tokens_mix=mix, ceilings=ceil.to_dict(),
-                  runs={})
+                  host=host_facts(), runs={})
     for label in args.which.split(","):
         with tempfile.TemporaryDirectory(prefix=f"ecospa-serve-{label}-") as tmp:
             model = build_model(shape, label == "pruned", torch.bfloat16, torch.device("cuda"))

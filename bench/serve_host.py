@@ -64,6 +64,7 @@ def step_share(tokens_per_s: float, streams: int, step_ms: float) -> dict:
 
 
 def main(argv=None) -> int:
+    from ecospa_deploy.benchmark.host import host_facts
     from ecospa_deploy.serve.loadtest import run_stream_load
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
     sock.listen(2048)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     ctx = multiprocessing.get_context("spawn")
+    host = host_facts()          # before the server starts: the probe on an idle core
     proc = ctx.Process(target=_serve,
                        args=(sock, args.requests, args.gil_switch_ms, args.step_ms), daemon=True)
     proc.start()
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
 
     # over an instant backend the client's TTFT less the scheduler's is the HTTP side's share
     result = dict(requests=args.requests, max_tokens=args.max_tokens,
-                  gil_switch_ms=args.gil_switch_ms, cpus=os.cpu_count(),
+                  gil_switch_ms=args.gil_switch_ms, cpus=os.cpu_count(), host=host,
                   median_output_tokens_per_s=median("output_tokens_per_s"),
                   median_server_cpu_ms_per_1k_tokens=median("server_cpu_ms_per_1k_tokens"),
                   median_ttft_mean_ms=median("ttft_mean_ms"),

@@ -21,3 +21,12 @@ cache_save() {
   tar czf - -C /tmp/cc . | split -b 15m -d - "$OUT/compile_cache.tgz."
   du -ch "$OUT"/compile_cache.tgz.* | tail -n 1   # carried with .whl24 under 64 MiB a call
 }
+
+# The lease's host, read before and after a call's servers: the CPU, its load, one core's
+# speed at per-token Python work, and the HTTP side's own tokens/s over a backend that costs
+# nothing (run 14's lease served both twins slower than run 10's with the same kernels).
+host_probe() {
+  timeout 120 python3 -m ecospa_deploy.bench.serve_host --repeats 3 --tag "_host$1" \
+    --out "$OUT" >"$OUT/host$1.log" 2>&1
+  tail -n 1 "$OUT/host$1.log" | cut -c1-400
+}

@@ -19,6 +19,7 @@ for tree in run10 before; do
     && cp -r $repo/.$tree/bench /tmp/pkg_$tree/ecospa_deploy/bench \
     && cp -r $repo/.$tree/converters /tmp/pkg_$tree/ecospa_deploy/converters
 done
+host_probe _start
 for tree in run10 before after after before run10; do
   n=$(ls $OUT/serve_${which}_${tree}_r*.log 2>/dev/null | wc -l); tag=_${which}_${tree}_r$((n + 1))
   pkg=/tmp/pkg_$tree; extra=(); [ $tree = after ] && pkg=/tmp/pkg
@@ -29,4 +30,5 @@ for tree in run10 before after after before run10; do
 done
 grep -h "server up" $OUT/serve_${which}_*_r*.log
 grep -hE "^$which " $OUT/serve_${which}_*_r*.log | cut -c1-300
+host_probe _end
 results_bundle

@@ -10,6 +10,7 @@ set -u
 source bench/results/serve_h200/run3/setup.sh >/dev/null 2>&1
 source $repo/bench/results/serve_h200/compile_cache.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
+host_probe _start
 timeout ${T0:-200} python3 -m ecospa_deploy.bench.serve_replay --shape llama-1b \
   --out $OUT >$OUT/replay.log 2>&1
 echo "replay rc $?"
@@ -20,4 +21,5 @@ echo "core rc $?"
 grep -h "server up" $OUT/serve_core.log
 grep -hE "^(dense|pruned) |pruned_over" $OUT/serve_core.log | cut -c1-420
 grep -hE "objects frozen|gc while serving" $OUT/server_*.log | cut -c1-300
+host_probe _end
 results_bundle
