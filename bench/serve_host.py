@@ -30,7 +30,7 @@ def _text_ids(tokenizer) -> list[int]:
 
 
 def _serve(sock: socket.socket, batch: int, gil_switch_ms: float,
-           step_ms: float | None = None) -> None:
+           step_ms: float | None = None, waits_all: bool = False) -> None:
     import uvicorn
 
     from ecospa_deploy.serve.connections import guarded_h11
@@ -40,7 +40,8 @@ def _serve(sock: socket.socket, batch: int, gil_switch_ms: float,
     sys.setswitchinterval(gil_switch_ms / 1e3)     # as ecospa serve does
     tokenizer = tiny_tokenizer()
     ids = _text_ids(tokenizer)
-    backend = EchoBackend(None, ids) if step_ms is None else AsyncEchoBackend(step_ms / 1e3, ids)
+    backend = EchoBackend(None, ids) if step_ms is None else \
+        AsyncEchoBackend(step_ms / 1e3, ids, waits_all=waits_all)
     app, _, _ = echo_app(tokenizer, backend, batch=batch,
                          max_queue=4 * batch, max_model_len=4096, timeout=600)
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
@@ -75,6 +76,9 @@ def main(argv=None) -> int:
     ap.add_argument("--step-ms", type=float, default=None,
                     help="each decode step takes this long on an emulated device, launched "
                     "ahead as the engine's are (default: steps cost nothing)")
+    ap.add_argument("--collect-waits-all", action="store_true",
+                    help="with --step-ms: collecting a step waits for the step launched ahead "
+                    "too, as the engine did before its host-to-device copies were staged")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -85,7 +89,8 @@ def main(argv=None) -> int:
     ctx = multiprocessing.get_context("spawn")
     host = host_facts()          # before the server starts: the probe on an idle core
     proc = ctx.Process(target=_serve,
-                       args=(sock, args.requests, args.gil_switch_ms, args.step_ms), daemon=True)
+                       args=(sock, args.requests, args.gil_switch_ms, args.step_ms,
+                             args.collect_waits_all), daemon=True)
     proc.start()
     prompts = [[5 + i % 7] * 8 for i in range(args.requests)]
     runs = []
@@ -116,8 +121,9 @@ def main(argv=None) -> int:
                   median_ttft_mean_ms=median("ttft_mean_ms"),
                   median_server_ttft_mean_ms=median("server_ttft_mean_ms"), runs=runs)
     if args.step_ms is not None:
-        result.update(step_ms=args.step_ms, **step_share(result["median_output_tokens_per_s"],
-                                                         args.requests, args.step_ms))
+        result.update(step_ms=args.step_ms, collect_waits_all=args.collect_waits_all,
+                      **step_share(result["median_output_tokens_per_s"], args.requests,
+                                   args.step_ms))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"serve_host{args.tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")

@@ -209,3 +209,57 @@ def test_packed_prefill_refused_where_flash_cannot_capture_it():
         Engine(model, max_batch_size=2, max_seq_len=32, packed_prefill=True)
     assert Engine(model, max_batch_size=2, max_seq_len=32, prefill_graphs=False,
                   packed_prefill=True).packed_prefill
+
+
+# ~0.5 s of GPU time at the cards' clocks: far longer than any host work the tests time out.
+SLEEP_CYCLES = 1_000_000_000
+
+
+def test_staged_copies_queue_behind_the_stream_and_blocking_ones_wait():
+    from ecospa_deploy.engine.staging import copy_in, to_device
+
+    dev = torch.device("cuda")
+    stream = torch.cuda.current_stream()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    ids = to_device([4, 5, 6], dev)
+    buf = torch.zeros(3, dtype=torch.long, device=dev)
+    copy_in(buf, torch.tensor([7, 8, 9]))
+    assert not stream.query()           # the sleep still runs: neither copy waited for it
+    torch.cuda.synchronize()
+    assert ids.tolist() == [4, 5, 6] and buf.tolist() == [7, 8, 9]
+    torch.cuda._sleep(SLEEP_CYCLES)
+    torch.tensor([1, 2], device=dev)    # the control: a pageable copy waits for the stream
+    assert stream.query()
+
+
+def _park_then_collect(model, graphs: bool, sleep: bool) -> tuple[dict, bool]:
+    """Slot 0 finishes after one step; step N+1 is launched (behind a GPU sleep, if
+    ``sleep``) before step N, which parks slot 0's row, is collected. Returns every token per
+    slot, and whether the stream was idle when that collect returned."""
+    eng = Engine(model, max_batch_size=4, max_seq_len=64, cuda_graphs=graphs)
+    tokens = {0: [eng.add(0, PROMPTS[0], SamplingParams(max_new_tokens=2))],
+              1: [eng.add(1, PROMPTS[1], SamplingParams(max_new_tokens=20))]}
+    done = [eng.collect(eng.launch())]                    # slot 0's second and last token
+    ahead = eng.launch()                                  # slot 1 alone; slot 0 parked
+    if sleep:
+        torch.cuda._sleep(SLEEP_CYCLES)
+    behind = eng.launch()
+    done.append(eng.collect(ahead))
+    idle = torch.cuda.current_stream().query()
+    done += [eng.collect(behind), eng.collect(eng.launch())]
+    for step in done:
+        for slot, toks in step.items():
+            tokens[slot] += toks
+    return tokens, idle
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_collect_with_parked_rows_leaves_the_step_launched_ahead_running(graphs):
+    """Async decode: step N+1 is launched before step N is collected. Collecting N parks the
+    rows of finished slots; that write must queue behind N+1, not wait for it, or the host
+    cannot prepare N+2 while the GPU runs N+1."""
+    model = tiny_pruned("llama", seed=6).cuda()
+    tokens, idle = _park_then_collect(model, graphs, sleep=True)
+    assert not idle                      # the sleep still ran: collect did not wait for it
+    assert len(tokens[0]) == 2 and len(tokens[1]) == 5
+    assert tokens == _park_then_collect(model, graphs, sleep=False)[0]

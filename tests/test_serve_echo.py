@@ -36,6 +36,17 @@ def test_launched_steps_queue_on_the_device_and_collect_waits_for_them():
     assert be.collect(None) == {}
 
 
+def test_waits_all_makes_collect_wait_for_the_step_launched_ahead_too():
+    clock = _Clock()
+    be = AsyncEchoBackend(0.004, ids=[7, 8, 9], clock=clock, sleep=clock.sleep, waits_all=True)
+    be.add(0, [1], None)
+    first = be.launch()                        # 100.000 -> 100.004
+    second = be.launch()                       # launched ahead: -> 100.008
+    assert be.collect(first) == {0: [8]}
+    assert clock.slept == [0.008]              # not 0.004: it waited for the second step too
+    assert be.collect(second) == {0: [9]} and clock.slept == [0.008]
+
+
 def test_a_slot_freed_or_refilled_since_a_launch_gets_none_of_it():
     clock = _Clock()
     be = AsyncEchoBackend(0.001, clock=clock, sleep=clock.sleep)

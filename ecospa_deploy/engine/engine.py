@@ -42,6 +42,7 @@ from .packing import (packed_bucket, packed_groups, packed_inputs, packed_max_le
                       warmup_lengths)
 from .kernels import runtime as kernel_runtime
 from .sampling import SamplingParams, sample_tokens
+from .staging import copy_in, to_device
 from .weights import ModelWeights, build_weights
 
 # Decode attention: cuDNN runs q/k dim != v dim at the bytes floor (docs/DESIGN.md §5); flash
@@ -372,14 +373,15 @@ class Engine:
         and the padding's K/V land at positions decode overwrites before it reads them."""
         dev = self.device
         if not self.prefill_graphs:
-            return self._prefill_step(batch.to(dev), lengths.to(dev), idx.to(dev))
+            return self._prefill_step(to_device(batch, dev), to_device(lengths, dev),
+                                      to_device(idx, dev))
         key = tuple(batch.shape)
         if key not in self._prefill_graphs:
             self._prefill_graphs[key] = self._capture_prefill(batch, lengths, idx)
         graph, tokens, lens, rows, out = self._prefill_graphs[key]
-        tokens.copy_(batch)
-        lens.copy_(lengths)
-        rows.copy_(idx)
+        copy_in(tokens, batch)
+        copy_in(lens, lengths)
+        copy_in(rows, idx)
         graph.replay()
         return out.clone()      # the next replay of this graph overwrites ``out``
 
@@ -395,7 +397,7 @@ class Engine:
         args = packed_inputs(slots, prompts, width, rows, self.max_seq_len)
         with _sdpa_context(dev, _PREFILL_SDPA):
             if not self.prefill_graphs:
-                inputs = [a.to(dev) for a in args]
+                inputs = [to_device(a, dev) for a in args]
                 if self._flash:
                     logits = self._prefill_packed(*inputs, max(lens))
                 else:       # one SDPA per prompt, host lengths: never compiled
@@ -405,10 +407,9 @@ class Engine:
                     self._packed_graphs[width] = self._capture_packed(args)
                 graph, static, logits = self._packed_graphs[width]
                 for buf, a in zip(static, args):
-                    buf.copy_(a)
+                    copy_in(buf, a)
                 graph.replay()
-        return self._first_tokens(logits[:n], torch.tensor(lens, device=dev),
-                                  torch.tensor(slots, device=dev))
+        return self._first_tokens(logits[:n], to_device(lens, dev), to_device(slots, dev))
 
     def _capture_packed(self, args: tuple[torch.Tensor, ...]):
         """Capture ``Forward.prefill_packed`` for ``args``' token bucket (warmed up twice on
@@ -631,17 +632,17 @@ class Engine:
             raise ValueError(f"slot {slot}: end={end!r}; expected an int in "
                              f"({done}, {len(prompt)}] (tokens cached so far: {done})")
         dev = self.device
-        idx = torch.tensor([slot], device=dev)
-        lengths = torch.tensor([end - done], device=dev)
+        idx = to_device([slot], dev)
+        lengths = to_device([end - done], dev)
         with _sdpa_context(dev, _PREFILL_SDPA):
-            logits = self.forward.prefill(torch.tensor([prompt[done:end]], device=dev), lengths,
+            logits = self.forward.prefill(to_device([prompt[done:end]], dev), lengths,
                                           idx, start=done)
         if end < len(prompt):
             self._partial[slot] = (prompt, params, end)
             self._positions[slot] = end
             return None
         self._partial.pop(slot, None)
-        first = self._first_tokens(logits, torch.tensor([end], device=dev), idx)
+        first = self._first_tokens(logits, to_device([end], dev), idx)
         return self._start(slot, prompt, params, int(first[0]))
 
     def step(self) -> dict[int, int]:
@@ -721,13 +722,13 @@ class Engine:
             result[s] = toks
         # Rows inside the bucket that do not decode (free, finished, still prefilling) advanced
         # too: park them (one write) where their next decode touches nothing they will read.
-        # A slot prefilled since the launch is running: its row is left alone.
+        # A slot prefilled since the launch is running: its row is left alone. Queued behind
+        # the step launched ahead, not waited for (``staging``): this runs every step.
         parked = [s for s in range(launched.nb)
                   if s not in self._slots or self._slots[s].finished]
         if parked:
             where = [self._partial[s][2] if s in self._partial else 0 for s in parked]
-            self._positions[torch.tensor(parked, device=self.device)] = torch.tensor(
-                where, device=self.device)
+            self._positions[to_device(parked, self.device)] = to_device(where, self.device)
         return result
 
     def free(self, slot: int) -> None:

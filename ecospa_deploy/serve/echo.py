@@ -41,12 +41,15 @@ class AsyncEchoBackend(EchoBackend):
     asynchronously over it as it does over the CUDA engine: launched steps run one after
     another on an emulated device, ``delay`` seconds each, while the host goes on; ``collect``
     sleeps (GIL released) until they are done, as the engine waits on its CUDA event. A slot
-    freed or refilled since a launch gets none of that launch's tokens."""
+    freed or refilled since a launch gets none of that launch's tokens. ``waits_all``: collect
+    waits for every step launched so far, the one launched ahead too, as a blocking copy to
+    the device does (the engine's row parking did, every step, until ``engine.staging``)."""
 
     def __init__(self, delay: float, ids: Sequence[int] | None = None,
-                 clock=time.monotonic, sleep=time.sleep) -> None:
+                 clock=time.monotonic, sleep=time.sleep, waits_all: bool = False) -> None:
         super().__init__(delay, ids)
         self._clock, self._sleep = clock, sleep
+        self.waits_all = waits_all
         self._device_free = 0.0
         self._owner: dict[int, int] = {}      # slot -> the number of the sequence in it
         self._added = 0
@@ -73,6 +76,8 @@ class AsyncEchoBackend(EchoBackend):
         if launched is None:
             return {}
         done, tokens = launched
+        if self.waits_all:
+            done = self._device_free
         wait = done - self._clock()
         if wait > 0:
             self._sleep(wait)
