@@ -4,11 +4,15 @@
 # the order run10 before after, then after before run10:
 #   run10  = commit ffc5c92, run 10's tree (`git archive ffc5c92 ecospa_deploy bench converters
 #            ':(exclude)bench/results' | tar x -C .run10`), its prefill compiled by flag as since;
-#   before = commit 390a868 (.before), the scheduler and request-parse changes since run 10;
-#   after  = this checkout: the per-token host work and the start-up heap frozen.
-# Run 14 served both twins slower than run 10 (pruned 0.85x, dense 0.91x) with the same
-# kernels and the same plan: the lease, or the tree? SIGINT at the time limit: run 10's tree
-# predates stop_on_sigterm, and its `with` stops its server on KeyboardInterrupt.
+#   before = commit f8067d3 (.before: `git archive f8067d3 ...` as above), every change since
+#            run 10 but the last: the scheduler's prompt order, the per-token host work, the
+#            start-up heap frozen;
+#   after  = this checkout: the engine's host-to-device copies staged (engine/staging.py), so
+#            collecting a step no longer waits for the step launched ahead.
+# run10 against before: run 14 served both twins slower than run 10 (pruned 0.85x, dense
+# 0.91x) with the same kernels and the same plan: the lease, or the tree? before against
+# after: the staging alone. SIGINT at the time limit: run 10's tree predates
+# stop_on_sigterm, and its `with` stops its server on KeyboardInterrupt.
 set -u
 which=${1:-pruned}
 source bench/results/serve_h200/run3/setup.sh >/dev/null 2>&1
