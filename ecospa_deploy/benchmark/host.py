@@ -4,7 +4,7 @@ of its cores runs the server's kind of Python work.
 Part of every served step on a GPU is host work (the scheduler, detokenizing, SSE framing), so
 two leases of the same card can serve the same tree at different speeds: run 14's lease served
 both twins 9-15 % slower than run 10's with the same decode kernels, while its warm start took
-1.4-1.5x as long. GPU serving results record these facts, so that a difference between leases
+1.3-1.5x as long. GPU serving results record these facts, so that a difference between leases
 can be told from one between trees.
 """
 
