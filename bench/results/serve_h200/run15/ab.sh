@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run 15, the tree A/B (lent GPU; carry .whl24, .cc24, .before and .run10): one twin's default
 # server and burst (`serve_gpu`, the second burst counts) under three trees on one lease, in
-# the order run10 before after, then after before run10:
+# the order run10 before after after before (five warm starts, ~85 s each, fit one call):
 #   run10  = commit ffc5c92, run 10's tree (`git archive ffc5c92 ecospa_deploy bench converters
 #            ':(exclude)bench/results' | tar x -C .run10`), its prefill compiled by flag as since;
 #   before = commit f8067d3 (.before: `git archive f8067d3 ...` as above), every change since
@@ -24,7 +24,7 @@ for tree in run10 before; do
     && cp -r $repo/.$tree/converters /tmp/pkg_$tree/ecospa_deploy/converters
 done
 host_probe _start
-for tree in run10 before after after before run10; do
+for tree in run10 before after after before; do
   n=$(ls $OUT/serve_${which}_${tree}_r*.log 2>/dev/null | wc -l); tag=_${which}_${tree}_r$((n + 1))
   pkg=/tmp/pkg_$tree; extra=(); [ $tree = after ] && pkg=/tmp/pkg
   [ $tree = run10 ] && extra=(--server-args=--compile-prefill)

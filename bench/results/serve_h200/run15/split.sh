@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run 15, call 4 (lent GPU; carry .whl24 and .cc24), after call 1 on the same lease: where the
+# Run 15, call 4 (lent GPU; carry .whl24 and .cc24), after call 4 (run14/call2.sh) on the same lease: where the
 # served burst loses to the plan's clock (run 14: 77 % dense, 65 % pruned). The burst without
 # HTTP (`serve_replay`: the scheduler and the engine alone, the server's defaults), then over
 # HTTP with the engine core in its own process (`--engine-process`: the model, the scheduler
