@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Run 15, call 4 (lent GPU; carry .whl24 and .cc24), after call 4 (run14/call2.sh) on the same lease: where the
-# served burst loses to the plan's clock (run 14: 77 % dense, 65 % pruned). The burst without
-# HTTP (`serve_replay`: the scheduler and the engine alone, the server's defaults), then over
-# HTTP with the engine core in its own process (`--engine-process`: the model, the scheduler
-# and the decode loop in a process whose GIL the HTTP side never takes); call 1's in-process
-# HTTP burst is the third arm. On the CPU over an emulated 2.5-3.3 ms step, the HTTP side
-# costs the burst 10-16 % (`bench/results/serve_host/RUNS.md`, `--step-ms`).
+# Run 15, call 5 (lent GPU; carry .whl24 and .cc24), after call 4 (run14/call2.sh) on the same
+# lease: where the served burst loses to the plan's clock (run 14: 77 % dense, 65 % pruned).
+# The burst without HTTP (`serve_replay`: the scheduler and the engine alone, the server's
+# defaults), then over HTTP with the engine core in its own process (`--engine-process`: the
+# model, the scheduler and the decode loop in a process whose GIL the HTTP side never takes);
+# call 4's in-process HTTP burst is the third arm. On the CPU over an emulated 2.5-3.3 ms step,
+# the HTTP side keeps up to within ~0.3 ms a step (`bench/results/serve_host/RUNS.md`).
 set -u
 source bench/results/serve_h200/run3/setup.sh >/dev/null 2>&1
 source $repo/bench/results/serve_h200/compile_cache.sh
